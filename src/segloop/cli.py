@@ -1,0 +1,157 @@
+"""The `segloop` command: one sub-command per pipeline step; DVC stages call these.
+
+Each command parses arguments, loads settings, calls one core function and
+prints what it wrote. Errors in user input exit with status 2 and one message.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from segloop.config import DEFAULT_PARAMS, Settings, SettingsError, load_settings, save_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.params, args.set)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from segloop.data.synthetic import generate
+
+    s = _settings(args)
+    g = s.generate
+    n = args.n if args.n is not None else g.n
+    seed = args.seed if args.seed is not None else g.seed
+    strength = args.strength if args.strength is not None else g.strength
+    if args.out.exists() and any(args.out.iterdir()):
+        raise FileExistsError(f"{args.out}: exists and is not empty; refusing to overwrite")
+    stems = generate(args.out, args.domain, n, seed, tuple(g.image_size), strength)
+    save_settings(s, args.out / "settings.yaml")
+    print(f"generated {len(stems)} {args.domain} pairs (seed {seed}, strength {strength}) in {args.out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from segloop.data.validate import validate_folder
+
+    s = _settings(args)
+    result = validate_folder(args.src, args.out, args.quarantine, s.num_classes)
+    print(result.summary())
+    if result.rejected:
+        print(f"rejected files and reasons: {args.quarantine / 'reasons.jsonl'}")
+    if not result.accepted:
+        print(f"error: nothing accepted from {args.src}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from segloop.data.split import split_dataset
+
+    counts = split_dataset(args.src, args.out, _settings(args).split)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()), "->", args.out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from segloop.train import train
+
+    result = train(_settings(args), args.data, args.out, args.val, args.init, args.resume)
+    print(json.dumps(result.__dict__, indent=1))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from segloop.evaluate import evaluate
+
+    m = evaluate(args.model, args.data, args.out, _settings(args).eval)
+    per_class = "  ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in m["per_class_iou"].items())
+    print(f"{args.data}: mIoU {m['miou']:.4f}  dice {m['dice']:.4f}  pixel acc {m['pixel_accuracy']:.4f}  ({m['n_images']} images)")
+    print(f"  per class IoU: {per_class}")
+    print(f"  wrote {args.out / 'metrics.json'}, confusion.png, overlays")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from segloop.evaluate import predict_folder
+
+    n = predict_folder(args.model, args.input, args.out, _settings(args).eval)
+    print(f"wrote {n} masks to {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from segloop.evaluate import domain_table
+
+    table = domain_table(args.eval_dir)
+    (args.eval_dir / "summary.md").write_text(table + "\n")
+    print(table)
+    print(f"\nreports: {args.eval_dir}/<domain>/ (metrics.json, confusion.png, overlay_*.png); table: {args.eval_dir / 'summary.md'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segloop", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="settings file (default: params.yaml)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a setting (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", parents=[common], help="write a synthetic dataset of one domain")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--n", type=int, help="number of pairs (default generate.n)")
+    p.add_argument("--seed", type=int, help="default generate.seed")
+    p.add_argument("--strength", type=float, help="shift strength (default generate.strength)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("validate", parents=[common], help="check a dataset folder, quarantine bad files")
+    p.add_argument("src", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quarantine", type=Path, required=True)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("split", parents=[common], help="split a dataset into train/val/test")
+    p.add_argument("src", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", parents=[common], help="train a segmentation model")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--val", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--init", type=Path, help="start from this checkpoint's weights (transfer learning)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[common], help="metrics, confusion matrix and overlays")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", parents=[common], help="write predicted masks for a folder of images")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", parents=[common], help="table of per-domain metrics written by evaluate")
+    p.add_argument("eval_dir", type=Path)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SettingsError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Typed settings loaded from params.yaml: the single source of configuration.
+
+Every key is declared here; an unknown key, a wrong type or an impossible value
+fails at load time with the key's dotted name. Nothing here touches the disk
+except `load_settings` / `save_settings`, and only when called.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class SettingsError(ValueError):
+    """A params file or override is invalid; the message names file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class DataSettings(_Strict):
+    classes: list[str] = Field(min_length=2)
+    channels: Literal[1, 3] = 3
+    crop_size: int = Field(128, gt=0)
+
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (the encoder downsamples 5 times), got {v}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"class names must be unique, got {v}")
+        if len(v) > 255:
+            raise ValueError("at most 255 classes (255 is the ignore index)")
+        return v
+
+
+class GenerateSettings(_Strict):
+    n: int = Field(300, gt=0)
+    image_size: tuple[int, int] = (144, 144)
+    seed: int = 0
+    strength: float = Field(1.0, ge=0.0, le=2.0)
+    domains: list[str] = ["base", "lowlight", "fog", "noise", "colorshift"]
+
+    @field_validator("image_size")
+    @classmethod
+    def _min_size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 32:
+            raise ValueError(f"image sides must be >= 32 px, got {list(v)}")
+        return v
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, v: list[str]) -> list[str]:
+        from segloop.data.synthetic import DOMAINS
+
+        unknown = [d for d in v if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"unknown domain(s) {unknown}; valid: {sorted(DOMAINS)}")
+        return v
+
+
+class SplitSettings(_Strict):
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> "SplitSettings":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave images for training (< 1)")
+        return self
+
+
+class ModelSettings(_Strict):
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    # None (random init) or the path of a local encoder state_dict; never a hub name.
+    encoder_weights: str | None = None
+    decoder_channels: list[int] | None = None
+
+
+class AugmentSettings(_Strict):
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.5, ge=0.0, le=1.0)
+    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0)
+    brightness: float = Field(0.1, ge=0.0, lt=1.0)
+    contrast: float = Field(0.1, ge=0.0, lt=1.0)
+    gamma: float = Field(0.1, ge=0.0, lt=1.0)
+    noise_sigma: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainSettings(_Strict):
+    epochs: int = Field(40, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    dice_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(1.0, ge=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    patience: int = Field(10, gt=0)
+    max_minutes: float | None = Field(5.0, gt=0.0)
+    seed: int = 0
+    num_workers: int = Field(1, ge=0)
+    bf16: bool = True  # CUDA only; CPU always trains in fp32
+    channels_last: bool = True  # CUDA only
+    augment: AugmentSettings = AugmentSettings()
+
+    @model_validator(mode="after")
+    def _loss_weights(self) -> "TrainSettings":
+        if self.dice_weight == 0 and self.ce_weight == 0:
+            raise ValueError("dice_weight and ce_weight cannot both be 0")
+        return self
+
+
+class EvalSettings(_Strict):
+    max_size: int = Field(512, gt=0)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    batch_size: int = Field(8, gt=0)
+    n_overlays: int = Field(4, ge=0)
+
+    @field_validator("max_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32, got {v}")
+        return v
+
+
+class Settings(_Strict):
+    data: DataSettings
+    generate: GenerateSettings = GenerateSettings()
+    split: SplitSettings = SplitSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid settings"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise SettingsError(f"--set {assignment!r}: expected key.path=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SettingsError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def settings_from_dict(raw: dict[str, Any], source: str = "<settings>") -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as err:
+        raise SettingsError(_format_errors(source, err)) from None
+
+
+def load_settings(path: Path | str = DEFAULT_PARAMS, overrides: list[str] = ()) -> Settings:
+    """Read params.yaml, apply `key.path=value` overrides, validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise SettingsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    source = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return settings_from_dict(raw, source)
+
+
+def save_settings(settings: Settings, path: Path) -> None:
+    """Write the resolved settings beside the artifact they produced."""
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))

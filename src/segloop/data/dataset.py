@@ -1,0 +1,129 @@
+"""The dataset contract and its PyTorch loader.
+
+A dataset is a folder with `images/` and `masks/` whose files pair by stem.
+Images are PNG/JPEG, grayscale or RGB, any size; masks are single-channel PNG of
+class indices, 255 = ignore. `segloop validate` enforces the contract; the
+loader here assumes a validated folder and fails clearly when it is not one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from segloop.config import AugmentSettings
+
+IMAGES, MASKS = "images", "masks"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MASK_SUFFIXES = {".png"}
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class Sample:
+    stem: str
+    image: Path
+    mask: Path | None
+
+
+def list_samples(root: Path, require_masks: bool = True) -> list[Sample]:
+    """Pairs of a validated dataset folder, sorted by stem.
+
+    Without `require_masks`, a plain folder of images is accepted too (mask = None).
+    """
+    images_dir = root / IMAGES
+    if not images_dir.is_dir():
+        if require_masks or not root.is_dir():
+            raise FileNotFoundError(f"{root}: not a dataset folder (no {IMAGES}/ inside)")
+        images_dir = root
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"{images_dir}: no images (expected {sorted(IMAGE_SUFFIXES)})")
+    samples = []
+    for image in images:
+        mask = root / MASKS / f"{image.stem}.png"
+        if not mask.is_file():
+            if require_masks:
+                raise FileNotFoundError(f"{mask}: mask missing for {image} (run `segloop validate` first)")
+            mask = None
+        samples.append(Sample(image.stem, image, mask))
+    return samples
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """Decode to (H, W, C) uint8 with C = channels (grayscale/RGB converted as needed)."""
+    with Image.open(path) as img:
+        arr = np.array(img.convert("L" if channels == 1 else "RGB"))
+    return arr[..., None] if channels == 1 else arr
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Decode a mask to (H, W) uint8 class indices (a palette PNG gives its indices)."""
+    with Image.open(path) as img:
+        return np.array(img)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, C) uint8 -> (C, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+class _RandomGamma(v2.Transform):
+    """Gamma in [1-g, 1+g] on float images; masks pass through untouched."""
+
+    def __init__(self, g: float):
+        super().__init__()
+        self.g = g
+
+    def make_params(self, flat_inputs):
+        return {"gamma": float(torch.empty(1).uniform_(1 - self.g, 1 + self.g))}
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Image):
+            return v2.functional.adjust_gamma(inpt, params["gamma"])
+        return inpt
+
+
+def train_transform(crop: int, aug: AugmentSettings) -> v2.Compose:
+    """Joint image+mask augmentation: geometry hits both, photometry only the image."""
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+    steps: list[v2.Transform] = [v2.RandomCrop(crop, pad_if_needed=True, fill=fill)]
+    if aug.hflip:
+        steps.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.vflip:
+        steps.append(v2.RandomVerticalFlip(aug.vflip))
+    if aug.rotate_degrees:
+        steps.append(v2.RandomRotation(aug.rotate_degrees, fill=fill))
+    if aug.brightness or aug.contrast:
+        steps.append(v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
+    if aug.gamma:
+        steps.append(_RandomGamma(aug.gamma))
+    if aug.noise_sigma:
+        steps += [v2.GaussianNoise(sigma=aug.noise_sigma, clip=True)]
+    return v2.Compose(steps)
+
+
+class SegmentationDataset(Dataset):
+    """Yields (image (C, H, W) float in [0, 1], mask (H, W) int64 with 255 = ignore)."""
+
+    def __init__(self, root: Path, channels: int, transform: v2.Transform | None = None):
+        self.samples = list_samples(Path(root))
+        self.channels = channels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[idx]
+        image = tv_tensors.Image(to_tensor(read_image(sample.image, self.channels)))
+        mask = tv_tensors.Mask(torch.from_numpy(read_mask(sample.mask).astype(np.int64)))
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)

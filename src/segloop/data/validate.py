@@ -1,0 +1,143 @@
+"""Validate an incoming dataset folder and quarantine what breaks the contract.
+
+Accepted pairs are copied to the destination; every rejected file is copied to
+the quarantine folder with one JSON line in `reasons.jsonl`. The source folder
+is only read: nothing in it is moved, deleted or overwritten.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segloop.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, IMAGES, MASK_SUFFIXES, MASKS
+
+MASK_MODES = {"L", "P", "I;16", "I"}  # single-channel integer modes
+IMAGE_MODES = {"L", "RGB", "RGBA", "P", "LA", "I;16"}
+
+
+@dataclass
+class ValidationResult:
+    accepted: list[tuple[Path, Path]] = field(default_factory=list)  # (image, mask)
+    rejected: list[dict] = field(default_factory=list)  # {"file": ..., "reason": ...}
+
+    def summary(self) -> str:
+        counts = Counter(r["reason"].split(":")[0] for r in self.rejected)
+        lines = [f"accepted {len(self.accepted)} pairs, rejected {len(self.rejected)} files"]
+        lines += [f"  {n:5d}  {reason}" for reason, n in counts.most_common()]
+        return "\n".join(lines)
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """Fully decode an image (truncation only shows on load) or raise."""
+    img = Image.open(path)
+    img.load()
+    return img
+
+
+def _check_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    try:
+        with _open_checked(path) as img:
+            if img.mode not in IMAGE_MODES:
+                return f"unsupported image mode {img.mode}", None
+            return None, img.size
+    except Exception as err:  # PIL raises many types for corrupt files
+        return f"unreadable image: {type(err).__name__}: {err}", None
+
+
+def _check_mask(path: Path, size: tuple[int, int], num_classes: int) -> str | None:
+    try:
+        with _open_checked(path) as img:
+            if img.mode not in MASK_MODES:
+                return f"mask not single-channel (mode {img.mode}, {len(img.getbands())} bands)"
+            if img.size != size:
+                return f"image/mask size mismatch: image {size[0]}x{size[1]}, mask {img.size[0]}x{img.size[1]}"
+            values = np.unique(np.asarray(img))
+    except Exception as err:
+        return f"unreadable mask: {type(err).__name__}: {err}"
+    bad = [int(v) for v in values if not (0 <= v < num_classes or v == IGNORE_INDEX)]
+    if bad:
+        return f"mask values out of range: {bad[:10]} (valid 0..{num_classes - 1} and {IGNORE_INDEX})"
+    return None
+
+
+def _by_stem(folder: Path, suffixes: set[str], result: ValidationResult, kind: str) -> dict[str, Path]:
+    """Files of `folder` keyed by stem; unsupported types and duplicate stems are rejected."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    if folder.is_dir():
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            if path.suffix.lower() in suffixes:
+                groups[path.stem].append(path)
+            else:
+                result.rejected.append({"file": str(path), "reason": f"unsupported {kind} file type {path.suffix!r}"})
+    unique = {}
+    for stem, paths in groups.items():
+        if len(paths) == 1:
+            unique[stem] = paths[0]
+            continue
+        names = ", ".join(p.name for p in paths)
+        for p in paths:
+            result.rejected.append({"file": str(p), "reason": f"duplicate stem {stem!r} ({names})"})
+    return unique
+
+
+def check_folder(src: Path, num_classes: int) -> ValidationResult:
+    """Check every pair in `src` without writing anything."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: folder does not exist")
+    result = ValidationResult()
+    images = _by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image")
+    masks = _by_stem(src / MASKS, MASK_SUFFIXES, result, "mask")
+    if not images and not masks and not result.rejected:
+        raise ValueError(f"{src}: empty folder (expected {IMAGES}/ and {MASKS}/ with files paired by stem)")
+    for stem in sorted(set(masks) - set(images)):
+        result.rejected.append({"file": str(masks[stem]), "reason": "image missing for mask"})
+    for stem, image in sorted(images.items()):
+        mask = masks.get(stem)
+        reason, size = _check_image(image)
+        if reason is None and mask is None:
+            reason = "mask missing"
+        if reason is None:
+            reason = _check_mask(mask, size, num_classes)
+        if reason is None:
+            result.accepted.append((image, mask))
+            continue
+        result.rejected.append({"file": str(image), "reason": reason})
+        if mask is not None:
+            result.rejected.append({"file": str(mask), "reason": f"pair rejected: {reason}"})
+    return result
+
+
+def _copy_new(src: Path, dst: Path) -> Path:
+    """Copy without ever overwriting: a taken name gets a numeric suffix."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    candidate, k = dst, 1
+    while candidate.exists():
+        candidate = dst.with_name(f"{dst.stem}.{k}{dst.suffix}")
+        k += 1
+    shutil.copy2(src, candidate)
+    return candidate
+
+
+def validate_folder(src: Path, out: Path, quarantine: Path, num_classes: int) -> ValidationResult:
+    """Copy accepted pairs of `src` to `out`, rejected files to `quarantine` with reasons."""
+    src, out, quarantine = Path(src), Path(out), Path(quarantine)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: destination exists and is not empty; refusing to overwrite")
+    result = check_folder(src, num_classes)
+    for image, mask in result.accepted:
+        _copy_new(image, out / IMAGES / image.name)
+        _copy_new(mask, out / MASKS / f"{mask.stem}.png")  # the loader expects lower-case .png
+    # The log exists even when empty: "validated, nothing rejected" is a record too.
+    quarantine.mkdir(parents=True, exist_ok=True)
+    with open(quarantine / "reasons.jsonl", "a") as log:
+        for item in result.rejected:
+            path = Path(item["file"])
+            kept = _copy_new(path, quarantine / path.parent.name / path.name)
+            log.write(json.dumps({**item, "quarantined_as": str(kept)}) + "\n")
+    return result

@@ -1,0 +1,103 @@
+"""Evaluate a model on a dataset folder; predict masks for a folder of images.
+
+Metrics come from per-image confusion matrices (segloop.metrics), summed over
+the dataset, then reduced.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from segloop.checkpoint import load_checkpoint, model_from_checkpoint
+from segloop.config import EvalSettings, save_settings
+from segloop.data.dataset import Sample, list_samples, read_image, read_mask, to_tensor
+from segloop.inference import pick_device, predict_logits
+from segloop.metrics import confusion_matrix, summarize
+from segloop.plots import save_confusion, save_overlay
+
+
+def _predict(model: nn.Module, sample: Sample, channels: int, cfg: EvalSettings, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+    """(image (H, W, C) uint8, predicted mask (H, W) int64 on CPU)."""
+    image = read_image(sample.image, channels)
+    x = to_tensor(image)[None].to(device)
+    pred = predict_logits(model, x, cfg.max_size, cfg.overlap).argmax(1)[0].cpu()
+    return image, pred
+
+
+def confusion_over(
+    model: nn.Module, samples: list[Sample], channels: int, num_classes: int, cfg: EvalSettings,
+    device: torch.device, progress: bool = False, on_image=None,
+) -> torch.Tensor:
+    """Summed (K, K) confusion of `model` over labelled `samples`; `on_image(i, image, truth, pred)` sees each."""
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for i, sample in enumerate(tqdm(samples, desc="evaluate", disable=not progress, leave=False)):
+        image, pred = _predict(model, sample, channels, cfg, device)
+        truth = torch.from_numpy(read_mask(sample.mask).astype(np.int64))
+        cm += confusion_matrix(pred, truth, num_classes)
+        if on_image is not None:
+            on_image(i, image, truth.numpy(), pred.numpy())
+    return cm
+
+
+def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings) -> dict:
+    """Write metrics.json, confusion.png and overlays for `model_path` on `data_dir`."""
+    ckpt = load_checkpoint(model_path)
+    model, settings = model_from_checkpoint(ckpt, str(model_path))
+    device = pick_device()
+    model.to(device)
+    classes = list(ckpt["classes"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def overlay(i, image, truth, pred):
+        if i < cfg.n_overlays:
+            save_overlay(out_dir / f"overlay_{i:02d}.png", image, truth, pred, len(classes))
+
+    samples = list_samples(data_dir)
+    cm = confusion_over(model, samples, ckpt["channels"], len(classes), cfg, device, progress=True, on_image=overlay)
+    metrics = summarize(cm, classes, len(samples))
+    metrics["model"] = str(model_path)
+    metrics["data"] = str(data_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    np.savetxt(out_dir / "confusion.csv", cm.numpy(), fmt="%d", delimiter=",", header=",".join(classes))
+    save_confusion(out_dir / "confusion.png", cm.numpy(), classes)
+    save_settings(settings.model_copy(update={"eval": cfg}), out_dir / "settings.yaml")
+    return metrics
+
+
+def predict_folder(model_path: Path, input_dir: Path, out_dir: Path, cfg: EvalSettings) -> int:
+    """Write one mask PNG (class ids) per image of `input_dir` (or its images/ subfolder)."""
+    ckpt = load_checkpoint(model_path)
+    model, _ = model_from_checkpoint(ckpt, str(model_path))
+    device = pick_device()
+    model.to(device)
+    samples = list_samples(input_dir, require_masks=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sample in tqdm(samples, desc="predict"):
+        _, pred = _predict(model, sample, ckpt["channels"], cfg, device)
+        Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(out_dir / f"{sample.stem}.png")
+    return len(samples)
+
+
+def domain_table(eval_dir: Path, reference: str = "base") -> str:
+    """Markdown table of every `eval_dir/<domain>/metrics.json`, with the gap to `reference`."""
+    rows = {d.name: json.loads((d / "metrics.json").read_text()) for d in sorted(eval_dir.iterdir()) if (d / "metrics.json").is_file()}
+    if not rows:
+        raise FileNotFoundError(f"{eval_dir}: no <domain>/metrics.json inside")
+    ref = rows.get(reference, {}).get("miou")
+    classes = list(next(iter(rows.values()))["per_class_iou"])
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [
+        "| domain | mIoU | vs " + reference + " | Dice | pixel acc | " + " | ".join(classes) + " | images |",
+        "|---" * (6 + len(classes)) + "|",
+    ]
+    for name, m in rows.items():
+        gap = "" if ref is None or name == reference else f"{100 * (m['miou'] - ref):+.1f} pts"
+        per_class = " | ".join(fmt(m["per_class_iou"][c]) for c in classes)
+        lines.append(f"| {name} | {fmt(m['miou'])} | {gap} | {fmt(m['dice'])} | {fmt(m['pixel_accuracy'])} | {per_class} | {m['n_images']} |")
+    return "\n".join(lines)

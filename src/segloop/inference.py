@@ -1,0 +1,56 @@
+"""Full-image inference: pad to a multiple of 32, sliding window above a size limit."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STRIDE = 32  # total downsampling of a depth-5 encoder
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % STRIDE, (-w) % STRIDE
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    return x, h, w
+
+
+def _forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    padded, h, w = _pad_to_stride(x)
+    return model(padded)[..., :h, :w]
+
+
+def _starts(length: int, tile: int, step: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, max_size: int = 512, overlap: float = 0.25) -> torch.Tensor:
+    """Logits (N, K, H, W) float32 for images (N, C, H, W) float in [0, 1] of any size.
+
+    Images whose sides fit in `max_size` run whole; larger ones are tiled with
+    `max_size` windows overlapping by `overlap`, and the logits averaged.
+    """
+    h, w = x.shape[-2:]
+    if max(h, w) <= max_size:
+        return _forward_padded(model, x).float()
+    step = max(STRIDE, int(max_size * (1 - overlap)) // STRIDE * STRIDE)
+    total = counts = None
+    for top in _starts(h, max_size, step):
+        for left in _starts(w, max_size, step):
+            tile = x[..., top : top + max_size, left : left + max_size]
+            logits = _forward_padded(model, tile).float()
+            if total is None:
+                total = x.new_zeros((x.shape[0], logits.shape[1], h, w), dtype=torch.float32)
+                counts = x.new_zeros((1, 1, h, w), dtype=torch.float32)
+            total[..., top : top + tile.shape[-2], left : left + tile.shape[-1]] += logits
+            counts[..., top : top + tile.shape[-2], left : left + tile.shape[-1]] += 1
+    return total / counts

@@ -1,0 +1,71 @@
+"""Segmentation models built by name over segmentation_models_pytorch.
+
+Nothing is downloaded: encoders start random (`encoder_weights: null`) or from a
+local state_dict file given by path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from segloop.config import ModelSettings
+
+ARCHS: dict[str, type[nn.Module]] = {
+    "Unet": smp.Unet,
+    "UnetPlusPlus": smp.UnetPlusPlus,
+    "FPN": smp.FPN,
+    "DeepLabV3Plus": smp.DeepLabV3Plus,
+    "Linknet": smp.Linknet,
+    "PSPNet": smp.PSPNet,
+    "MAnet": smp.MAnet,
+    "PAN": smp.PAN,
+}
+# Archs whose decoder takes `decoder_channels` as a per-stage list.
+_LIST_DECODERS = {"Unet", "UnetPlusPlus"}
+
+
+def build_model(settings: ModelSettings, in_channels: int, num_classes: int) -> nn.Module:
+    """Model mapping (N, in_channels, H, W) float in [0, 1], H and W multiples of 32,
+    to logits (N, num_classes, H, W)."""
+    if settings.arch not in ARCHS:
+        raise ValueError(f"model.arch: unknown architecture {settings.arch!r}; valid: {sorted(ARCHS)}")
+    encoders = smp.encoders.get_encoder_names()
+    if settings.encoder not in encoders:
+        raise ValueError(
+            f"model.encoder: unknown encoder {settings.encoder!r}; valid include "
+            f"{sorted(e for e in encoders if e.startswith(('resnet', 'mobilenet', 'efficientnet-b')))} "
+            f"(all {len(encoders)}: segmentation_models_pytorch.encoders.get_encoder_names())"
+        )
+    kwargs = {}
+    if settings.decoder_channels is not None:
+        if settings.arch not in _LIST_DECODERS:
+            raise ValueError(f"model.decoder_channels applies only to {sorted(_LIST_DECODERS)}")
+        kwargs["decoder_channels"] = tuple(settings.decoder_channels)
+    model = ARCHS[settings.arch](
+        encoder_name=settings.encoder,
+        encoder_weights=None,
+        in_channels=in_channels,
+        classes=num_classes,
+        **kwargs,
+    )
+    if settings.encoder_weights is not None:
+        load_encoder_weights(model, Path(settings.encoder_weights))
+    return model
+
+
+def load_encoder_weights(model: nn.Module, path: Path) -> None:
+    """Load a local encoder state_dict (tensors only; never unpickles objects)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model.encoder_weights: {path} does not exist (hub names are not fetched)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    # Classification heads of ImageNet-style checkpoints have no place in an encoder.
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    if not set(state) & set(model.encoder.state_dict()):
+        raise ValueError(f"model.encoder_weights: {path} matches none of the encoder's parameters")
+    _, unexpected = nn.Module.load_state_dict(model.encoder, state, strict=False)
+    if unexpected:
+        raise ValueError(f"model.encoder_weights: {path} has keys the encoder lacks: {unexpected[:5]}")

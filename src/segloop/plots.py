@@ -1,0 +1,50 @@
+"""Pictures people would rather look at than read: confusion matrices, overlays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from segloop.data.dataset import IGNORE_INDEX  # noqa: E402
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(256, 3) uint8 colours: distinct ones for classes, white for ignore."""
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    for k in range(num_classes):
+        colours[k] = np.array(cmap(k % cmap.N)[:3]) * 255
+    colours[IGNORE_INDEX] = 255
+    return colours
+
+
+def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int) -> None:
+    """image (H, W, C) uint8 | truth | prediction, side by side."""
+    colours = palette(num_classes)
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+    row = np.concatenate([rgb, colours[truth.astype(np.uint8)], colours[pred.astype(np.uint8)]], axis=1)
+    plt.imsave(path, row)
+
+
+def save_confusion(path: Path, cm: np.ndarray, classes: list[str]) -> None:
+    """Row-normalised confusion matrix (rows = truth) with the counts' shares printed."""
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    size = 1.2 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

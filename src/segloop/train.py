@@ -1,0 +1,220 @@
+"""The training loop, readable top to bottom.
+
+One call trains a model on a dataset folder: joint augmentation, Dice + CE
+(ignore 255), AdamW with warm-up + cosine/poly, gradient clipping, early stopping
+on validation mIoU, a wall-clock budget, atomic checkpoints (`last.pt` every
+epoch, `best.pt` on improvement) and `resume`. Each epoch is reseeded from
+(seed, epoch), so a resumed run replays the same shuffles and augmentations.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from segloop.checkpoint import load_checkpoint, save_checkpoint
+from segloop.config import Settings, TrainSettings, save_settings
+from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, list_samples, train_transform
+from segloop.evaluate import confusion_over
+from segloop.inference import pick_device
+from segloop.metrics import per_class_iou, nanmean
+from segloop.models import build_model
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class TrainResult:
+    best_miou: float
+    epochs: int
+    images_seen: int
+    seconds: float
+    images_per_s: float
+    stopped: str  # "completed" | "early_stopping" | "time_budget"
+    checkpoint: str
+
+
+class SegLoss(nn.Module):
+    """dice_weight * Dice + ce_weight * cross-entropy, both ignoring 255."""
+
+    def __init__(self, dice_weight: float, ce_weight: float):
+        super().__init__()
+        self.dice_weight, self.ce_weight = dice_weight, ce_weight
+        self.dice = smp.losses.DiceLoss("multiclass", from_logits=True, ignore_index=IGNORE_INDEX)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.ce_weight * F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * self.dice(logits, target)
+        return loss
+
+
+def lr_factor(step: int, total: int, warmup: int, cfg: TrainSettings) -> float:
+    """Multiplier of the base lr: linear warm-up, then cosine or poly decay to min_lr_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else (1 - progress) ** 0.9
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    torch.manual_seed(seed * 100_003 + epoch)
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def init_from(model: nn.Module, path: Path, settings: Settings) -> str:
+    """Load another model's weights for transfer learning; classes and channels must match."""
+    ckpt = load_checkpoint(path)
+    if list(ckpt["classes"]) != list(settings.data.classes):
+        raise ValueError(f"--init {path}: classes {ckpt['classes']} differ from data.classes {settings.data.classes}")
+    if ckpt["channels"] != settings.data.channels:
+        raise ValueError(f"--init {path}: {ckpt['channels']} channels, data.channels is {settings.data.channels}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"--init {path}: weights do not fit model {settings.model.arch}/{settings.model.encoder}: {err}") from None
+    return str(path)
+
+
+def _validate(model: nn.Module, val_dir: Path, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
+    cm = confusion_over(model, list_samples(val_dir), settings.data.channels, settings.num_classes, settings.eval, device)
+    iou = per_class_iou(cm)
+    return nanmean(iou), iou.tolist()
+
+
+def train(
+    settings: Settings,
+    data_dir: Path,
+    out_dir: Path,
+    val_dir: Path | None = None,
+    init: Path | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> TrainResult:
+    """Train on `data_dir`, validate on `val_dir` (the training folder when None), write `out_dir`."""
+    cfg, started = settings.train, time.monotonic()
+    device = pick_device()
+    cuda = device.type == "cuda"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    val_dir = val_dir or data_dir
+    dataset = SegmentationDataset(data_dir, settings.data.channels, train_transform(settings.data.crop_size, cfg.augment))
+    if len(dataset) < cfg.batch_size:
+        raise ValueError(f"{data_dir}: {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}")
+
+    model = build_model(settings.model, settings.data.channels, settings.num_classes)
+    parent = init_from(model, init, settings) if init else None
+    model.to(device, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.preserve_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
+    state = {"epoch": 0, "step": 0, "best_miou": -1.0, "bad_epochs": 0, "history": [], "images_seen": 0}
+    if resume:
+        ckpt = load_checkpoint(out_dir / LAST)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {k: ckpt[k] for k in state}
+        parent = ckpt.get("parent")
+        log(f"resuming {out_dir / LAST} after epoch {state['epoch']} (best val mIoU {state['best_miou']:.4f})")
+    save_settings(settings, out_dir / "settings.yaml")
+
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.bf16 else nullcontext()
+    meta = {
+        "settings": settings.model_dump(mode="json"),
+        "classes": list(settings.data.classes),
+        "channels": settings.data.channels,
+        "parent": parent,
+    }
+    stopped = "completed"
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        loader = DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            num_workers=cfg.num_workers, pin_memory=cuda, generator=_seed_epoch(cfg.seed, epoch),
+            persistent_workers=False,
+        )
+        model.train()
+        loss_sum, n_batches, epoch_start = torch.zeros((), device=device), 0, time.monotonic()
+        for images, masks in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, warmup, cfg)
+            images = images.to(device, non_blocking=True)
+            if cuda and cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            masks = masks.to(device, non_blocking=True)
+            with autocast:
+                loss = loss_fn(model(images), masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach()  # stays on device: no per-step sync
+            n_batches += 1
+            state["step"] += 1
+            state["images_seen"] += images.shape[0]
+            if time.monotonic() - started > budget_s:
+                stopped = "time_budget"
+                break
+        train_s = time.monotonic() - epoch_start
+        model.eval()
+        val_miou, val_iou = _validate(model, val_dir, settings, device)
+        state["epoch"] = epoch + 1
+        record = {
+            "epoch": epoch + 1,
+            "loss": round(float(loss_sum) / max(1, n_batches), 5),
+            "val_miou": round(val_miou, 5),
+            "lr": optimizer.param_groups[0]["lr"],
+            "img_per_s": round(n_batches * cfg.batch_size / max(train_s, 1e-9), 2),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        state["history"].append(record)
+        improved = val_miou > state["best_miou"]
+        if improved:
+            state["best_miou"], state["bad_epochs"] = val_miou, 0
+            save_checkpoint(out_dir / BEST, {**meta, "model": model.state_dict(), "epoch": epoch + 1, "val_miou": val_miou, "val_per_class_iou": val_iou})
+        else:
+            state["bad_epochs"] += 1
+        save_checkpoint(out_dir / LAST, {**meta, **state, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        log(
+            f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['loss']:.4f}  val mIoU {val_miou:.4f}"
+            f"{' *' if improved else '  '}  {record['img_per_s']:6.1f} img/s  {record['seconds']:6.1f}s"
+        )
+        if stopped == "time_budget":
+            log(f"time budget of {cfg.max_minutes} min reached; keeping best (val mIoU {state['best_miou']:.4f})")
+            break
+        if state["bad_epochs"] >= cfg.patience:
+            stopped = "early_stopping"
+            log(f"early stopping: no val mIoU gain for {cfg.patience} epochs")
+            break
+
+    seconds = time.monotonic() - started
+    result = TrainResult(
+        best_miou=round(state["best_miou"], 5),
+        epochs=state["epoch"],
+        images_seen=state["images_seen"],
+        seconds=round(seconds, 1),
+        images_per_s=round(_mean_rate(state["history"]), 2),
+        stopped=stopped,
+        checkpoint=str(out_dir / BEST),
+    )
+    (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+    (out_dir / "train_metrics.json").write_text(json.dumps(asdict(result), indent=1))
+    return result
+
+
+def _mean_rate(history: list[dict]) -> float:
+    return sum(h["img_per_s"] for h in history) / len(history) if history else 0.0

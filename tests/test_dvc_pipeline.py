@@ -1,0 +1,63 @@
+"""Pipeline test: the real dvc.yaml in a temporary git repo, with real DVC.
+
+`dvc repro` builds every stage, a second `dvc repro` does nothing, and changing
+one param invalidates exactly the stages that read it.
+"""
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args, cwd, env):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _changed_stages(repo, env):
+    status = json.loads(_run(["dvc", "status", "--json"], repo, env))
+    return sorted(status)
+
+
+def test_repro_then_nothing_then_only_dependent_stages(tmp_path, tiny_raw, cli_env):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    tiny_raw["train"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_raw))
+    _run(["git", "init", "-q"], repo, cli_env)
+    _run(["dvc", "init", "-q"], repo, cli_env)
+    _run(["dvc", "config", "core.analytics", "false"], repo, cli_env)
+
+    first = _run(["dvc", "repro"], repo, cli_env)
+    for stage in ("generate@base", "generate@fog", "validate@fog", "split@base", "train", "evaluate@fog"):
+        assert f"Running stage '{stage}'" in first, first
+    for domain in ("base", "fog"):
+        metrics = json.loads((repo / "reports" / "eval" / domain / "metrics.json").read_text())
+        assert metrics["n_images"] == round(24 * 0.2) and 0.0 <= metrics["miou"] <= 1.0
+    assert (repo / "models" / "base" / "best.pt").is_file()
+    assert _changed_stages(repo, cli_env) == []
+
+    second = _run(["dvc", "repro"], repo, cli_env)
+    assert "Running stage" not in second, second
+    assert "didn't change" in second or "up to date" in second
+
+    tiny_raw["eval"]["n_overlays"] = 1  # read only by the evaluate stages
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_raw))
+    assert _changed_stages(repo, cli_env) == ["evaluate@base", "evaluate@fog"]
+
+    tiny_raw["eval"]["n_overlays"] = 2
+    tiny_raw["split"]["seed"] = 5  # read by split; train and evaluate follow from its new outputs
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_raw))
+    assert _changed_stages(repo, cli_env) == ["split@base", "split@fog"]
+    third = _run(["dvc", "repro"], repo, cli_env)
+    ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
+    assert ran == {"split@base", "split@fog", "train", "evaluate@base", "evaluate@fog"}, third
