@@ -82,6 +82,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_update(args: argparse.Namespace) -> int:
+    from segloop.continual import update
+
+    s = _settings(args)
+    result = update(s, args.parent, args.data, args.out, args.val, args.seen, args.replay)
+    print(json.dumps({"strategy": s.continual.strategy, **result.__dict__}, indent=1))
+    return 0
+
+
+def cmd_replay_update(args: argparse.Namespace) -> int:
+    from segloop.data.replay import update_buffer
+
+    s = _settings(args)
+    manifest = update_buffer(args.buffer, args.batch, args.batch_id, s.continual.replay.size, s.split.seed, args.out)
+    print(f"replay buffer {args.out}: {len(manifest['items'])}/{manifest['size']} samples, {manifest['seen']} seen")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from segloop.evaluate import domain_table
 
@@ -137,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
+    p.add_argument("--parent", type=Path, required=True, help="checkpoint to start from")
+    p.add_argument("--data", type=Path, required=True, help="training folder of the new batch")
+    p.add_argument("--val", type=Path, help="validation folder (default: the new batch)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--replay", type=Path, help="replay buffer folder (replay strategies)")
+    p.add_argument("--seen", type=Path, action="append", default=[], help="earlier training folders (joint)")
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("replay-update", parents=[common], help="write a new replay buffer version with a batch added")
+    p.add_argument("--buffer", type=Path, help="current buffer (omit for the first)")
+    p.add_argument("--batch", type=Path, required=True)
+    p.add_argument("--batch-id", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_replay_update)
 
     p = sub.add_parser("report", parents=[common], help="table of per-domain metrics written by evaluate")
     p.add_argument("eval_dir", type=Path)

@@ -140,6 +140,33 @@ class EvalSettings(_Strict):
         return v
 
 
+class ReplaySettings(_Strict):
+    size: int = Field(200, gt=0)  # samples kept in the buffer
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of each batch drawn from the buffer
+
+
+class LwFSettings(_Strict):
+    temperature: float = Field(2.0, gt=0.0)
+    weight: float = Field(1.0, ge=0.0)
+
+
+class ContinualSettings(_Strict):
+    strategy: str = "replay_lwf"
+    epochs: int = Field(10, gt=0)  # per update step (joint uses train.epochs)
+    lr: float = Field(5e-4, gt=0.0)
+    replay: ReplaySettings = ReplaySettings()
+    lwf: LwFSettings = LwFSettings()
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from segloop.continual import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; valid: {sorted(STRATEGIES)}")
+        return v
+
+
 class Settings(_Strict):
     data: DataSettings
     generate: GenerateSettings = GenerateSettings()
@@ -147,6 +174,7 @@ class Settings(_Strict):
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
+    continual: ContinualSettings = ContinualSettings()
 
     @property
     def num_classes(self) -> int:

@@ -14,17 +14,18 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from segloop.checkpoint import load_checkpoint, save_checkpoint
 from segloop.config import Settings, TrainSettings, save_settings
 from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, list_samples, train_transform
+from segloop.data.replay import MixedBatchSampler
 from segloop.evaluate import confusion_over
 from segloop.inference import pick_device
 from segloop.metrics import per_class_iou, nanmean
@@ -93,29 +94,63 @@ def _validate(model: nn.Module, val_dir: Path, settings: Settings, device: torch
     return nanmean(iou), iou.tolist()
 
 
+# An extra loss term for continual strategies: (images, student logits, masks) -> scalar.
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _loader(dataset, replay, ratio: float, cfg: TrainSettings, epoch: int, cuda: bool) -> DataLoader:
+    generator = _seed_epoch(cfg.seed, epoch)
+    common = dict(num_workers=cfg.num_workers, pin_memory=cuda)
+    if replay is None:
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator, **common)
+    sampler = MixedBatchSampler(len(dataset), len(replay), cfg.batch_size, ratio, generator)
+    return DataLoader(ConcatDataset([dataset, replay]), batch_sampler=sampler, **common)
+
+
 def train(
     settings: Settings,
-    data_dir: Path,
+    data_dir: Path | Sequence[Path],
     out_dir: Path,
     val_dir: Path | None = None,
     init: Path | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
+    *,
+    replay_dir: Path | None = None,
+    replay_ratio: float = 0.0,
+    extra_loss: ExtraLoss | None = None,
+    freeze_encoder: bool = False,
+    meta: dict | None = None,
 ) -> TrainResult:
-    """Train on `data_dir`, validate on `val_dir` (the training folder when None), write `out_dir`."""
+    """Train on `data_dir` (several folders are concatenated), validate on `val_dir`
+    (the first training folder when None), write `out_dir`.
+
+    Continual strategies use the keyword arguments: `replay_dir` mixes its samples
+    into each batch at `replay_ratio`; `extra_loss` is added to the segmentation
+    loss (distillation); `freeze_encoder` trains decoder and head only, the encoder
+    (BatchNorm statistics included) stays bit-identical. `meta` is stored in the
+    checkpoints (strategy, data hashes...).
+    """
     cfg, started = settings.train, time.monotonic()
     device = pick_device()
     cuda = device.type == "cuda"
     out_dir.mkdir(parents=True, exist_ok=True)
-    val_dir = val_dir or data_dir
-    dataset = SegmentationDataset(data_dir, settings.data.channels, train_transform(settings.data.crop_size, cfg.augment))
+    data_dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
+    val_dir = val_dir or data_dirs[0]
+    transform = train_transform(settings.data.crop_size, cfg.augment)
+    parts = [SegmentationDataset(d, settings.data.channels, transform) for d in data_dirs]
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    replay = SegmentationDataset(replay_dir, settings.data.channels, transform) if replay_dir else None
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"{data_dir}: {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}")
 
     model = build_model(settings.model, settings.data.channels, settings.num_classes)
     parent = init_from(model, init, settings) if init else None
+    if freeze_encoder:
+        model.encoder.requires_grad_(False)
     model.to(device, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.preserve_format)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
     state = {"epoch": 0, "step": 0, "best_miou": -1.0, "bad_epochs": 0, "history": [], "images_seen": 0}
     if resume:
@@ -127,7 +162,7 @@ def train(
         log(f"resuming {out_dir / LAST} after epoch {state['epoch']} (best val mIoU {state['best_miou']:.4f})")
     save_settings(settings, out_dir / "settings.yaml")
 
-    steps_per_epoch = len(dataset) // cfg.batch_size
+    steps_per_epoch = len(_loader(dataset, replay, replay_ratio, cfg, 0, cuda))
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.bf16 else nullcontext()
@@ -136,17 +171,16 @@ def train(
         "classes": list(settings.data.classes),
         "channels": settings.data.channels,
         "parent": parent,
+        **(meta or {}),
     }
     stopped = "completed"
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
 
     for epoch in range(state["epoch"], cfg.epochs):
-        loader = DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-            num_workers=cfg.num_workers, pin_memory=cuda, generator=_seed_epoch(cfg.seed, epoch),
-            persistent_workers=False,
-        )
+        loader = _loader(dataset, replay, replay_ratio, cfg, epoch, cuda)
         model.train()
+        if freeze_encoder:
+            model.encoder.eval()  # frozen means BatchNorm running statistics too
         loss_sum, n_batches, epoch_start = torch.zeros((), device=device), 0, time.monotonic()
         for images, masks in loader:
             for group in optimizer.param_groups:
@@ -156,11 +190,14 @@ def train(
                 images = images.contiguous(memory_format=torch.channels_last)
             masks = masks.to(device, non_blocking=True)
             with autocast:
-                loss = loss_fn(model(images), masks)
+                logits = model(images)
+                loss = loss_fn(logits, masks)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(images, logits, masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             optimizer.step()
             loss_sum += loss.detach()  # stays on device: no per-step sync
             n_batches += 1

@@ -1,0 +1,115 @@
+"""Continual updates of a champion, and the metrics that show what it forgot.
+
+An update starts from the parent's weights and trains on a new batch with a
+strategy chosen by name. `finetune` is the cheap lower bound that forgets;
+`joint` (retrain from scratch on every batch so far) is the expensive upper
+bound; `replay`, `lwf`, `replay_lwf` and `freeze_encoder` sit in between.
+Class-incremental updates (growing the head, MiB distillation) are not built yet.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segloop.checkpoint import load_model
+from segloop.config import Settings
+from segloop.data.dataset import IGNORE_INDEX, dataset_fingerprint
+from segloop.inference import pick_device
+from segloop.train import TrainResult, train
+
+
+class Distillation:
+    """LwF for segmentation: per-pixel KL(teacher || student) at temperature T, times T^2.
+
+    Pixels marked ignore (crop padding) are left out; the teacher is frozen.
+    """
+
+    def __init__(self, teacher: nn.Module, temperature: float, weight: float):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.t, self.weight = temperature, weight
+
+    def __call__(self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher(images).float() / self.t, dim=1)
+        student = F.log_softmax(logits.float() / self.t, dim=1)
+        kl = F.kl_div(student, target, log_target=True, reduction="none").sum(1)
+        valid = (masks != IGNORE_INDEX).float()
+        return self.weight * self.t**2 * (kl * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def _update_settings(settings: Settings) -> Settings:
+    """Updates train with continual.epochs / continual.lr; everything else as trained."""
+    c = settings.continual
+    return settings.model_copy(update={"train": settings.train.model_copy(update={"epochs": c.epochs, "lr": c.lr})})
+
+
+def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | None, seen: Sequence[Path],
+         replay: Path | None, log, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
+    if use_replay and replay is None:
+        raise ValueError(f"strategy {settings.continual.strategy!r} needs a replay buffer (--replay DIR)")
+    c = settings.continual
+    extra = None
+    if distill:
+        teacher, _ = load_model(parent)
+        extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight)
+    data = [*seen, new] if joint else new
+    meta = {
+        "strategy": c.strategy,
+        "update_parent": str(parent),
+        "data_md5": {str(d): dataset_fingerprint(d) for d in ([*seen, new] if joint else [new])},
+        **({"replay_md5": dataset_fingerprint(replay)} if use_replay else {}),
+    }
+    return train(
+        settings if joint else _update_settings(settings), data, out, val, init=None if joint else parent, log=log,
+        replay_dir=replay if use_replay else None, replay_ratio=c.replay.ratio, extra_loss=extra,
+        freeze_encoder=freeze, meta=meta,
+    )
+
+
+STRATEGIES: dict[str, dict] = {
+    "finetune": {},
+    "joint": {"joint": True},
+    "replay": {"use_replay": True},
+    "lwf": {"distill": True},
+    "replay_lwf": {"use_replay": True, "distill": True},
+    "freeze_encoder": {"freeze": True},
+}
+
+
+def update(
+    settings: Settings, parent: Path, new: Path, out: Path, val: Path | None = None,
+    seen: Sequence[Path] = (), replay: Path | None = None,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> TrainResult:
+    """Update `parent` with the batch `new` using `continual.strategy`.
+
+    `seen`: training folders of earlier batches (used by `joint` only);
+    `replay`: the replay buffer folder (used by the replay strategies).
+    """
+    return _run(settings, parent, new, out, val, seen, replay, log, **STRATEGIES[settings.continual.strategy])
+
+
+def continual_metrics(r: np.ndarray, baseline: np.ndarray | None = None) -> dict:
+    """Standard continual-learning summaries of an accuracy matrix.
+
+    r: (T, T) with r[i, j] = mIoU on domain j's held-out set after step i
+    (domain j is the one introduced at step j). baseline: (T,) mIoU of a model
+    that never trained on domain j (for forward transfer), optional.
+    """
+    r = np.asarray(r, dtype=float)
+    t = r.shape[0]
+    old = range(t - 1)
+    out = {
+        "acc": float(r[-1].mean()),
+        "bwt": float(np.mean([r[-1, j] - r[j, j] for j in old])) if t > 1 else 0.0,
+        "forgetting": float(np.mean([r[j : t - 1, j].max() - r[-1, j] for j in old])) if t > 1 else 0.0,
+        "fwt": None,
+    }
+    if baseline is not None and t > 1:
+        out["fwt"] = float(np.mean([r[j - 1, j] - baseline[j] for j in range(1, t)]))
+    return out

@@ -1,0 +1,96 @@
+"""The replay buffer: a bounded dataset folder of past samples, with a manifest.
+
+A buffer is an ordinary dataset folder (`images/`, `masks/`) plus
+`manifest.json`: which sample came from which batch, and how many samples the
+buffer has seen in total (reservoir sampling needs it). Updating never edits a
+buffer in place: it writes a new folder, so every version can be kept by DVC.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from segloop.data.dataset import IMAGES, MASKS, list_samples
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(buffer: Path) -> dict:
+    """The manifest of `buffer`, checked against the files it lists."""
+    manifest = json.loads((buffer / MANIFEST).read_text())
+    listed = {item["stem"] for item in manifest["items"]}
+    present = {s.stem for s in list_samples(buffer)} if (buffer / IMAGES).is_dir() else set()
+    if listed != present:
+        raise ValueError(f"{buffer / MANIFEST}: lists {len(listed)} samples, folder holds {len(present)} (mismatch)")
+    return manifest
+
+
+def update_buffer(
+    buffer: Path | None, batch_dir: Path, batch_id: str, size: int, seed: int, out: Path
+) -> dict:
+    """Write `out`: `buffer` (None = empty) updated with the samples of `batch_dir` by reservoir sampling.
+
+    Every sample ever offered has the same chance size / seen of being in the
+    buffer, whatever batch it came from.
+    """
+    if out.exists():
+        raise FileExistsError(f"{out}: exists; a buffer version is never overwritten")
+    if buffer is not None:
+        manifest = read_manifest(buffer)
+        items = [dict(item, root=str(buffer)) for item in manifest["items"]]
+        seen = manifest["seen"]
+    else:
+        items, seen = [], 0
+    rng = np.random.default_rng([seed, seen])
+    for sample in list_samples(batch_dir):
+        candidate = {"stem": sample.stem, "source_batch": batch_id, "root": str(batch_dir)}
+        seen += 1
+        if len(items) < size:
+            items.append(candidate)
+        else:
+            j = int(rng.integers(0, seen))
+            if j < size:
+                items[j] = candidate
+    for sub in (IMAGES, MASKS):
+        (out / sub).mkdir(parents=True)
+    for item in items:
+        root = Path(item.pop("root"))
+        image = next((root / IMAGES).glob(f"{item['stem']}.*"))
+        shutil.copy2(image, out / IMAGES / image.name)
+        shutil.copy2(root / MASKS / f"{item['stem']}.png", out / MASKS / f"{item['stem']}.png")
+    manifest = {"size": size, "seen": seen, "items": sorted(items, key=lambda i: i["stem"])}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Batches of a ConcatDataset([new, replay]) holding round(ratio * batch) replay samples each.
+
+    An epoch is one pass over the new data; replay samples are drawn without
+    replacement while they last, then reshuffled.
+    """
+
+    def __init__(self, n_new: int, n_replay: int, batch_size: int, ratio: float, generator: torch.Generator):
+        self.n_new, self.n_replay = n_new, n_replay
+        self.k = min(batch_size - 1, round(ratio * batch_size)) if n_replay else 0
+        self.per_batch_new = batch_size - self.k
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.n_new // self.per_batch_new
+
+    def __iter__(self):
+        new = torch.randperm(self.n_new, generator=self.generator).tolist()
+        replay: list[int] = []
+        for b in range(len(self)):
+            batch = new[b * self.per_batch_new : (b + 1) * self.per_batch_new]
+            for _ in range(self.k):
+                if not replay:
+                    replay = (torch.randperm(self.n_replay, generator=self.generator) + self.n_new).tolist()
+                batch.append(replay.pop())
+            yield batch
