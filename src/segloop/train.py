@@ -144,6 +144,7 @@ def train(
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"{data_dir}: {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}")
 
+    torch.manual_seed(cfg.seed)  # weight init too: a run depends on its seed, not on what ran before
     model = build_model(settings.model, settings.data.channels, settings.num_classes)
     parent = init_from(model, init, settings) if init else None
     if freeze_encoder:

@@ -1,0 +1,123 @@
+"""Continual-learning benchmark: the stream base -> lowlight -> fog -> noise -> colorshift.
+
+Every strategy starts from the same base model, sees the same batches with the
+same seeds, and is scored on the held-out set of every domain after every step
+(the accuracy matrix R). Compute is counted as training images processed
+(replayed samples included), so the cost ratio to `joint` holds on a noisy machine.
+
+    python benchmarks/continual.py [--quick]
+
+Writes reports/bench/continual.json, continual_R_<strategy>.png, continual_curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segloop.checkpoint import load_model
+from segloop.config import load_settings
+from segloop.continual import STRATEGIES, continual_metrics, update
+from segloop.data.dataset import list_samples
+from segloop.data.replay import update_buffer
+from segloop.data.synthetic import generate
+from segloop.evaluate import confusion_over
+from segloop.inference import pick_device
+from segloop.metrics import nanmean, per_class_iou
+from segloop.plots import save_accuracy_matrix, save_domain_curves
+from segloop.train import train
+
+STREAM = ["base", "lowlight", "fog", "noise", "colorshift"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def miou(model_path: Path, data: Path, settings) -> float:
+    model, _ = load_model(model_path)
+    device = pick_device()
+    cm = confusion_over(model.to(device), list_samples(data), settings.data.channels, settings.num_classes, settings.eval, device)
+    return nanmean(per_class_iou(cm))
+
+
+def make_stream(root: Path, n_train: int, n_test: int, size: tuple[int, int]) -> dict:
+    dirs = {}
+    for k, domain in enumerate(STREAM):
+        dirs[domain] = {}
+        for split, n, seed in (("train", n_train, 100 + k), ("val", n_test // 2, 200 + k), ("test", n_test, 300 + k)):
+            out = root / domain / split
+            if not out.exists():
+                generate(out, domain, n, seed, size)
+            dirs[domain][split] = out
+    return dirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "reports/bench/continual_work")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports/bench")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data, 1 epoch")
+    parser.add_argument("--strategies", nargs="*", default=sorted(STRATEGIES))
+    args = parser.parse_args()
+
+    n_train, n_test, size, base_epochs, upd_epochs = (96, 32, (96, 96), 15, 6)
+    if args.quick:
+        n_train, n_test, size, base_epochs, upd_epochs = (16, 8, (64, 64), 1, 1)
+    settings = load_settings(ROOT / "params.yaml", [
+        "data.crop_size=64", f"train.epochs={base_epochs}", "train.max_minutes=null", "train.patience=1000",
+        "train.batch_size=8", f"continual.epochs={upd_epochs}", "continual.replay.size=96",
+    ])
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    dirs = make_stream(args.work / "data", n_train, n_test, size)
+    started = time.monotonic()
+    base = train(settings, dirs["base"]["train"], args.work / "base", dirs["base"]["val"], log=lambda _: None)
+    base_ckpt = args.work / "base" / "best.pt"
+    print(f"base model: val mIoU {base.best_miou:.3f}, {base.images_seen} images, {base.seconds:.0f}s", flush=True)
+    first_row = [miou(base_ckpt, dirs[d]["test"], settings) for d in STREAM]
+
+    results = {}
+    for strategy in args.strategies:
+        s = settings.model_copy(update={"continual": settings.continual.model_copy(update={"strategy": strategy})})
+        r, parent, images, t0 = [first_row], base_ckpt, 0, time.monotonic()
+        buffer = args.work / strategy / "buffer_0"
+        if not buffer.exists():
+            update_buffer(None, dirs["base"]["train"], "base", s.continual.replay.size, 0, buffer)
+        for k, domain in enumerate(STREAM[1:], start=1):
+            out = args.work / strategy / f"step_{k}_{domain}"
+            res = update(s, parent, dirs[domain]["train"], out, dirs[domain]["val"],
+                         seen=[dirs[d]["train"] for d in STREAM[:k]], replay=buffer, log=lambda _: None)
+            images += res.images_seen
+            parent = out / "best.pt"
+            nxt = args.work / strategy / f"buffer_{k}"
+            if not nxt.exists():
+                update_buffer(buffer, dirs[domain]["train"], domain, s.continual.replay.size, 0, nxt)
+            buffer = nxt
+            r.append([miou(parent, dirs[d]["test"], settings) for d in STREAM])
+            print(f"{strategy:15s} after {domain:10s} " + " ".join(f"{v:.3f}" for v in r[-1]), flush=True)
+        r = np.array(r)
+        metrics = continual_metrics(r, baseline=np.array(first_row))
+        results[strategy] = {**metrics, "R": r.round(4).tolist(), "train_images": images,
+                             "wall_s": round(time.monotonic() - t0, 1)}
+        save_accuracy_matrix(args.out / f"continual_R_{strategy}.png", r, STREAM, strategy)
+
+    joint = results.get("joint")
+    for name, res in results.items():
+        if joint:
+            res["acc_vs_joint"] = round(res["acc"] / joint["acc"], 4)
+            res["compute_vs_joint"] = round(res["train_images"] / joint["train_images"], 4)
+    report = {"stream": STREAM, "n_train_per_domain": n_train, "n_test_per_domain": n_test, "image_size": list(size),
+              "base_epochs": base_epochs, "update_epochs": upd_epochs, "base_row": np.round(first_row, 4).tolist(),
+              "total_wall_s": round(time.monotonic() - started, 1), "strategies": results}
+    (args.out / "continual.json").write_text(json.dumps(report, indent=1))
+    save_domain_curves(args.out / "continual_curves.png", {k: np.array(v["R"]) for k, v in results.items()}, STREAM)
+    print(f"\n| strategy | ACC | vs joint | BWT | forgetting | FWT | train images | vs joint | wall s |\n|---|---|---|---|---|---|---|---|---|")
+    for name, res in results.items():
+        print(f"| {name} | {res['acc']:.3f} | {res.get('acc_vs_joint', '-')} | {res['bwt']:+.3f} | {res['forgetting']:.3f} | "
+              f"{res['fwt']:+.3f} | {res['train_images']} | {res.get('compute_vs_joint', '-')} | {res['wall_s']} |")
+
+
+if __name__ == "__main__":
+    main()
