@@ -101,8 +101,12 @@ def train(
     init: Path | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train on `data_dir`, validate on `val_dir` (the training folder when None), write `out_dir`."""
+    """Train on `data_dir`, validate on `val_dir` (the training folder when None), write `out_dir`.
+
+    `on_epoch(record)` sees each epoch's record as it ends (MLflow logs them live).
+    """
     cfg, started = settings.train, time.monotonic()
     device = pick_device()
     cuda = device.type == "cuda"
@@ -182,6 +186,8 @@ def train(
             "seconds": round(time.monotonic() - started, 1),
         }
         state["history"].append(record)
+        if on_epoch is not None:
+            on_epoch(record)
         improved = val_miou > state["best_miou"]
         if improved:
             state["best_miou"], state["bad_epochs"] = val_miou, 0
