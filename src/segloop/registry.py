@@ -89,9 +89,11 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: 
     size = settings.data.crop_size
     # Batch 2: torch.export specializes size-1 dims, and the batch dim must stay dynamic.
     example = np.random.default_rng(0).random((2, channels, size, size), dtype=np.float32)
+    # Unnamed specs: a named tensor makes MLflow's serving example a dict, which the
+    # PyTorch pyfunc rejects; unnamed, `mlflow.models.predict` accepts the example as is.
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes), -1, -1), "logits")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes), -1, -1))]),
     )
     settings_file = Path(tempfile.mkdtemp(prefix="segloop-settings-")) / "settings.yaml"
     settings_file.write_text(json.dumps(ckpt["settings"], indent=1))  # JSON is valid YAML
@@ -142,7 +144,10 @@ def download_checkpoint(client, store: Store, mv, dst: Path | None = None) -> Pa
     import mlflow
 
     dst = Path(dst or tempfile.mkdtemp(prefix=f"segloop-{mv.name}-v{mv.version}-"))
-    location = client.get_logged_model(mv.model_id).artifact_location
+    # MLflow 3 versions point at a LoggedModel; the sqlite store fills `source`
+    # (models:/m-<id>) but may leave `model_id` empty.
+    model_id = mv.model_id or (mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None)
+    location = client.get_logged_model(model_id).artifact_location if model_id else mv.source
     path = mlflow.artifacts.download_artifacts(
         artifact_uri=f"{location}/extra_files/{CHECKPOINT_FILE}", dst_path=str(dst),
         tracking_uri=store.uri,
@@ -243,25 +248,47 @@ def rollback(settings: Settings, reason: str | None = None) -> dict:
     current = _alias_version(client, settings.registry.model_name, CHAMPION)
     if current is None:
         raise ValueError(f"{settings.registry.model_name}: no champion to roll back")
-    # The latest promotion (not rollback) that made `current` champion says what it replaced;
-    # so repeated rollbacks walk back through the promotions like a stack.
-    promotions = [e for e in history(settings) if e["alias"] == CHAMPION and e["to"] == current and e["kind"] != "rollback"]
-    previous = promotions[-1]["from"] if promotions else None
+    # Replay the history as a stack of champions: a promotion (gate or manual) pushes,
+    # a rollback pops. So repeated rollbacks walk back through earlier champions and
+    # never ping-pong between the last two.
+    stack: list[str] = []
+    for e in history(settings):
+        if e["alias"] != CHAMPION:
+            continue
+        if e["kind"] == "rollback":
+            if stack:
+                stack.pop()
+        else:
+            if not stack and e["from"]:
+                stack.append(e["from"])
+            stack.append(e["to"])
+    if not stack or stack[-1] != current:  # alias moved outside segloop: start from what is there
+        stack.append(current)
+    previous = stack[-2] if len(stack) >= 2 else None
     if previous is None:
-        raise ValueError(f"{settings.registry.model_name}: champion v{current} replaced no earlier champion; nothing to roll back to")
+        raise ValueError(f"{settings.registry.model_name}: no champion before v{current} in the alias history; nothing to roll back to")
     return move_alias(settings, CHAMPION, previous, "rollback", reason or f"rollback: v{current} -> v{previous}")
 
 
 def list_versions(settings: Settings) -> list[dict]:
     """One row per registered version: aliases, domain metrics, parent, created."""
+    from mlflow.exceptions import MlflowException
+
     client, _ = registry_client(settings)
     name = settings.registry.model_name
     rows = []
+    # search results leave `aliases` empty; the registered model has the alias map.
+    aliases: dict[str, list[str]] = {}
+    try:
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+    except MlflowException:
+        return []
     for mv in client.search_model_versions(f"name = '{name}'"):
         tags = dict(mv.tags or {})
         rows.append({
             "version": int(mv.version),
-            "aliases": sorted(mv.aliases or []),
+            "aliases": sorted(aliases.get(str(mv.version), [])),
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
             "domain": tags.get("segloop.domain"),
             "val_miou": float(tags["segloop.val_miou"]) if tags.get("segloop.val_miou") else None,
@@ -290,7 +317,7 @@ class Check:
     def reason(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         if self.rule == "floor_miou":
-            return (f"{verdict} {self.domain} mIoU {self.candidate:.4f} >= floor {self.threshold:.4f} "
+            return (f"{verdict} {self.domain} mIoU {self.candidate:.4f} {'>=' if self.passed else '<'} floor {self.threshold:.4f} "
                     f"(registry.gate.floor_miou, no champion yet)")
         delta = self.candidate - self.champion
         what = "target domain must gain" if self.rule == "min_gain" else "old domain may lose at most"

@@ -65,6 +65,8 @@ def open_store(store: Store, timeout_s: float = 5.0):
     """An MlflowClient on `store`, or TrackingError if the store does not answer."""
     # This machine class has no network; MLflow 3 would otherwise try to send usage telemetry.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Per-file download bars would drown the CLI's own output (refs download a checkpoint).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
 
     hint = "set tracking.uri / MLFLOW_TRACKING_URI to a reachable store, or tracking.enabled: false"
