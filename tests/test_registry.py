@@ -43,7 +43,9 @@ def store(tmp_path_factory, base_data):
                      "--out", str(root / out), "--domain", "base", *extra]) == 0
     settings = settings_from_dict(raw)
     client = open_store(resolve_store(settings.tracking))
-    return {"root": root, "params": params, "settings": settings, "client": client, "base": base_data, "fog": fog}
+    # held-out sets for the gate: 8 images each (the validation set stands in for base's test set)
+    return {"root": root, "params": params, "settings": settings, "client": client, "base": base_data, "fog": fog,
+            "held_out": {"base": small, "fog": fog}}
 
 
 def segloop(store, *args) -> int:
@@ -115,10 +117,23 @@ def test_model_refs_work_like_the_checkpoint_path(store, tmp_path, capsys):
     assert f"models:/{NAME}@nosuch: no such registered model version" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_transfer_from_a_registered_model_records_its_parent(store, tmp_path):
+    client = store["client"]
+    out = tmp_path / "child"
+    assert segloop(store, "train", "--init", f"models:/{NAME}/1", "--data", str(store["fog"]), "--out", str(out),
+                   "--domain", "fog", "--set", "train.epochs=1", "--set", "train.batch_size=4") == 0
+    assert load_checkpoint(out / "best.pt")["parent"] == f"models:/{NAME}/1 (version 1)"
+    child = max(client.search_model_versions(f"name = '{NAME}'"), key=lambda mv: int(mv.version))
+    assert child.tags["segloop.parent_version"] == "1" and child.tags["segloop.strategy"] == "transfer"
+    assert child.tags["segloop.domain"] == "fog" and child.tags["segloop.data.train.md5"] == dir_md5(store["fog"])
+    assert client.get_run(child.run_id).data.tags["segloop.parent"] == f"models:/{NAME}/1"
+
+
 def _gate(store, version, out, *sets, target="base", data=("base",)):
     args = ["gate", "--candidate", version, "--target", target, "--out", str(out)]
     for d in data:
-        args += ["--data", f"{d}={store[d]}"]
+        args += ["--data", f"{d}={store['held_out'][d]}"]
     for s in sets:
         args += ["--set", s]
     assert segloop(store, *args) == 0
@@ -217,7 +232,7 @@ def test_gate_moves_no_alias_when_the_decision_cannot_be_logged(store, tmp_path,
     with pytest.raises(OSError, match="artifact store unreachable"):
         registry.gate(store["settings"].model_copy(update={"registry": store["settings"].registry.model_copy(
             update={"gate": GateSettings(min_gain=0.0, max_forgetting=1.0, floor_miou=0.0)})}),
-            candidate, {"base": store["base"]}, "base", tmp_path / "g", log=lambda _: None)
+            candidate, {"fog": store["fog"]}, "fog", tmp_path / "g", log=lambda _: None)
     assert _champion(store) == champion
     assert (tmp_path / "g" / "promotion_decision.json").is_file()  # written locally, never acted on
 

@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from segloop.train import train
 
     s = _settings(args)
-    init, tags = None, {"segloop.strategy": "resume" if args.resume else "scratch", "segloop.domain": args.domain}
+    init, label, tags = None, None, {"segloop.strategy": "resume" if args.resume else "scratch", "segloop.domain": args.domain}
     if args.init:
         init, label, mv = _model(args.init, s)
         tags |= {"segloop.strategy": "transfer", "segloop.parent": args.init,
@@ -76,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     inputs = {"train": args.data, **({"val": args.val} if args.val else {})}
     # The store is checked here, before any training starts.
     with tracked_run(s, "train", inputs, tags, run_name=f"train:{args.out.name}") as run:
-        result = train(s, args.data, args.out, args.val, init, args.resume, on_epoch=run.log_epoch if run else None)
+        result = train(s, args.data, args.out, args.val, init, args.resume,
+                       on_epoch=run.log_epoch if run else None, init_label=label)
         if run:
             from segloop.registry import log_model
 

@@ -102,10 +102,13 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     on_epoch: Callable[[dict], None] | None = None,
+    init_label: str | None = None,
 ) -> TrainResult:
     """Train on `data_dir`, validate on `val_dir` (the training folder when None), write `out_dir`.
 
     `on_epoch(record)` sees each epoch's record as it ends (MLflow logs them live).
+    `init_label` names the parent in the checkpoint when `init` is a downloaded copy
+    (e.g. `models:/segloop/3` rather than a temporary path).
     """
     cfg, started = settings.train, time.monotonic()
     device = pick_device()
@@ -118,6 +121,8 @@ def train(
 
     model = build_model(settings.model, settings.data.channels, settings.num_classes)
     parent = init_from(model, init, settings) if init else None
+    if parent and init_label:
+        parent = init_label
     model.to(device, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.preserve_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
