@@ -21,6 +21,18 @@ from segloop.tracking import dir_md5, open_store, resolve_store
 NAME = "tiny"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread avoids spinning threads
+    fighting other processes (several times less CPU here); the code under test is unchanged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, base_data):
     """A temp store holding two versions: v1 trained 3 epochs on base, v2 barely trained (lr 1e-9)."""

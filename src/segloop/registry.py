@@ -418,7 +418,8 @@ def gate(
     decision_path.write_text(json.dumps(decision, indent=1))
 
     # Evidence first: the decision, the reports and the metrics go to the candidate's run.
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    # Microseconds: two gates within a second must never share (and overwrite) a folder.
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     folder = f"gate/{stamp}-vs-{'v' + champion_version if champion_version else 'none'}"
     run_id = candidate.run_id
     client.log_artifacts(run_id, str(out_dir), folder)
