@@ -95,12 +95,12 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: 
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes), -1, -1))]),
     )
-    settings_file = Path(tempfile.mkdtemp(prefix="segloop-settings-")) / "settings.yaml"
-    settings_file.write_text(json.dumps(ckpt["settings"], indent=1))  # JSON is valid YAML
     mlflow.set_tracking_uri(run.store.uri)
     mlflow.set_registry_uri(run.store.uri)
     # log_model only attaches to the fluent active run; resume ours for the call.
-    with mlflow.start_run(run_id=run.run_id):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run.run_id):
+        settings_file = Path(tmp) / "settings.yaml"
+        settings_file.write_text(json.dumps(ckpt["settings"], indent=1))  # JSON is valid YAML
         info = mlflow.pytorch.log_model(
             pytorch_model=model,
             name=MODEL_ARTIFACT,
@@ -139,20 +139,36 @@ def get_version(client, ref: str):
         raise ValueError(f"{ref}: no such registered model version") from None
 
 
-def download_checkpoint(client, store: Store, mv, dst: Path | None = None) -> Path:
-    """The segloop checkpoint of model version `mv`, as a local file."""
+def download_checkpoint(client, store: Store, mv) -> Path:
+    """The segloop checkpoint of model version `mv`, as a local file.
+
+    A registered version's files never change, so copies are cached per store and version
+    in the temp folder instead of piling up one download per command.
+    """
+    import hashlib
+    import os
+
     import mlflow
 
-    dst = Path(dst or tempfile.mkdtemp(prefix=f"segloop-{mv.name}-v{mv.version}-"))
+    # The key includes what a recreated store would not repeat (run id, source, creation time),
+    # so a fresh store's "version 1" never resolves to an old store's cached file.
+    identity = f"{store.uri}|{mv.name}|{mv.version}|{mv.run_id}|{mv.source}|{mv.creation_timestamp}"
+    key = hashlib.md5(identity.encode()).hexdigest()[:16]
+    cached = Path(tempfile.gettempdir()) / f"segloop-models-{getpass.getuser()}" / key / CHECKPOINT_FILE
+    if cached.is_file():
+        return cached
     # MLflow 3 versions point at a LoggedModel; the sqlite store fills `source`
     # (models:/m-<id>) but may leave `model_id` empty.
     model_id = mv.model_id or (mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None)
     location = client.get_logged_model(model_id).artifact_location if model_id else mv.source
-    path = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{location}/extra_files/{CHECKPOINT_FILE}", dst_path=str(dst),
-        tracking_uri=store.uri,
-    )
-    return Path(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location}/extra_files/{CHECKPOINT_FILE}", dst_path=tmp, tracking_uri=store.uri,
+        )
+        load_checkpoint(path)  # a torn or foreign file must not enter the cache
+        os.replace(path, cached)
+    return cached
 
 
 def resolve_model(ref: str | Path, settings: Settings) -> tuple[Path, str, Any]:
@@ -166,8 +182,8 @@ def resolve_model(ref: str | Path, settings: Settings) -> tuple[Path, str, Any]:
 
 # ---------------------------------------------------------------- alias history
 
-def _history_run(client, settings: Settings, store: Store, name: str) -> str:
-    """The run whose artifacts hold `name`'s alias history (created on first use)."""
+def _history_run(client, settings: Settings, store: Store, name: str, create: bool = True) -> str | None:
+    """The run whose artifacts hold `name`'s alias history (created on first write)."""
     exp_id = ensure_experiment(client, store, settings.tracking.experiment)
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`segloop.kind` = 'alias_history' and tags.`segloop.model_name` = '{name}'",
@@ -175,6 +191,8 @@ def _history_run(client, settings: Settings, store: Store, name: str) -> str:
     )
     if found:
         return found[0].info.run_id
+    if not create:
+        return None
     run = client.create_run(exp_id, run_name=f"alias-history:{name}",
                             tags={"segloop.kind": "alias_history", "segloop.model_name": name})
     client.set_terminated(run.info.run_id, "FINISHED")
@@ -190,7 +208,7 @@ def move_alias(
     """
     client, store = registry_client(settings)
     name = settings.registry.model_name
-    client.get_model_version(name, version)  # fails early, with MLflow's message, if absent
+    get_version(client, f"models:/{name}/{version}")  # a ValueError naming the ref if absent
     previous = _alias_version(client, name, alias)
     entry = {"time": _now(), "model": name, "alias": alias, "from": previous, "to": str(version),
              "kind": kind, "reason": reason, "decision": decision, "user": getpass.getuser()}
@@ -232,8 +250,8 @@ def history(settings: Settings) -> list[dict]:
     client, store = registry_client(settings)
     import mlflow
 
-    run_id = _history_run(client, settings, store, settings.registry.model_name)
-    files = sorted(a.path for a in client.list_artifacts(run_id, HISTORY_FOLDER))
+    run_id = _history_run(client, settings, store, settings.registry.model_name, create=False)
+    files = sorted(a.path for a in client.list_artifacts(run_id, HISTORY_FOLDER)) if run_id else []
     if not files:
         return []
     with tempfile.TemporaryDirectory() as tmp:

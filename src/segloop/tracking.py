@@ -233,7 +233,7 @@ class TrackedRun:
 def tracked_run(
     settings: Settings,
     kind: str,
-    inputs: Mapping[str, Path] = {},
+    inputs: Mapping[str, Path] | None = None,
     tags: Mapping[str, Any] | None = None,
     run_name: str | None = None,
 ) -> Iterator[TrackedRun | None]:
@@ -248,7 +248,7 @@ def tracked_run(
     store = resolve_store(settings.tracking)
     client = open_store(store, settings.tracking.connect_timeout_s)
     exp_id = ensure_experiment(client, store, settings.tracking.experiment)
-    all_tags = {"segloop.command": kind, **code_tags(), **data_tags(inputs)}
+    all_tags = {"segloop.command": kind, **code_tags(), **data_tags(inputs or {})}
     all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     tracked = TrackedRun(client, run.info.run_id, store, exp_id)
