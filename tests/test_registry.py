@@ -81,6 +81,8 @@ def test_train_run_records_params_epochs_tags_artifacts_and_model(store):
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:
         assert tags["segloop.git_commit"] == head.stdout.strip()
+    assert run.data.metrics["train.best_miou"] > 0 and "train.images_per_s" in run.data.metrics
+    assert {f"val_iou.{c}" for c in store["settings"].data.classes} & set(run.data.metrics)
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"settings.yaml", "history.json", "train_metrics.json"} <= files
     # the version carries the run's provenance too

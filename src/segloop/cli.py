@@ -79,13 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(s, args.data, args.out, args.val, init, args.resume,
                        on_epoch=run.log_epoch if run else None, init_label=label)
         if run:
-            from segloop.registry import log_model
+            from segloop.registry import log_training
 
-            run.log_metrics({f"train.{k}": v for k, v in result.__dict__.items() if isinstance(v, (int, float))})
-            run.set_tags({"segloop.stopped": result.stopped})
-            for name in ("settings.yaml", "history.json", "train_metrics.json"):
-                run.log_file(args.out / name)
-            version = log_model(run, args.out / "best.pt", s.registry.model_name)
+            version = log_training(run, result, args.out, s.registry.model_name)
             print(f"MLflow run {run.run_id}; registered models:/{s.registry.model_name}/{version}")
     print(json.dumps(result.__dict__, indent=1))
     return 0

@@ -127,6 +127,18 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: 
     return version
 
 
+def log_training(run: TrackedRun, result, out_dir: Path, model_name: str) -> str:
+    """Final metrics, files and the registered model of one finished `train` call."""
+    run.log_metrics({f"train.{k}": v for k, v in asdict(result).items() if isinstance(v, (int, float))})
+    best = load_checkpoint(out_dir / CHECKPOINT_FILE)
+    # per-class validation IoU of the kept (best) epoch; NaN = class absent, not logged
+    run.log_metrics({f"val_iou.{c}": v for c, v in zip(best["classes"], best.get("val_per_class_iou", [])) if v == v})
+    run.set_tags({"segloop.stopped": result.stopped})
+    for name in ("settings.yaml", "history.json", "train_metrics.json"):
+        run.log_file(out_dir / name)
+    return log_model(run, out_dir / CHECKPOINT_FILE, model_name)
+
+
 # ---------------------------------------------------------------- resolving refs
 
 def get_version(client, ref: str):
@@ -450,6 +462,9 @@ def gate(
     client.set_model_version_tag(name, candidate.version, "segloop.gate.promoted", str(decision["promoted"]).lower())
     client.set_model_version_tag(name, candidate.version, "segloop.gate.decision", decision_uri)
     if decision["promoted"]:
+        if _alias_version(client, name, CHAMPION) != champion_version:  # another gate or a person moved it
+            raise ValueError(f"{name}: champion changed while v{candidate.version} was being gated "
+                             f"(was {champion_version}); decision logged, nothing promoted; gate again")
         summary = "; ".join(r for r in decision["reasons"])
         move_alias(settings, CHAMPION, str(candidate.version), "gate", f"gate passed: {summary}", decision_uri)
     decision["decision_uri"] = decision_uri

@@ -224,10 +224,6 @@ class TrackedRun:
     def log_folder(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
-    def artifact_uri(self, sub: str = "") -> str:
-        base = self.client.get_run(self.run_id).info.artifact_uri
-        return f"{base}/{sub}" if sub else base
-
 
 @contextmanager
 def tracked_run(
