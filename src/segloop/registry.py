@@ -30,7 +30,7 @@ import numpy as np
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.config import GateSettings, Settings
 from segloop.tracking import (
-    Store, TrackedRun, dir_md5, ensure_experiment, eval_metrics, open_store, resolve_store,
+    Store, TrackedRun, dir_md5, ensure_experiment, open_store, resolve_store,
 )
 
 CHAMPION, CHALLENGER = "champion", "challenger"
