@@ -78,6 +78,7 @@ def test_train_with_unreachable_store_fails_before_training(tmp_path, tiny_param
 
 
 @pytest.mark.skipif(not (Path(sys.executable).parent / "dvc").exists(), reason="dvc not installed beside python")
+@pytest.mark.slow
 def test_dir_md5_is_the_hash_dvc_records(tmp_path, base_data, cli_env):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -88,6 +89,7 @@ def test_dir_md5_is_the_hash_dvc_records(tmp_path, base_data, cli_env):
     assert dir_md5(repo / "ds") == recorded and recorded.endswith(".dir")
 
 
+@pytest.mark.slow
 def test_epochs_are_logged_as_they_happen(tmp_path, tiny_raw):
     from segloop.data.synthetic import generate
 
