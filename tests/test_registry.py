@@ -3,6 +3,7 @@ alias history, manual promotion and rollback. Real MLflow on a temporary sqlite 
 tiny models trained through the real `segloop train` command."""
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,10 @@ def store(tmp_path_factory, base_data):
     from conftest import ROOT, TINY, _merge
 
     root = tmp_path_factory.mktemp("registry")
+    # downloaded checkpoints are cached under the temp folder: keep this module's in root
+    patch = pytest.MonkeyPatch()
+    (root / "tmp").mkdir()
+    patch.setattr(tempfile, "tempdir", str(root / "tmp"))
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{root}/store/mlflow.db", "experiment": "test"}
     raw["registry"] = {"model_name": NAME}
@@ -55,8 +60,9 @@ def store(tmp_path_factory, base_data):
     settings = settings_from_dict(raw)
     client = open_store(resolve_store(settings.tracking))
     # held-out sets for the gate: 8 images each (the validation set stands in for base's test set)
-    return {"root": root, "params": params, "settings": settings, "client": client, "base": base_data, "fog": fog,
-            "held_out": {"base": small, "fog": fog}}
+    yield {"root": root, "params": params, "settings": settings, "client": client, "base": base_data, "fog": fog,
+           "held_out": {"base": small, "fog": fog}}
+    patch.undo()
 
 
 def segloop(store, *args) -> int:
