@@ -23,9 +23,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The project's own store (tracking.uri: null): runs and registry in mlruns/mlflow.db,
+# files in mlruns/artifacts. Loopback only; see README for a shared tracking server.
+UI_PORT ?= 5000
 ui: setup
-	@echo "MLflow UI: http://127.0.0.1:5000"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
+	@mkdir -p mlruns/artifacts
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///mlruns/mlflow.db, artifacts: mlruns/artifacts)"
+	@# Job execution (huey workers) serves MLflow's GenAI features, not segloop: off saves 7 processes.
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
 clean:
 	rm -rf data/raw data/valid data/split data/quarantine models reports

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from segloop.config import DEFAULT_PARAMS, Settings, SettingsError, load_settings, save_settings
+from segloop.tracking import TrackingError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -55,18 +56,49 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(ref: str, settings: Settings) -> tuple[Path, str, object]:
+    """A checkpoint path or a `models:/name@alias|/version` ref -> (local path, label, version)."""
+    from segloop.registry import resolve_model
+
+    return resolve_model(ref, settings)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from segloop.tracking import tracked_run
     from segloop.train import train
 
-    result = train(_settings(args), args.data, args.out, args.val, args.init, args.resume)
+    s = _settings(args)
+    init, label, tags = None, None, {"segloop.strategy": "resume" if args.resume else "scratch", "segloop.domain": args.domain}
+    if args.init:
+        init, label, mv = _model(args.init, s)
+        tags |= {"segloop.strategy": "transfer", "segloop.parent": args.init,
+                 "segloop.parent_version": mv.version if mv else None}
+    inputs = {"train": args.data, **({"val": args.val} if args.val else {})}
+    # The store is checked here, before any training starts.
+    with tracked_run(s, "train", inputs, tags, run_name=f"train:{args.out.name}") as run:
+        result = train(s, args.data, args.out, args.val, init, args.resume,
+                       on_epoch=run.log_epoch if run else None, init_label=label)
+        if run:
+            from segloop.registry import log_training
+
+            version = log_training(run, result, args.out, s.registry.model_name)
+            print(f"MLflow run {run.run_id}; registered models:/{s.registry.model_name}/{version}")
     print(json.dumps(result.__dict__, indent=1))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from segloop.evaluate import evaluate
+    from segloop.tracking import eval_metrics, tracked_run
 
-    m = evaluate(args.model, args.data, args.out, _settings(args).eval)
+    s = _settings(args)
+    path, label, mv = _model(args.model, s)
+    tags = {"segloop.model": label, "segloop.model_version": mv.version if mv else None, "segloop.domain": args.domain}
+    with tracked_run(s, "evaluate", {"eval": args.data}, tags, run_name=f"evaluate:{args.domain or args.data.name}") as run:
+        m = evaluate(path, args.data, args.out, s.eval, label=label)
+        if run:
+            run.log_metrics(eval_metrics(m, f"{args.domain}." if args.domain else ""))
+            run.log_folder(args.out)
     per_class = "  ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in m["per_class_iou"].items())
     print(f"{args.data}: mIoU {m['miou']:.4f}  dice {m['dice']:.4f}  pixel acc {m['pixel_accuracy']:.4f}  ({m['n_images']} images)")
     print(f"  per class IoU: {per_class}")
@@ -77,7 +109,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from segloop.evaluate import predict_folder
 
-    n = predict_folder(args.model, args.input, args.out, _settings(args).eval)
+    s = _settings(args)
+    path, _, _ = _model(args.model, s)
+    n = predict_folder(path, args.input, args.out, s.eval)
     print(f"wrote {n} masks to {args.out}")
     return 0
 
@@ -85,8 +119,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_update(args: argparse.Namespace) -> int:
     from segloop.continual import update
 
+    from segloop.tracking import tracked_run
+
     s = _settings(args)
-    result = update(s, args.parent, args.data, args.out, args.val, args.seen, args.replay)
+    parent, label, mv = _model(args.parent, s)
+    tags = {"segloop.strategy": s.continual.strategy, "segloop.domain": args.domain, "segloop.parent": args.parent,
+            "segloop.parent_version": mv.version if mv else None}
+    inputs = {"train": args.data, **({"val": args.val} if args.val else {}), **({"replay": args.replay} if args.replay else {})}
+    with tracked_run(s, "update", inputs, tags, run_name=f"update:{args.out.name}") as run:
+        result = update(s, parent, args.data, args.out, args.val, args.seen, args.replay,
+                        on_epoch=run.log_epoch if run else None, init_label=label)
+        if run:
+            from segloop.registry import log_training
+
+            version = log_training(run, result, args.out, s.registry.model_name)
+            print(f"MLflow run {run.run_id}; registered models:/{s.registry.model_name}/{version}")
     print(json.dumps({"strategy": s.continual.strategy, **result.__dict__}, indent=1))
     return 0
 
@@ -97,6 +144,63 @@ def cmd_replay_update(args: argparse.Namespace) -> int:
     s = _settings(args)
     manifest = update_buffer(args.buffer, args.batch, args.batch_id, s.continual.replay.size, s.split.seed, args.out)
     print(f"replay buffer {args.out}: {len(manifest['items'])}/{manifest['size']} samples, {manifest['seen']} seen")
+    return 0
+
+
+def _domain_dirs(pairs: list[str]) -> dict[str, Path]:
+    out = {}
+    for pair in pairs:
+        domain, sep, folder = pair.partition("=")
+        if not sep or not domain or not folder:
+            raise ValueError(f"--data {pair!r}: expected DOMAIN=FOLDER")
+        if domain in out:
+            raise ValueError(f"--data: domain {domain!r} given twice")
+        out[domain] = Path(folder)
+    return out
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from segloop.registry import gate
+
+    d = gate(_settings(args), args.candidate, _domain_dirs(args.data), args.target, args.out)
+    print(f"{'PROMOTED' if d['promoted'] else 'NOT PROMOTED'}: {d['model']} v{d['candidate_version']}"
+          f" (champion was {'v' + d['champion_version'] if d['champion_version'] else 'none'})")
+    for line in d["reasons"]:
+        print(f"  {line}")
+    print(f"decision: {args.out / 'promotion_decision.json'} (logged as {d['decision_uri']})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from segloop import registry
+
+    s = _settings(args)
+    if args.action == "list":
+        rows = registry.list_versions(s)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print("version  aliases              val mIoU  domain mIoU                         parent  strategy  created")
+        for r in rows:
+            miou = " ".join(f"{d}={v:.3f}" for d, v in r["miou"].items()) or "-"
+            val = "-" if r["val_miou"] is None else f"{r['val_miou']:.3f}"
+            print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<20} {val:>8}  {miou:<35} {r['parent'] or '-':>6}  "
+                  f"{r['strategy'] or '-':<8}  {r['created']}")
+        return 0
+    if args.action == "history":
+        entries = registry.history(s)
+        if args.json:
+            print(json.dumps(entries, indent=1))
+            return 0
+        for e in entries:
+            print(f"{e['time']}  {e['alias']}: {'v' + e['from'] if e['from'] else 'none'} -> v{e['to']}  [{e['kind']}] {e['reason']}"
+                  + (f"  decision: {e['decision']}" if e.get("decision") else ""))
+        return 0
+    if args.action == "promote":
+        e = registry.move_alias(s, args.alias, args.version, "manual", args.reason)
+    else:
+        e = registry.rollback(s, args.reason)
+    print(f"{e['alias']}: {'v' + e['from'] if e['from'] else 'none'} -> v{e['to']} [{e['kind']}] {e['reason']}")
     return 0
 
 
@@ -140,29 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--val", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--init", type=Path, help="start from this checkpoint's weights (transfer learning)")
+    p.add_argument("--init", help="start from this checkpoint's weights (transfer learning): a path or models:/NAME@ALIAS|/VERSION")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--domain", help="domain the training data belongs to (recorded on the run and model version)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[common], help="metrics, confusion matrix and overlays")
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--domain", help="domain of DATA: prefixes the logged metrics (DOMAIN.miou, DOMAIN.iou.CLASS)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", parents=[common], help="write predicted masks for a folder of images")
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
-    p.add_argument("--parent", type=Path, required=True, help="checkpoint to start from")
+    p.add_argument("--parent", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION to start from")
     p.add_argument("--data", type=Path, required=True, help="training folder of the new batch")
     p.add_argument("--val", type=Path, help="validation folder (default: the new batch)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replay", type=Path, help="replay buffer folder (replay strategies)")
     p.add_argument("--seen", type=Path, action="append", default=[], help="earlier training folders (joint)")
+    p.add_argument("--domain", help="domain of the new batch (tag on the MLflow run)")
     p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("replay-update", parents=[common], help="write a new replay buffer version with a batch added")
@@ -175,6 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="table of per-domain metrics written by evaluate")
     p.add_argument("eval_dir", type=Path)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("gate", parents=[common], help="evaluate candidate vs champion on every domain; promote if it wins")
+    p.add_argument("--candidate", required=True, metavar="VERSION", help="registered version of registry.model_name")
+    p.add_argument("--data", action="append", required=True, metavar="DOMAIN=FOLDER", help="held-out set of one domain (repeat for every domain seen so far)")
+    p.add_argument("--target", required=True, metavar="DOMAIN", help="the new domain the candidate must improve")
+    p.add_argument("--out", type=Path, required=True, help="folder for reports and promotion_decision.json")
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("models", help="registered versions, alias history, manual promotion, rollback")
+    msub = p.add_subparsers(dest="action", required=True)
+    q = msub.add_parser("list", parents=[common], help="versions with aliases, domain metrics, parent, created")
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("history", parents=[common], help="every recorded alias change")
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("promote", parents=[common], help="manual override: point an alias at VERSION (recorded as manual)")
+    q.add_argument("version", metavar="VERSION")
+    q.add_argument("--reason", required=True)
+    q.add_argument("--alias", default="champion", help="default champion (or e.g. challenger)")
+    q = msub.add_parser("rollback", parents=[common], help="champion back to the champion it replaced (recorded)")
+    q.add_argument("--reason")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
@@ -182,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SettingsError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (SettingsError, TrackingError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

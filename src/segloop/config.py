@@ -13,6 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The project's MLflow store when tracking.uri is null: mlruns/mlflow.db (runs, registry)
+# and mlruns/artifacts/ (files), relative to the folder segloop runs in (the project root).
+DEFAULT_MLRUNS = Path("mlruns")
 
 
 class SettingsError(ValueError):
@@ -165,6 +168,24 @@ class ContinualSettings(_Strict):
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; valid: {sorted(STRATEGIES)}")
         return v
+class TrackingSettings(_Strict):
+    enabled: bool = True
+    # null: $MLFLOW_TRACKING_URI if set, else sqlite:///<project>/mlruns/mlflow.db
+    uri: str | None = None
+    experiment: str = Field("segloop", min_length=1)
+    # how long to wait for a tracking server before failing (before any training starts)
+    connect_timeout_s: float = Field(5.0, gt=0.0)
+
+
+class GateSettings(_Strict):
+    min_gain: float = Field(0.01, ge=0.0, le=1.0)  # mIoU the target domain must gain over the champion
+    max_forgetting: float = Field(0.02, ge=0.0, le=1.0)  # mIoU any old domain may lose
+    floor_miou: float = Field(0.3, ge=0.0, le=1.0)  # every domain, when there is no champion yet
+
+
+class RegistrySettings(_Strict):
+    model_name: str = Field("segloop", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    gate: GateSettings = GateSettings()
 
 
 class Settings(_Strict):
@@ -175,6 +196,8 @@ class Settings(_Strict):
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
     continual: ContinualSettings = ContinualSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    registry: RegistrySettings = RegistrySettings()
 
     @property
     def num_classes(self) -> int:

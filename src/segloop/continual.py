@@ -18,8 +18,9 @@ from torch import nn
 
 from segloop.checkpoint import load_model
 from segloop.config import Settings
-from segloop.data.dataset import IGNORE_INDEX, dataset_fingerprint
+from segloop.data.dataset import IGNORE_INDEX
 from segloop.inference import pick_device
+from segloop.tracking import dir_md5
 from segloop.train import TrainResult, train
 
 
@@ -49,7 +50,7 @@ def _update_settings(settings: Settings) -> Settings:
 
 
 def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | None, seen: Sequence[Path],
-         replay: Path | None, log, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
+         replay: Path | None, log, hooks: dict, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
     if use_replay and replay is None:
         raise ValueError(f"strategy {settings.continual.strategy!r} needs a replay buffer (--replay DIR)")
     c = settings.continual
@@ -61,13 +62,13 @@ def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | Non
     meta = {
         "strategy": c.strategy,
         "update_parent": str(parent),
-        "data_md5": {str(d): dataset_fingerprint(d) for d in ([*seen, new] if joint else [new])},
-        **({"replay_md5": dataset_fingerprint(replay)} if use_replay else {}),
+        "data_md5": {str(d): dir_md5(d) for d in ([*seen, new] if joint else [new])},
+        **({"replay_md5": dir_md5(replay)} if use_replay else {}),
     }
     return train(
         settings if joint else _update_settings(settings), data, out, val, init=None if joint else parent, log=log,
         replay_dir=replay if use_replay else None, replay_ratio=c.replay.ratio, extra_loss=extra,
-        freeze_encoder=freeze, meta=meta,
+        freeze_encoder=freeze, meta=meta, **hooks,
     )
 
 
@@ -85,13 +86,15 @@ def update(
     settings: Settings, parent: Path, new: Path, out: Path, val: Path | None = None,
     seen: Sequence[Path] = (), replay: Path | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
+    **hooks,
 ) -> TrainResult:
     """Update `parent` with the batch `new` using `continual.strategy`.
 
     `seen`: training folders of earlier batches (used by `joint` only);
-    `replay`: the replay buffer folder (used by the replay strategies).
+    `replay`: the replay buffer folder (used by the replay strategies);
+    `hooks`: passed to `train` (`on_epoch`, `init_label`).
     """
-    return _run(settings, parent, new, out, val, seen, replay, log, **STRATEGIES[settings.continual.strategy])
+    return _run(settings, parent, new, out, val, seen, replay, log, hooks, **STRATEGIES[settings.continual.strategy])
 
 
 def continual_metrics(r: np.ndarray, baseline: np.ndarray | None = None) -> dict:

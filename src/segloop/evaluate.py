@@ -45,8 +45,11 @@ def confusion_over(
     return cm
 
 
-def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings) -> dict:
-    """Write metrics.json, confusion.png and overlays for `model_path` on `data_dir`."""
+def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings, label: str | None = None) -> dict:
+    """Write metrics.json, confusion.png and overlays for `model_path` on `data_dir`.
+
+    `label` names the model in metrics.json (e.g. the `models:/` ref it was resolved from).
+    """
     ckpt = load_checkpoint(model_path)
     model, settings = model_from_checkpoint(ckpt, str(model_path))
     device = pick_device()
@@ -61,7 +64,7 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings)
     samples = list_samples(data_dir)
     cm = confusion_over(model, samples, ckpt["channels"], len(classes), cfg, device, progress=True, on_image=overlay)
     metrics = summarize(cm, classes, len(samples))
-    metrics["model"] = str(model_path)
+    metrics["model"] = label or str(model_path)
     metrics["data"] = str(data_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     np.savetxt(out_dir / "confusion.csv", cm.numpy(), fmt="%d", delimiter=",", header=",".join(classes))

@@ -121,6 +121,8 @@ def train(
     extra_loss: ExtraLoss | None = None,
     freeze_encoder: bool = False,
     meta: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    init_label: str | None = None,
 ) -> TrainResult:
     """Train on `data_dir` (several folders are concatenated), validate on `val_dir`
     (the first training folder when None), write `out_dir`.
@@ -130,6 +132,9 @@ def train(
     loss (distillation); `freeze_encoder` trains decoder and head only, the encoder
     (BatchNorm statistics included) stays bit-identical. `meta` is stored in the
     checkpoints (strategy, data hashes...).
+    `on_epoch(record)` sees each epoch's record as it ends (MLflow logs them live).
+    `init_label` names the parent in the checkpoint when `init` is a downloaded copy
+    (e.g. `models:/segloop/3` rather than a temporary path).
     """
     cfg, started = settings.train, time.monotonic()
     device = pick_device()
@@ -149,6 +154,8 @@ def train(
     parent = init_from(model, init, settings) if init else None
     if freeze_encoder:
         model.encoder.requires_grad_(False)
+    if parent and init_label:
+        parent = init_label
     model.to(device, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.preserve_format)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -220,6 +227,8 @@ def train(
             "seconds": round(time.monotonic() - started, 1),
         }
         state["history"].append(record)
+        if on_epoch is not None:
+            on_epoch(record)
         improved = val_miou > state["best_miou"]
         if improved:
             state["best_miou"], state["bad_epochs"] = val_miou, 0

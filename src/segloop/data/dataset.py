@@ -128,12 +128,3 @@ class SegmentationDataset(Dataset):
             image, mask = self.transform(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
-
-def dataset_fingerprint(root: Path) -> str:
-    """md5 over the (relative path, content md5) of every file: changes iff the data changes."""
-    import hashlib
-
-    digest = hashlib.md5()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(root).as_posix()}:{hashlib.md5(path.read_bytes()).hexdigest()}\n".encode())
-    return digest.hexdigest()

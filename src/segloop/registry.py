@@ -1,0 +1,471 @@
+"""Model registry: register trained models, resolve `models:/` refs, gate promotions,
+move aliases with an auditable history, roll back.
+
+A registered version is a real MLflow PyTorch model (torch.export "pt2" format, with
+signature and input example) that also carries the segloop checkpoint it came from
+(`extra_files/best.pt`, loadable with `weights_only=True`) and its settings, so
+`models:/<name>@champion` resolves to a local checkpoint that every segloop command
+already reads.
+
+MLflow keeps only the current alias -> version map. Every alias change made here is
+also written down: tags on the versions involved and one immutable JSON file per change
+in the artifacts of a per-model history run. `champion` moves only after the promotion
+decision and its evidence are logged; if the history cannot be written the alias is
+put back. Nothing here trains models or imports Prefect.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from segloop.checkpoint import load_checkpoint, model_from_checkpoint
+from segloop.config import GateSettings, Settings
+from segloop.tracking import (
+    Store, TrackedRun, dir_md5, ensure_experiment, open_store, resolve_store,
+)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+CHECKPOINT_FILE = "best.pt"  # the segloop checkpoint, inside the logged model's extra_files/
+MODEL_ARTIFACT = "model"
+HISTORY_FOLDER = "alias_history"
+DECISION_FILE = "promotion_decision.json"
+_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
+
+
+def is_model_ref(text: str | Path) -> bool:
+    return str(text).startswith("models:/")
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` -> (name, alias, None); `models:/name/3` -> (name, None, "3")."""
+    m = _REF.match(ref)
+    if not m:
+        raise ValueError(f"{ref}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return m["name"], m["alias"], m["version"]
+
+
+def registry_client(settings: Settings) -> tuple[Any, Store]:
+    """A client on the configured store (also when tracking.enabled is false: refs need it)."""
+    store = resolve_store(settings.tracking)
+    return open_store(store, settings.tracking.connect_timeout_s), store
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- logging a model
+
+def _pip_requirements() -> list[str]:
+    # Explicit pins: MLflow's inference of requirements re-imports the model in a subprocess
+    # (slow here) and can guess wrong for a CUDA torch build.
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "segmentation-models-pytorch", "numpy", "timm")]
+
+
+def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: Mapping[str, Any] = {}) -> str:
+    """Log `checkpoint` as an MLflow PyTorch model in `run`, register it; return the version.
+
+    Input: images (N, C, H, W) float32 in [0, 1], H and W multiples of 32;
+    output: logits (N, K, H, W) float32.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    ckpt = load_checkpoint(checkpoint)
+    model, settings = model_from_checkpoint(ckpt, str(checkpoint))
+    channels, classes = ckpt["channels"], list(ckpt["classes"])
+    size = settings.data.crop_size
+    # Batch 2: torch.export specializes size-1 dims, and the batch dim must stay dynamic.
+    example = np.random.default_rng(0).random((2, channels, size, size), dtype=np.float32)
+    # Unnamed specs: a named tensor makes MLflow's serving example a dict, which the
+    # PyTorch pyfunc rejects; unnamed, `mlflow.models.predict` accepts the example as is.
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes), -1, -1))]),
+    )
+    mlflow.set_tracking_uri(run.store.uri)
+    mlflow.set_registry_uri(run.store.uri)
+    # log_model only attaches to the fluent active run; resume ours for the call.
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run.run_id):
+        settings_file = Path(tmp) / "settings.yaml"
+        settings_file.write_text(json.dumps(ckpt["settings"], indent=1))  # JSON is valid YAML
+        info = mlflow.pytorch.log_model(
+            pytorch_model=model,
+            name=MODEL_ARTIFACT,
+            # pt2 (torch.export): loading runs no pickled code; H, W and N stay dynamic.
+            serialization_format="pt2",
+            signature=signature,
+            input_example=example,
+            extra_files=[str(checkpoint), str(settings_file)],
+            pip_requirements=_pip_requirements(),
+            metadata={"segloop_checkpoint": f"extra_files/{CHECKPOINT_FILE}", "classes": classes,
+                      "channels": channels, "input": "images (N, C, H, W) float32 in [0, 1], H and W multiples of 32"},
+            registered_model_name=model_name,
+        )
+    version = str(info.registered_model_version)
+    # The version carries what its run recorded (data md5s, git commit, parent, strategy...)
+    # so the registry page alone answers "which data, which parent, which code".
+    run_tags = run.client.get_run(run.run_id).data.tags
+    tags = {k: v for k, v in run_tags.items() if k.startswith("segloop.") and k != "segloop.command"}
+    tags |= {"segloop.run_id": run.run_id, "segloop.classes": json.dumps(classes), "segloop.channels": channels,
+            "segloop.val_miou": ckpt.get("val_miou"), **version_tags}
+    for k, v in tags.items():
+        if v is not None:
+            run.client.set_model_version_tag(model_name, version, k, str(v))
+    return version
+
+
+def log_training(run: TrackedRun, result, out_dir: Path, model_name: str) -> str:
+    """Final metrics, files and the registered model of one finished `train` call."""
+    run.log_metrics({f"train.{k}": v for k, v in asdict(result).items() if isinstance(v, (int, float))})
+    best = load_checkpoint(out_dir / CHECKPOINT_FILE)
+    # per-class validation IoU of the kept (best) epoch; NaN = class absent, not logged
+    run.log_metrics({f"val_iou.{c}": v for c, v in zip(best["classes"], best.get("val_per_class_iou", [])) if v == v})
+    run.set_tags({"segloop.stopped": result.stopped})
+    for name in ("settings.yaml", "history.json", "train_metrics.json"):
+        run.log_file(out_dir / name)
+    return log_model(run, out_dir / CHECKPOINT_FILE, model_name)
+
+
+# ---------------------------------------------------------------- resolving refs
+
+def get_version(client, ref: str):
+    name, alias, version = parse_ref(ref)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException:
+        raise ValueError(f"{ref}: no such registered model version") from None
+
+
+def download_checkpoint(client, store: Store, mv) -> Path:
+    """The segloop checkpoint of model version `mv`, as a local file.
+
+    A registered version's files never change, so copies are cached per store and version
+    in the temp folder instead of piling up one download per command.
+    """
+    import hashlib
+    import os
+
+    import mlflow
+
+    # The key includes what a recreated store would not repeat (run id, source, creation time),
+    # so a fresh store's "version 1" never resolves to an old store's cached file.
+    identity = f"{store.uri}|{mv.name}|{mv.version}|{mv.run_id}|{mv.source}|{mv.creation_timestamp}"
+    key = hashlib.md5(identity.encode()).hexdigest()[:16]
+    cached = Path(tempfile.gettempdir()) / f"segloop-models-{getpass.getuser()}" / key / CHECKPOINT_FILE
+    if cached.is_file():
+        return cached
+    # MLflow 3 versions point at a LoggedModel; the sqlite store fills `source`
+    # (models:/m-<id>) but may leave `model_id` empty.
+    model_id = mv.model_id or (mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None)
+    location = client.get_logged_model(model_id).artifact_location if model_id else mv.source
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location}/extra_files/{CHECKPOINT_FILE}", dst_path=tmp, tracking_uri=store.uri,
+        )
+        load_checkpoint(path)  # a torn or foreign file must not enter the cache
+        os.replace(path, cached)
+    return cached
+
+
+def resolve_model(ref: str | Path, settings: Settings) -> tuple[Path, str, Any]:
+    """(local checkpoint path, label, model version or None) for a path or a `models:/` ref."""
+    if not is_model_ref(ref):
+        return Path(ref), str(ref), None
+    client, store = registry_client(settings)
+    mv = get_version(client, str(ref))
+    return download_checkpoint(client, store, mv), f"{ref} (version {mv.version})", mv
+
+
+# ---------------------------------------------------------------- alias history
+
+def _history_run(client, settings: Settings, store: Store, name: str, create: bool = True) -> str | None:
+    """The run whose artifacts hold `name`'s alias history (created on first write)."""
+    exp_id = ensure_experiment(client, store, settings.tracking.experiment)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`segloop.kind` = 'alias_history' and tags.`segloop.model_name` = '{name}'",
+        order_by=["attributes.start_time ASC"], max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    if not create:
+        return None
+    run = client.create_run(exp_id, run_name=f"alias-history:{name}",
+                            tags={"segloop.kind": "alias_history", "segloop.model_name": name})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def move_alias(
+    settings: Settings, alias: str, version: str, kind: str, reason: str, decision: str | None = None,
+) -> dict:
+    """Point `alias` at `version` and record the change (time, from -> to, kind, reason, decision).
+
+    kind: "gate" | "manual" | "rollback". Returns the history entry.
+    """
+    client, store = registry_client(settings)
+    name = settings.registry.model_name
+    get_version(client, f"models:/{name}/{version}")  # a ValueError naming the ref if absent
+    previous = _alias_version(client, name, alias)
+    entry = {"time": _now(), "model": name, "alias": alias, "from": previous, "to": str(version),
+             "kind": kind, "reason": reason, "decision": decision, "user": getpass.getuser()}
+    client.set_registered_model_alias(name, alias, str(version))
+    try:
+        run_id = _history_run(client, settings, store, name)
+        with tempfile.TemporaryDirectory() as tmp:
+            # One immutable file per change (never rewritten): the log is append-only.
+            stamp = f"{time.time_ns():020d}"
+            path = Path(tmp) / f"{stamp}-{alias}-v{version}.json"
+            path.write_text(json.dumps(entry, indent=1))
+            client.log_artifact(run_id, str(path), HISTORY_FOLDER)
+        prefix = f"segloop.{alias}"
+        for k, v in {"since": entry["time"], "kind": kind, "reason": reason, "decision": decision, "replaced": previous}.items():
+            client.set_model_version_tag(name, str(version), f"{prefix}.{k}", "" if v is None else str(v))
+        if previous and previous != str(version):
+            client.set_model_version_tag(name, previous, f"{prefix}.until", entry["time"])
+    except BaseException:
+        # An alias change without a record is worse than no change: put it back.
+        if previous:
+            client.set_registered_model_alias(name, alias, previous)
+        else:
+            client.delete_registered_model_alias(name, alias)
+        raise
+    return entry
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def history(settings: Settings) -> list[dict]:
+    """Every recorded alias change of registry.model_name, oldest first."""
+    client, store = registry_client(settings)
+    import mlflow
+
+    run_id = _history_run(client, settings, store, settings.registry.model_name, create=False)
+    files = sorted(a.path for a in client.list_artifacts(run_id, HISTORY_FOLDER)) if run_id else []
+    if not files:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=HISTORY_FOLDER,
+                                                         dst_path=tmp, tracking_uri=store.uri))
+        return [json.loads((local / Path(f).name).read_text()) for f in files]
+
+
+def rollback(settings: Settings, reason: str | None = None) -> dict:
+    """Move `champion` back to the version it replaced when it was last promoted."""
+    client, _ = registry_client(settings)
+    current = _alias_version(client, settings.registry.model_name, CHAMPION)
+    if current is None:
+        raise ValueError(f"{settings.registry.model_name}: no champion to roll back")
+    # Replay the history as a stack of champions: a promotion (gate or manual) pushes,
+    # a rollback pops. So repeated rollbacks walk back through earlier champions and
+    # never ping-pong between the last two.
+    stack: list[str] = []
+    for e in history(settings):
+        if e["alias"] != CHAMPION:
+            continue
+        if e["kind"] == "rollback":
+            if stack:
+                stack.pop()
+        else:
+            if not stack and e["from"]:
+                stack.append(e["from"])
+            stack.append(e["to"])
+    if not stack or stack[-1] != current:  # alias moved outside segloop: start from what is there
+        stack.append(current)
+    previous = stack[-2] if len(stack) >= 2 else None
+    if previous is None:
+        raise ValueError(f"{settings.registry.model_name}: no champion before v{current} in the alias history; nothing to roll back to")
+    return move_alias(settings, CHAMPION, previous, "rollback", reason or f"rollback: v{current} -> v{previous}")
+
+
+def list_versions(settings: Settings) -> list[dict]:
+    """One row per registered version: aliases, domain metrics, parent, created."""
+    from mlflow.exceptions import MlflowException
+
+    client, _ = registry_client(settings)
+    name = settings.registry.model_name
+    rows = []
+    # search results leave `aliases` empty; the registered model has the alias map.
+    aliases: dict[str, list[str]] = {}
+    try:
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+    except MlflowException:
+        return []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        tags = dict(mv.tags or {})
+        rows.append({
+            "version": int(mv.version),
+            "aliases": sorted(aliases.get(str(mv.version), [])),
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
+            "domain": tags.get("segloop.domain"),
+            "val_miou": float(tags["segloop.val_miou"]) if tags.get("segloop.val_miou") else None,
+            "miou": {k.removeprefix("segloop.miou."): float(v) for k, v in sorted(tags.items()) if k.startswith("segloop.miou.")},
+            "parent": tags.get("segloop.parent_version") or tags.get("segloop.parent"),
+            "strategy": tags.get("segloop.strategy"),
+            "run_id": mv.run_id,
+        })
+    return sorted(rows, key=lambda r: r["version"])
+
+
+# ---------------------------------------------------------------- promotion gate
+
+@dataclass
+class Check:
+    """One explicit rule applied to one domain's mIoU."""
+
+    domain: str
+    rule: str  # "min_gain" | "max_forgetting" | "floor_miou"
+    candidate: float
+    champion: float | None
+    threshold: float  # the candidate's mIoU must be >= this
+    setting: float
+    passed: bool
+
+    def reason(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        if self.rule == "floor_miou":
+            return (f"{verdict} {self.domain} mIoU {self.candidate:.4f} {'>=' if self.passed else '<'} floor {self.threshold:.4f} "
+                    f"(registry.gate.floor_miou, no champion yet)")
+        delta = self.candidate - self.champion
+        what = "target domain must gain" if self.rule == "min_gain" else "old domain may lose at most"
+        return (f"{verdict} {self.domain} mIoU {self.candidate:.4f} vs champion {self.champion:.4f} "
+                f"({delta:+.4f}); {what} {self.setting:.4f} (registry.gate.{self.rule}): "
+                f"needs >= {self.threshold:.4f}")
+
+
+def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None, target: str, cfg: GateSettings) -> dict:
+    """Promote or not, from per-domain mIoU of candidate and champion (None: no champion yet).
+
+    With a champion: target mIoU >= champion + min_gain, and every other domain
+    >= champion - max_forgetting. Without: every domain >= floor_miou. Each rule becomes
+    an absolute MetricThreshold checked by mlflow.validate_evaluation_results; the
+    reasons list every threshold, passed or failed.
+    """
+    import mlflow
+    from mlflow.models import MetricThreshold
+    from mlflow.models.evaluation import EvaluationResult
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    if target not in candidate:
+        raise ValueError(f"target domain {target!r} not among the evaluated domains {sorted(candidate)}")
+    checks = []
+    for domain, value in candidate.items():
+        if champion is None:
+            checks.append(Check(domain, "floor_miou", value, None, cfg.floor_miou, cfg.floor_miou, value >= cfg.floor_miou))
+            continue
+        if domain == target:
+            rule, setting, threshold = "min_gain", cfg.min_gain, champion[domain] + cfg.min_gain
+        else:
+            rule, setting, threshold = "max_forgetting", cfg.max_forgetting, champion[domain] - cfg.max_forgetting
+        checks.append(Check(domain, rule, value, champion[domain], threshold, setting, value >= threshold))
+    thresholds = {f"{c.domain}/miou": MetricThreshold(threshold=float(c.threshold), greater_is_better=True) for c in checks}
+    try:
+        mlflow.validate_evaluation_results(thresholds, EvaluationResult({f"{d}/miou": float(v) for d, v in candidate.items()}, {}))
+        mlflow_passed, mlflow_message = True, "passed"
+    except ModelValidationFailedException as err:
+        mlflow_passed, mlflow_message = False, err.message
+    promoted = all(c.passed for c in checks)
+    if promoted != mlflow_passed:  # same thresholds, same comparison: a mismatch is a bug here
+        raise RuntimeError(f"gate checks disagree with mlflow.validate_evaluation_results: {mlflow_message}")
+    table = {d: {"candidate": candidate[d], "champion": None if champion is None else champion[d],
+                 "delta": None if champion is None else candidate[d] - champion[d],
+                 "role": "target" if d == target else "old"} for d in candidate}
+    return {
+        "promoted": promoted,
+        "reasons": [c.reason() for c in checks],
+        "metrics": table,
+        "checks": [asdict(c) for c in checks],
+        "mlflow_validation": mlflow_message,
+        "rules": cfg.model_dump(),
+    }
+
+
+def gate(
+    settings: Settings, candidate_version: str, data: Mapping[str, Path], target: str, out_dir: Path,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Evaluate candidate and champion on the same held-out sets, decide, log, then promote.
+
+    Writes `out_dir/promotion_decision.json` and per-model, per-domain reports; logs them
+    to the candidate's run; moves `champion` only after all of that is logged.
+    """
+    from segloop.evaluate import evaluate
+
+    client, store = registry_client(settings)
+    name = settings.registry.model_name
+    if target not in data:
+        raise ValueError(f"--target {target}: not among --data domains {sorted(data)}")
+    candidate = get_version(client, f"models:/{name}/{candidate_version}")
+    champion_version = _alias_version(client, name, CHAMPION)
+    if champion_version == str(candidate.version):
+        raise ValueError(f"{name} v{candidate.version} is already the champion")
+    models = {"candidate": candidate}
+    if champion_version:
+        models["champion"] = client.get_model_version(name, champion_version)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, dict[str, float]] = {}
+    for role, mv in models.items():
+        path = download_checkpoint(client, store, mv)
+        scores[role] = {}
+        for domain, folder in data.items():
+            m = evaluate(path, Path(folder), out_dir / role / domain, settings.eval, label=f"models:/{name}/{mv.version}")
+            scores[role][domain] = m["miou"]
+            log(f"{role} v{mv.version} {domain}: mIoU {m['miou']:.4f}")
+    decision = decide(scores["candidate"], scores.get("champion"), target, settings.registry.gate)
+    decision = {
+        "promoted": decision["promoted"],
+        "reasons": decision["reasons"],
+        "metrics": decision["metrics"],
+        "model": name, "candidate_version": str(candidate.version), "champion_version": champion_version,
+        "target": target, "time": _now(),
+        "data": {d: {"path": str(p), "md5": dir_md5(Path(p))} for d, p in data.items()},
+        **{k: v for k, v in decision.items() if k not in ("promoted", "reasons", "metrics")},
+    }
+    decision_path = out_dir / DECISION_FILE
+    decision_path.write_text(json.dumps(decision, indent=1))
+
+    # Evidence first: the decision, the reports and the metrics go to the candidate's run.
+    # Microseconds: two gates within a second must never share (and overwrite) a folder.
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    folder = f"gate/{stamp}-vs-{'v' + champion_version if champion_version else 'none'}"
+    run_id = candidate.run_id
+    client.log_artifacts(run_id, str(out_dir), folder)
+    run = TrackedRun(client, run_id, store, "")
+    run.log_metrics({f"gate.{role}.{d}.miou": v for role, s in scores.items() for d, v in s.items()})
+    decision_uri = f"{client.get_run(run_id).info.artifact_uri}/{folder}/{DECISION_FILE}"
+    for role, mv in models.items():
+        for d, v in scores[role].items():
+            client.set_model_version_tag(name, mv.version, f"segloop.miou.{d}", f"{v:.5f}")
+    client.set_model_version_tag(name, candidate.version, "segloop.gate.promoted", str(decision["promoted"]).lower())
+    client.set_model_version_tag(name, candidate.version, "segloop.gate.decision", decision_uri)
+    if decision["promoted"]:
+        if _alias_version(client, name, CHAMPION) != champion_version:  # another gate or a person moved it
+            raise ValueError(f"{name}: champion changed while v{candidate.version} was being gated "
+                             f"(was {champion_version}); decision logged, nothing promoted; gate again")
+        summary = "; ".join(r for r in decision["reasons"])
+        move_alias(settings, CHAMPION, str(candidate.version), "gate", f"gate passed: {summary}", decision_uri)
+    decision["decision_uri"] = decision_uri
+    return decision

@@ -1,0 +1,289 @@
+"""Registry tests: logged + registered models, `models:/` refs, the promotion gate,
+alias history, manual promotion and rollback. Real MLflow on a temporary sqlite store,
+tiny models trained through the real `segloop train` command."""
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from segloop import registry
+from segloop.checkpoint import load_checkpoint, model_from_checkpoint
+from segloop.cli import main
+from segloop.config import GateSettings, settings_from_dict
+from segloop.data.synthetic import generate
+from segloop.evaluate import predict_folder
+from segloop.tracking import dir_md5, open_store, resolve_store
+
+NAME = "tiny"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread avoids spinning threads
+    fighting other processes (several times less CPU here); the code under test is unchanged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, base_data):
+    """A temp store holding two versions: v1 trained 3 epochs on base, v2 barely trained (lr 1e-9)."""
+    from conftest import ROOT, TINY, _merge
+
+    root = tmp_path_factory.mktemp("registry")
+    # downloaded checkpoints are cached under the temp folder: keep this module's in root
+    patch = pytest.MonkeyPatch()
+    (root / "tmp").mkdir()
+    patch.setattr(tempfile, "tempdir", str(root / "tmp"))
+    raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{root}/store/mlflow.db", "experiment": "test"}
+    raw["registry"] = {"model_name": NAME}
+    raw["train"]["epochs"] = 3
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    fog = root / "fog"
+    generate(fog, "fog", n=8, seed=1, size=(72, 80))
+    small = root / "small"
+    generate(small, "base", n=8, seed=2, size=(64, 64))
+    for out, extra in (("strong", []), ("weak", ["--set", "train.epochs=1", "--set", "train.lr=1e-9"])):
+        data = base_data if out == "strong" else small
+        assert main(["train", "--params", str(params), "--data", str(data), "--val", str(small),
+                     "--out", str(root / out), "--domain", "base", *extra]) == 0
+    settings = settings_from_dict(raw)
+    client = open_store(resolve_store(settings.tracking))
+    # held-out sets for the gate: 8 images each (the validation set stands in for base's test set)
+    yield {"root": root, "params": params, "settings": settings, "client": client, "base": base_data, "fog": fog,
+           "held_out": {"base": small, "fog": fog}}
+    patch.undo()
+
+
+def segloop(store, *args) -> int:
+    """Run a segloop sub-command (`models list` counts as two words) on the test store."""
+    n = 2 if args[0] == "models" else 1
+    return main([*args[:n], "--params", str(store["params"]), *args[n:]])
+
+
+@pytest.mark.slow
+def test_train_run_records_params_epochs_tags_artifacts_and_model(store):
+    client, root = store["client"], store["root"]
+    mv = client.get_model_version(NAME, "1")
+    run = client.get_run(mv.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "3" and run.data.params["data.classes"] == json.dumps(store["settings"].data.classes)
+    for key in ("loss", "val_miou", "lr", "img_per_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
+    tags = run.data.tags
+    assert tags["segloop.data.train.md5"] == dir_md5(store["base"]) and tags["segloop.data.val.md5"].endswith(".dir")
+    assert tags["segloop.version"] and tags["segloop.strategy"] == "scratch" and tags["segloop.domain"] == "base"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert tags["segloop.git_commit"] == head.stdout.strip()
+    assert run.data.metrics["train.best_miou"] > 0 and "train.images_per_s" in run.data.metrics
+    assert {f"val_iou.{c}" for c in store["settings"].data.classes} & set(run.data.metrics)
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"settings.yaml", "history.json", "train_metrics.json"} <= files
+    # the version carries the run's provenance too
+    assert mv.tags["segloop.data.train.md5"] == tags["segloop.data.train.md5"] and mv.tags["segloop.run_id"] == run.info.run_id
+    assert json.loads(mv.tags["segloop.classes"]) == list(store["settings"].data.classes)
+
+    # A real MLflow model (pt2): loads without segloop and matches the checkpoint's logits,
+    # at a size other than the input example's.
+    import mlflow
+
+    mlflow.set_tracking_uri(store["settings"].tracking.uri)
+    mlflow.set_registry_uri(store["settings"].tracking.uri)
+    exported = mlflow.pytorch.load_model(f"models:/{NAME}/1")
+    eager, _ = model_from_checkpoint(load_checkpoint(root / "strong" / "best.pt"))
+    x = torch.rand(3, 3, 96, 128)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), eager(x), atol=1e-4)
+    assert mlflow.models.get_model_info(f"models:/{NAME}/1").signature.inputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, 3, -1, -1], (-1, 3, -1, -1))
+
+
+@pytest.mark.slow
+def test_model_refs_work_like_the_checkpoint_path(store, tmp_path, capsys):
+    root = store["root"]
+    assert segloop(store, "models", "promote", "1", "--alias", "challenger", "--reason", "test ref") == 0
+    outs = {}
+    for ref in (str(root / "strong" / "best.pt"), f"models:/{NAME}/1", f"models:/{NAME}@challenger"):
+        out = tmp_path / str(len(outs))
+        assert segloop(store, "evaluate", "--model", ref, "--data", str(store["fog"]), "--out", str(out), "--domain", "fog") == 0
+        outs[ref] = json.loads((out / "metrics.json").read_text())
+    first, *others = outs.values()
+    for m in others:
+        assert {k: v for k, v in m.items() if k != "model"} == {k: v for k, v in first.items() if k != "model"}
+    assert outs[f"models:/{NAME}@challenger"]["model"] == f"models:/{NAME}@challenger (version 1)"
+
+    # predict too; and the evaluate runs were tracked with per-domain metrics
+    assert segloop(store, "predict", "--model", f"models:/{NAME}@challenger", "--input", str(store["fog"]), "--out", str(tmp_path / "p")) == 0
+    predict_folder(root / "strong" / "best.pt", store["fog"], tmp_path / "q", store["settings"].eval)
+    for f in sorted((tmp_path / "q").iterdir()):
+        assert f.read_bytes() == (tmp_path / "p" / f.name).read_bytes()
+    client = store["client"]
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id], "tags.`segloop.command` = 'evaluate'")
+    assert len(runs) == 3 and all(r.data.metrics["fog.miou"] == pytest.approx(first["miou"]) for r in runs)
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"metrics.json", "confusion.png"}
+
+    assert segloop(store, "evaluate", "--model", f"models:/{NAME}@nosuch", "--data", str(store["fog"]), "--out", str(tmp_path / "x")) == 2
+    assert f"models:/{NAME}@nosuch: no such registered model version" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_transfer_from_a_registered_model_records_its_parent(store, tmp_path):
+    client = store["client"]
+    out = tmp_path / "child"
+    assert segloop(store, "train", "--init", f"models:/{NAME}/1", "--data", str(store["fog"]), "--out", str(out),
+                   "--domain", "fog", "--set", "train.epochs=1", "--set", "train.batch_size=4") == 0
+    assert load_checkpoint(out / "best.pt")["parent"] == f"models:/{NAME}/1 (version 1)"
+    child = max(client.search_model_versions(f"name = '{NAME}'"), key=lambda mv: int(mv.version))
+    assert child.tags["segloop.parent_version"] == "1" and child.tags["segloop.strategy"] == "transfer"
+    assert child.tags["segloop.domain"] == "fog" and child.tags["segloop.data.train.md5"] == dir_md5(store["fog"])
+    assert client.get_run(child.run_id).data.tags["segloop.parent"] == f"models:/{NAME}/1"
+
+
+def _gate(store, version, out, *sets, target="base", data=("base",)):
+    args = ["gate", "--candidate", version, "--target", target, "--out", str(out)]
+    for d in data:
+        args += ["--data", f"{d}={store['held_out'][d]}"]
+    for s in sets:
+        args += ["--set", s]
+    assert segloop(store, *args) == 0
+    return json.loads((out / "promotion_decision.json").read_text())
+
+
+def _champion(store):
+    return registry._alias_version(store["client"], NAME, registry.CHAMPION)
+
+
+@pytest.mark.slow
+def test_gate_history_manual_promotion_and_rollback(store, tmp_path, capsys):
+    client, settings = store["client"], store["settings"]
+
+    # 1. no champion: absolute floors decide
+    d = _gate(store, "2", tmp_path / "g0", "registry.gate.floor_miou=1.0")
+    assert d["promoted"] is False and d["champion_version"] is None and _champion(store) is None
+    assert d["reasons"][0].startswith("FAIL base mIoU") and "floor 1.0000" in d["reasons"][0]
+    d = _gate(store, "2", tmp_path / "g1", "registry.gate.floor_miou=0.0")
+    assert d["promoted"] is True and _champion(store) == "2"
+
+    # 2. a candidate that is better on the target domain, forgetting nothing, is promoted
+    d = _gate(store, "1", tmp_path / "g2", data=("base",))
+    base = d["metrics"]["base"]
+    assert base["candidate"] >= base["champion"] + GateSettings().min_gain, "v1 (trained) should beat v2 (untrained)"
+    assert d["promoted"] is True and _champion(store) == "1"
+    assert any("base mIoU" in r and "registry.gate.min_gain" in r for r in d["reasons"])
+    logged = client.list_artifacts(client.get_model_version(NAME, "1").run_id, "gate")
+    assert logged, "decision logged to the candidate's run"
+
+    # 3. a candidate that forgets an old domain is refused; the champion stays
+    d = _gate(store, "2", tmp_path / "g3", "registry.gate.min_gain=0.0", target="fog", data=("base", "fog"))
+    assert d["promoted"] is False and _champion(store) == "1"
+    forgot = [r for r in d["reasons"] if r.startswith("FAIL base")]
+    assert forgot and "registry.gate.max_forgetting" in forgot[0] and f"{d['metrics']['base']['candidate']:.4f}" in forgot[0]
+    assert client.get_model_version(NAME, "2").tags["segloop.gate.promoted"] == "false"
+    run_files = client.list_artifacts(client.get_model_version(NAME, "2").run_id, "gate")
+    assert len(run_files) == 3  # g0, g1, g3: every decision, promoted or not, is on the candidate's run
+
+    # 4. manual override, then rollbacks walk back through the champions
+    assert segloop(store, "models", "promote", "2", "--reason", "ops override for a test") == 0
+    assert _champion(store) == "2"
+    assert segloop(store, "models", "rollback") == 0 and _champion(store) == "1"
+    assert segloop(store, "models", "rollback", "--reason", "back to the first") == 0 and _champion(store) == "2"
+    capsys.readouterr()
+    assert segloop(store, "models", "rollback") == 2
+    assert "nothing to roll back to" in capsys.readouterr().err
+
+    # 5. every champion change is in the history, with kind, reason and decision file
+    champion_moves = [e for e in registry.history(settings) if e["alias"] == "champion"]
+    assert [(e["from"], e["to"], e["kind"]) for e in champion_moves] == [
+        (None, "2", "gate"), ("2", "1", "gate"), ("1", "2", "manual"), ("2", "1", "rollback"), ("1", "2", "rollback")]
+    assert champion_moves[2]["reason"] == "ops override for a test" and champion_moves[4]["reason"] == "back to the first"
+    assert champion_moves[1]["decision"].endswith("promotion_decision.json")
+    assert json.loads(Path(champion_moves[1]["decision"]).read_text())["candidate_version"] == "1"
+    v2 = client.get_model_version(NAME, "2").tags
+    assert v2["segloop.champion.kind"] == "rollback" and v2["segloop.champion.replaced"] == "1"
+
+    assert segloop(store, "models", "history") == 0
+    assert "champion: v1 -> v2  [manual] ops override for a test" in capsys.readouterr().out
+    assert segloop(store, "models", "list", "--json") == 0
+    rows = {r["version"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[2]["aliases"] == ["champion"] and "champion" not in rows[1]["aliases"]
+    assert set(rows[2]["miou"]) == {"base", "fog"} and rows[1]["domain"] == "base" and rows[1]["val_miou"] > 0
+
+
+@pytest.mark.slow
+def test_alias_is_put_back_when_its_history_cannot_be_written(store, monkeypatch):
+    from mlflow import MlflowClient
+
+    before = registry._alias_version(store["client"], NAME, "staging")
+    n = len(registry.history(store["settings"]))
+
+    def broken(*args, **kwargs):
+        raise OSError("artifact store full")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", broken)
+    with pytest.raises(OSError, match="artifact store full"):
+        registry.move_alias(store["settings"], "staging", "1", "manual", "test")
+    monkeypatch.undo()
+    assert registry._alias_version(store["client"], NAME, "staging") == before is None
+    assert len(registry.history(store["settings"])) == n
+
+
+@pytest.mark.slow
+def test_gate_moves_no_alias_when_the_decision_cannot_be_logged(store, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    champion = _champion(store)
+
+    def broken(*args, **kwargs):
+        raise OSError("artifact store unreachable")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", broken)
+    candidate = "1" if champion != "1" else "2"
+    with pytest.raises(OSError, match="artifact store unreachable"):
+        registry.gate(store["settings"].model_copy(update={"registry": store["settings"].registry.model_copy(
+            update={"gate": GateSettings(min_gain=0.0, max_forgetting=1.0, floor_miou=0.0)})}),
+            candidate, {"fog": store["fog"]}, "fog", tmp_path / "g", log=lambda _: None)
+    assert _champion(store) == champion
+    assert (tmp_path / "g" / "promotion_decision.json").is_file()  # written locally, never acted on
+
+
+# ---------------------------------------------------------------- the rules alone
+
+@pytest.mark.parametrize("cand, champ, promoted, failing", [
+    ({"new": 0.60, "old": 0.70}, {"new": 0.50, "old": 0.71}, True, []),
+    ({"new": 0.505, "old": 0.70}, {"new": 0.50, "old": 0.70}, False, ["new"]),  # gain 0.005 < 0.01
+    ({"new": 0.60, "old": 0.68}, {"new": 0.50, "old": 0.71}, False, ["old"]),  # lost 0.03 > 0.02
+    ({"new": 0.40, "old": 0.60}, {"new": 0.50, "old": 0.71}, False, ["new", "old"]),
+])
+def test_decide_applies_min_gain_and_max_forgetting(cand, champ, promoted, failing):
+    d = registry.decide(cand, champ, "new", GateSettings(min_gain=0.01, max_forgetting=0.02, floor_miou=0.3))
+    assert d["promoted"] is promoted
+    assert sorted(c["domain"] for c in d["checks"] if not c["passed"]) == failing
+    assert len(d["reasons"]) == 2 and all(("registry.gate.min_gain" in r) != ("registry.gate.max_forgetting" in r) for r in d["reasons"])
+    assert d["mlflow_validation"] == "passed" if promoted else "new/miou" in d["mlflow_validation"] or "old/miou" in d["mlflow_validation"]
+    assert d["metrics"]["new"]["delta"] == pytest.approx(cand["new"] - champ["new"])
+
+
+def test_decide_without_champion_uses_floors():
+    cfg = GateSettings(floor_miou=0.3)
+    assert registry.decide({"a": 0.31, "b": 0.30}, None, "a", cfg)["promoted"] is True
+    d = registry.decide({"a": 0.31, "b": 0.29}, None, "a", cfg)
+    assert d["promoted"] is False and d["reasons"][1] == "FAIL b mIoU 0.2900 < floor 0.3000 (registry.gate.floor_miou, no champion yet)"
+    with pytest.raises(ValueError, match="target domain 'c' not among"):
+        registry.decide({"a": 0.5}, None, "c", cfg)
+
+
+def test_parse_ref():
+    assert registry.parse_ref("models:/segloop@champion") == ("segloop", "champion", None)
+    assert registry.parse_ref("models:/segloop/12") == ("segloop", None, "12")
+    with pytest.raises(ValueError, match="expected models:/<name>@<alias> or models:/<name>/<version>"):
+        registry.parse_ref("models:/segloop")
