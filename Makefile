@@ -23,6 +23,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Benchmarks write reports/bench/<name>.json + a plot; each states what it measured.
+bench: setup
+	$(BIN)/python benchmarks/drift.py
+
 ui: setup
 	@echo "MLflow UI: http://127.0.0.1:5000"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
