@@ -258,6 +258,7 @@ def test_reference_model_mismatch_is_reported(data, champion, tmp_path):
     ({"alpha": 0}, "drift.alpha"), ({"alpha": 0.7}, "drift.alpha"), ({"min_images": 2}, "drift.min_images"),
     ({"model_crop": 100}, "drift.model_crop"), ({"embedding_alpha_share": 1.0}, "drift.embedding_alpha_share"),
     ({"reference_size": 10}, "drift"), ({"thresh": 1}, "drift.thresh"),
+    ({"mmd_permutations": 150}, "mmd_permutations=150 cannot reach"),
 ])
 def test_drift_settings_validated(tiny_raw, override, key):
     tiny_raw["drift"] = {**tiny_raw.get("drift", {}), **override}

@@ -175,6 +175,12 @@ class DriftSettings(_Strict):
     def _reference_not_smaller_than_batches(self) -> "DriftSettings":
         if self.reference_size < self.min_images:
             raise ValueError("reference_size must be >= min_images")
+        # A permutation p-value is at least 1 / (permutations + 1): below its alpha the MMD test could never fire.
+        if 1 / (self.mmd_permutations + 1) > self.alpha * self.embedding_alpha_share:
+            raise ValueError(
+                f"mmd_permutations={self.mmd_permutations} cannot reach p <= alpha * embedding_alpha_share "
+                f"= {self.alpha * self.embedding_alpha_share:g}; use at least {int(1 / (self.alpha * self.embedding_alpha_share))}"
+            )
         return self
 
 
