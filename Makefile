@@ -23,6 +23,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Benchmarks write reports/bench/<name>.json + a plot; each states what it measured.
+bench: setup
+	$(BIN)/python benchmarks/drift.py
+
 # The project's own store (tracking.uri: null): runs and registry in mlruns/mlflow.db,
 # files in mlruns/artifacts. Loopback only; see README for a shared tracking server.
 UI_PORT ?= 5000

@@ -13,6 +13,8 @@ from pathlib import Path
 from segloop.config import DEFAULT_PARAMS, Settings, SettingsError, load_settings, save_settings
 from segloop.tracking import TrackingError
 
+DEFAULT_DRIFT_CACHE = Path(".cache/drift")  # features of reference and batches, keyed by content
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.params, args.set)
@@ -214,6 +216,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from segloop.drift.features import file_sha256
+    from segloop.drift.reference import build_reference
+
+    d = _settings(args).drift
+    n = args.n if args.n is not None else d.reference_size
+    seed = args.seed if args.seed is not None else d.reference_seed
+    model_id = file_sha256(args.model)[:16] if args.model is not None else None
+    rec = build_reference(args.train, n, seed, args.out, model_id, None if args.model is None else str(args.model))
+    print(f"reference: {rec['n']} of {rec['n_available']} images of {args.train} (seed {seed}) -> {args.out}")
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from segloop.drift.detect import DRIFT_HTML, DRIFT_JSON, detect_drift
+    from segloop.drift.features import load_champion
+
+    s = _settings(args)
+    champion = load_champion(args.model) if args.model is not None else None
+    r = detect_drift(
+        args.reference, args.current, args.out, s.drift, s.data.channels, champion,
+        None if args.no_cache else args.cache, s.eval, args.champion_miou,
+    )
+    verdict = "DRIFT" if r["drift"] else "no drift"
+    print(f"{verdict}: data drift {r['data_drift']} (score {r['score']:.3g}, {len(r['drifted_features'])} drifted: "
+          f"{', '.join(r['drifted_features'][:6]) or '-'}), performance drift {r['performance_drift']} ({r['quality']['reason']})")
+    print(f"  method: {r['method']}")
+    for w in r["warnings"]:
+        print(f"  warning: {w}")
+    print(f"  wrote {args.out / DRIFT_JSON}, {args.out / DRIFT_HTML}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segloop", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -303,6 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("rollback", parents=[common], help="champion back to the champion it replaced (recorded)")
     q.add_argument("--reason")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("reference", parents=[common], help="seeded sample of the champion's training images for drift checks")
+    p.add_argument("--train", type=Path, required=True, help="the champion's training folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="champion checkpoint, recorded in reference.json")
+    p.add_argument("--n", type=int, help="default drift.reference_size")
+    p.add_argument("--seed", type=int, help="default drift.reference_seed")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("drift", parents=[common], help="did a batch drift from the reference? (Evidently report + decision)")
+    p.add_argument("--reference", type=Path, required=True)
+    p.add_argument("--current", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="champion checkpoint (without it: image statistics only)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cache", type=Path, default=DEFAULT_DRIFT_CACHE, help=f"feature cache (default {DEFAULT_DRIFT_CACHE})")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--champion-miou", type=float, help="champion's held-out mIoU (default: its checkpoint's val mIoU)")
+    p.set_defaults(func=cmd_drift)
     return parser
 
 

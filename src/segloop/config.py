@@ -168,6 +168,8 @@ class ContinualSettings(_Strict):
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; valid: {sorted(STRATEGIES)}")
         return v
+
+
 class TrackingSettings(_Strict):
     enabled: bool = True
     # null: $MLFLOW_TRACKING_URI if set, else sqlite:///<project>/mlruns/mlflow.db
@@ -188,6 +190,50 @@ class RegistrySettings(_Strict):
     gate: GateSettings = GateSettings()
 
 
+class DriftSettings(_Strict):
+    """Drift detection (segloop.drift): features, decision rule and its thresholds."""
+
+    # Family-wise false-alarm rate of the data-drift decision (Bonferroni over all tests).
+    alpha: float = Field(0.01, gt=0.0, lt=0.5)
+    # Per-column two-sample test run by Evidently (a p-value test; the benchmark's fast
+    # path re-implements it exactly, so only Kolmogorov-Smirnov for now).
+    stat_test: Literal["ks"] = "ks"
+    # Columns that must drift (at the corrected level) before the batch counts as drifted.
+    min_drifted_columns: int = Field(1, ge=1)
+    # Share of alpha spent on the multivariate MMD test of the champion embeddings.
+    embedding_alpha_share: float = Field(0.5, gt=0.0, lt=1.0)
+    embedding_components: int = Field(8, ge=1, le=64)
+    mmd_permutations: int = Field(1000, ge=100)
+    # The champion sees one centre crop of this side (native scale, like its training
+    # crops) instead of the whole image: the forward pass dominates the cost. null = whole image.
+    model_crop: int | None = Field(96, gt=0)
+    batch_size: int = Field(32, gt=0)
+    min_images: int = Field(20, ge=8)
+    reference_size: int = Field(256, gt=0)
+    reference_seed: int = 0
+    # Labelled batch: a champion mIoU drop larger than this (absolute) is performance drift.
+    max_quality_drop: float = Field(0.05, gt=0.0, lt=1.0)
+
+    @field_validator("model_crop")
+    @classmethod
+    def _crop_multiple_of_32(cls, v: int | None) -> int | None:
+        if v is not None and v % 32:
+            raise ValueError(f"must be a multiple of 32 (or null for the whole image), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _reference_not_smaller_than_batches(self) -> "DriftSettings":
+        if self.reference_size < self.min_images:
+            raise ValueError("reference_size must be >= min_images")
+        # A permutation p-value is at least 1 / (permutations + 1): below its alpha the MMD test could never fire.
+        if 1 / (self.mmd_permutations + 1) > self.alpha * self.embedding_alpha_share:
+            raise ValueError(
+                f"mmd_permutations={self.mmd_permutations} cannot reach p <= alpha * embedding_alpha_share "
+                f"= {self.alpha * self.embedding_alpha_share:g}; use at least {int(1 / (self.alpha * self.embedding_alpha_share))}"
+            )
+        return self
+
+
 class Settings(_Strict):
     data: DataSettings
     generate: GenerateSettings = GenerateSettings()
@@ -198,6 +244,7 @@ class Settings(_Strict):
     continual: ContinualSettings = ContinualSettings()
     tracking: TrackingSettings = TrackingSettings()
     registry: RegistrySettings = RegistrySettings()
+    drift: DriftSettings = DriftSettings()
 
     @property
     def num_classes(self) -> int:
