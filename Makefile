@@ -26,6 +26,7 @@ test: setup
 # Benchmarks write reports/bench/<name>.json + a plot; each states what it measured.
 bench: setup
 	$(BIN)/python benchmarks/drift.py
+	$(BIN)/python benchmarks/continual.py
 
 # The project's own store (tracking.uri: null): runs and registry in mlruns/mlflow.db,
 # files in mlruns/artifacts. Loopback only; see README for a shared tracking server.
