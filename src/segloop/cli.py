@@ -41,6 +41,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     result = validate_folder(args.src, args.out, args.quarantine, s.num_classes)
+    if result.accepted:
+        save_settings(s, args.out / "settings.yaml")
     print(result.summary())
     if result.rejected:
         print(f"rejected files and reasons: {args.quarantine / 'reasons.jsonl'}")
@@ -53,7 +55,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from segloop.data.split import split_dataset
 
-    counts = split_dataset(args.src, args.out, _settings(args).split)
+    s = _settings(args)
+    counts = split_dataset(args.src, args.out, s.split)
+    save_settings(s, args.out / "settings.yaml")
     print(" ".join(f"{k}={v}" for k, v in counts.items()), "->", args.out)
     return 0
 
