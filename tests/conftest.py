@@ -32,6 +32,18 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread avoids spinning threads
+    fighting other processes (several times less CPU here); the code under test is unchanged."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_raw() -> dict:
     return _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)

@@ -21,14 +21,7 @@ from segloop.tracking import dir_md5, open_store, resolve_store
 NAME = "tiny"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread avoids spinning threads
-    fighting other processes (several times less CPU here); the code under test is unchanged."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
