@@ -16,9 +16,13 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# The pipeline, then the first champion: the trained model is gated on base's held-out set
+# (no champion yet: absolute floors decide). A re-run with nothing new decides nothing.
 demo: setup
 	$(BIN)/dvc repro
 	$(BIN)/segloop report reports/eval
+	$(BIN)/segloop gate --candidate latest --target base --data base=data/split/base/test --out reports/gate
+	$(BIN)/segloop models list
 
 test: setup
 	$(BIN)/python -m pytest

@@ -280,3 +280,16 @@ def test_parse_ref():
     assert registry.parse_ref("models:/segloop/12") == ("segloop", None, "12")
     with pytest.raises(ValueError, match="expected models:/<name>@<alias> or models:/<name>/<version>"):
         registry.parse_ref("models:/segloop")
+
+
+@pytest.mark.slow
+def test_gate_latest_that_is_already_champion_decides_nothing(store, tmp_path, capsys):
+    latest = str(max(int(v.version) for v in store["client"].search_model_versions(f"name='{NAME}'")))
+    assert segloop(store, "models", "promote", latest, "--reason", "set up the re-run case") == 0
+    moves = len(registry.history(store["settings"]))
+    capsys.readouterr()
+    assert segloop(store, "gate", "--candidate", "latest", "--target", "base",
+                   "--data", f"base={store['held_out']['base']}", "--out", str(tmp_path / "g")) == 0
+    assert "already the champion: nothing to decide" in capsys.readouterr().out
+    assert not (tmp_path / "g" / "promotion_decision.json").exists()
+    assert len(registry.history(store["settings"])) == moves and _champion(store) == latest

@@ -166,9 +166,13 @@ def _domain_dirs(pairs: list[str]) -> dict[str, Path]:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from segloop.registry import gate
+    from segloop.registry import AlreadyChampion, gate
 
-    d = gate(_settings(args), args.candidate, _domain_dirs(args.data), args.target, args.out)
+    try:
+        d = gate(_settings(args), args.candidate, _domain_dirs(args.data), args.target, args.out)
+    except AlreadyChampion as err:
+        print(err)
+        return 0
     print(f"{'PROMOTED' if d['promoted'] else 'NOT PROMOTED'}: {d['model']} v{d['candidate_version']}"
           f" (champion was {'v' + d['champion_version'] if d['champion_version'] else 'none'})")
     for line in d["reasons"]:
@@ -323,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("gate", parents=[common], help="evaluate candidate vs champion on every domain; promote if it wins")
-    p.add_argument("--candidate", required=True, metavar="VERSION", help="registered version of registry.model_name")
+    p.add_argument("--candidate", required=True, metavar="VERSION", help="registered version of registry.model_name, or 'latest'")
     p.add_argument("--data", action="append", required=True, metavar="DOMAIN=FOLDER", help="held-out set of one domain (repeat for every domain seen so far)")
     p.add_argument("--target", required=True, metavar="DOMAIN", help="the new domain the candidate must improve")
     p.add_argument("--out", type=Path, required=True, help="folder for reports and promotion_decision.json")

@@ -403,6 +403,10 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
     }
 
 
+class AlreadyChampion(ValueError):
+    """The candidate holds the champion alias already (e.g. a re-run with nothing new)."""
+
+
 def gate(
     settings: Settings, candidate_version: str, data: Mapping[str, Path], target: str, out_dir: Path,
     log: Callable[[str], None] = print,
@@ -418,10 +422,15 @@ def gate(
     name = settings.registry.model_name
     if target not in data:
         raise ValueError(f"--target {target}: not among --data domains {sorted(data)}")
+    if candidate_version == "latest":
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise ValueError(f"{name}: no registered versions to gate")
+        candidate_version = str(max(int(v.version) for v in versions))
     candidate = get_version(client, f"models:/{name}/{candidate_version}")
     champion_version = _alias_version(client, name, CHAMPION)
     if champion_version == str(candidate.version):
-        raise ValueError(f"{name} v{candidate.version} is already the champion")
+        raise AlreadyChampion(f"{name} v{candidate.version} is already the champion: nothing to decide")
     models = {"candidate": candidate}
     if champion_version:
         models["champion"] = client.get_model_version(name, champion_version)
