@@ -22,12 +22,10 @@ import torch
 from segloop.checkpoint import load_model
 from segloop.config import load_settings
 from segloop.continual import STRATEGIES, continual_metrics, update
-from segloop.data.dataset import list_samples
 from segloop.data.replay import update_buffer
 from segloop.data.synthetic import generate
-from segloop.evaluate import confusion_over
+from segloop.evaluate import miou_on
 from segloop.inference import pick_device
-from segloop.metrics import nanmean, per_class_iou
 from segloop.plots import save_accuracy_matrix, save_domain_curves
 from segloop.train import train
 
@@ -38,8 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def miou(model_path: Path, data: Path, settings) -> float:
     model, _ = load_model(model_path)
     device = pick_device()
-    cm = confusion_over(model.to(device), list_samples(data), settings.data.channels, settings.num_classes, settings.eval, device)
-    return nanmean(per_class_iou(cm))
+    return miou_on(model.to(device), data, settings, device)[0]
 
 
 def make_stream(root: Path, n_train: int, n_test: int, size: tuple[int, int]) -> dict:

@@ -58,11 +58,11 @@ def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | Non
     if distill:
         teacher, _ = load_model(parent)
         extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight)
-    data = [*seen, new] if joint else new
+    data = [*seen, new] if joint else [new]
     meta = {
         "strategy": c.strategy,
         "update_parent": str(parent),
-        "data_md5": {str(d): dir_md5(d) for d in ([*seen, new] if joint else [new])},
+        "data_md5": {str(d): dir_md5(d) for d in data},
         **({"replay_md5": dir_md5(replay)} if use_replay else {}),
     }
     return train(

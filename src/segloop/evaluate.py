@@ -15,10 +15,10 @@ from torch import nn
 from tqdm import tqdm
 
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
-from segloop.config import EvalSettings, save_settings
+from segloop.config import EvalSettings, Settings, save_settings
 from segloop.data.dataset import Sample, list_samples, read_image, read_mask, to_tensor
 from segloop.inference import pick_device, predict_logits
-from segloop.metrics import confusion_matrix, summarize
+from segloop.metrics import confusion_matrix, nanmean, per_class_iou, summarize
 from segloop.plots import save_confusion, save_overlay
 
 
@@ -43,6 +43,13 @@ def confusion_over(
         if on_image is not None:
             on_image(i, image, truth.numpy(), pred.numpy())
     return cm
+
+
+def miou_on(model: nn.Module, data_dir: Path, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
+    """(mIoU, per-class IoU) of `model` on the labelled folder `data_dir`, with settings' classes and eval."""
+    cm = confusion_over(model, list_samples(data_dir), settings.data.channels, settings.num_classes, settings.eval, device)
+    iou = per_class_iou(cm)
+    return nanmean(iou), iou.tolist()
 
 
 def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings, label: str | None = None) -> dict:

@@ -24,11 +24,10 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from segloop.checkpoint import load_checkpoint, save_checkpoint
 from segloop.config import Settings, TrainSettings, save_settings
-from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, list_samples, train_transform
+from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, train_transform
 from segloop.data.replay import MixedBatchSampler
-from segloop.evaluate import confusion_over
+from segloop.evaluate import miou_on
 from segloop.inference import pick_device
-from segloop.metrics import per_class_iou, nanmean
 from segloop.models import build_model
 
 LAST, BEST = "last.pt", "best.pt"
@@ -86,12 +85,6 @@ def init_from(model: nn.Module, path: Path, settings: Settings) -> str:
     except RuntimeError as err:
         raise ValueError(f"--init {path}: weights do not fit model {settings.model.arch}/{settings.model.encoder}: {err}") from None
     return str(path)
-
-
-def _validate(model: nn.Module, val_dir: Path, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
-    cm = confusion_over(model, list_samples(val_dir), settings.data.channels, settings.num_classes, settings.eval, device)
-    iou = per_class_iou(cm)
-    return nanmean(iou), iou.tolist()
 
 
 # An extra loss term for continual strategies: (images, student logits, masks) -> scalar.
@@ -216,7 +209,7 @@ def train(
                 break
         train_s = time.monotonic() - epoch_start
         model.eval()
-        val_miou, val_iou = _validate(model, val_dir, settings, device)
+        val_miou, val_iou = miou_on(model, val_dir, settings, device)
         state["epoch"] = epoch + 1
         record = {
             "epoch": epoch + 1,
