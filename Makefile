@@ -4,8 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 # DVC stages call `segloop`; make it the venv's one.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Prefect keeps its database (flow runs of `make demo`, served deployments) in the project;
+# its anonymous usage heartbeat is off (no network here, and it only adds log noise).
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test bench ui clean
+.PHONY: setup demo test bench ui prefect-ui clean
 
 setup: $(VENV)/.installed
 
@@ -16,13 +20,11 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# The pipeline, then the first champion: the trained model is gated on base's held-out set
-# (no champion yet: absolute floors decide). A re-run with nothing new decides nothing.
+# The continual loop (flows/demo.py): bootstrap a champion on base, then stream batches
+# through monitor_flow; workspace/ is the loop's own git + DVC repo (ignored here), the
+# runs land in this project's MLflow store and Prefect database. A re-run continues.
 demo: setup
-	$(BIN)/dvc repro
-	$(BIN)/segloop report reports/eval
-	$(BIN)/segloop gate --candidate latest --target base --data base=data/split/base/test --out reports/gate
-	$(BIN)/segloop models list
+	$(BIN)/python -m flows.demo --set train.max_minutes=3
 
 test: setup
 	$(BIN)/python -m pytest
@@ -41,5 +43,12 @@ ui: setup
 	@# Job execution (huey workers) serves MLflow's GenAI features, not segloop: off saves 7 processes.
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
+# The Prefect UI on the project's database: the demo's monitor and continual flow runs.
+prefect-ui: setup
+	@echo "Prefect UI: http://127.0.0.1:4200  (database: $(PREFECT_HOME)/prefect.db)"
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Everything the pipeline and the demo produced: data, models, reports, the loop's
+# workspace, the MLflow store and the Prefect database.
 clean:
-	rm -rf data/raw data/valid data/split data/quarantine models reports
+	rm -rf data/raw data/valid data/split data/quarantine models reports workspace .prefect .cache mlruns/mlflow.db mlruns/artifacts

@@ -70,25 +70,9 @@ def _model(ref: str, settings: Settings) -> tuple[Path, str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from segloop.tracking import tracked_run
-    from segloop.train import train
+    from segloop.runs import train_step
 
-    s = _settings(args)
-    init, label, tags = None, None, {"segloop.strategy": "resume" if args.resume else "scratch", "segloop.domain": args.domain}
-    if args.init:
-        init, label, mv = _model(args.init, s)
-        tags |= {"segloop.strategy": "transfer", "segloop.parent": args.init,
-                 "segloop.parent_version": mv.version if mv else None}
-    inputs = {"train": args.data, **({"val": args.val} if args.val else {})}
-    # The store is checked here, before any training starts.
-    with tracked_run(s, "train", inputs, tags, run_name=f"train:{args.out.name}") as run:
-        result = train(s, args.data, args.out, args.val, init, args.resume,
-                       on_epoch=run.log_epoch if run else None, init_label=label)
-        if run:
-            from segloop.registry import log_training
-
-            version = log_training(run, result, args.out, s.registry.model_name)
-            print(f"MLflow run {run.run_id}; registered models:/{s.registry.model_name}/{version}")
+    result, _ = train_step(_settings(args), args.data, args.out, args.val, args.init, args.resume, args.domain)
     print(json.dumps(result.__dict__, indent=1))
     return 0
 
@@ -123,23 +107,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from segloop.continual import update
-
-    from segloop.tracking import tracked_run
+    from segloop.runs import update_step
 
     s = _settings(args)
-    parent, label, mv = _model(args.parent, s)
-    tags = {"segloop.strategy": s.continual.strategy, "segloop.domain": args.domain, "segloop.parent": args.parent,
-            "segloop.parent_version": mv.version if mv else None}
-    inputs = {"train": args.data, **({"val": args.val} if args.val else {}), **({"replay": args.replay} if args.replay else {})}
-    with tracked_run(s, "update", inputs, tags, run_name=f"update:{args.out.name}") as run:
-        result = update(s, parent, args.data, args.out, args.val, args.seen, args.replay,
-                        on_epoch=run.log_epoch if run else None, init_label=label)
-        if run:
-            from segloop.registry import log_training
-
-            version = log_training(run, result, args.out, s.registry.model_name)
-            print(f"MLflow run {run.run_id}; registered models:/{s.registry.model_name}/{version}")
+    result, _ = update_step(s, args.parent, args.data, args.out, args.val, args.seen, args.replay, args.domain)
     print(json.dumps({"strategy": s.continual.strategy, **result.__dict__}, indent=1))
     return 0
 

@@ -234,6 +234,29 @@ class DriftSettings(_Strict):
         return self
 
 
+class FlowSettings(_Strict):
+    """The continual loop (flows/): where batches arrive, the loop's own repo, the schedule."""
+
+    # The loop's working repo (its own git + DVC; ignored by the project's git): accepted
+    # batches, models, replay buffers, references, step reports, state.json.
+    workspace: Path = Path("workspace")
+    incoming: Path | None = None  # batch folders arrive here; null: <workspace>/incoming
+    schedule: str = "0 * * * *"  # cron of the served monitor deployment
+    retries: int = Field(2, ge=0)  # for tasks that do I/O that can fail transiently (DVC, git, MLflow)
+    retry_delay_s: float = Field(5.0, ge=0.0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"expected a 5-field cron expression (minute hour day month weekday), got {v!r}")
+        return v
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.incoming if self.incoming is not None else self.workspace / "incoming"
+
+
 class Settings(_Strict):
     data: DataSettings
     generate: GenerateSettings = GenerateSettings()
@@ -245,6 +268,7 @@ class Settings(_Strict):
     tracking: TrackingSettings = TrackingSettings()
     registry: RegistrySettings = RegistrySettings()
     drift: DriftSettings = DriftSettings()
+    flows: FlowSettings = FlowSettings()
 
     @property
     def num_classes(self) -> int:

@@ -50,15 +50,16 @@ def save_confusion(path: Path, cm: np.ndarray, classes: list[str]) -> None:
     plt.close(fig)
 
 
-def save_accuracy_matrix(path: Path, r: np.ndarray, domains: list[str], title: str = "") -> None:
-    """Heatmap of R[i][j] = mIoU on domain j after step i."""
+def save_accuracy_matrix(path: Path, r: np.ndarray, domains: list[str], title: str = "", steps: list[str] | None = None) -> None:
+    """Heatmap of R[i][j] = mIoU on domain j after step i (steps: row labels, default "after <domain i>"); NaN = not measured."""
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(domains), 1.0 + 0.8 * len(r)))
     im = ax.imshow(r, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
-    ax.set_yticks(range(len(r)), [f"after {d}" for d in domains[: len(r)]])
+    ax.set_yticks(range(len(r)), steps or [f"after {d}" for d in domains[: len(r)]])
     for i in range(r.shape[0]):
         for j in range(r.shape[1]):
-            ax.text(j, i, f"{r[i, j]:.2f}", ha="center", va="center", color="white" if r[i, j] < 0.6 else "black")
+            if r[i, j] == r[i, j]:
+                ax.text(j, i, f"{r[i, j]:.2f}", ha="center", va="center", color="white" if r[i, j] < 0.6 else "black")
     ax.set_xlabel("evaluated on")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="mIoU")
@@ -67,14 +68,14 @@ def save_accuracy_matrix(path: Path, r: np.ndarray, domains: list[str], title: s
     plt.close(fig)
 
 
-def save_domain_curves(path: Path, curves: dict[str, np.ndarray], domains: list[str]) -> None:
-    """One panel per strategy: mIoU of each domain over the steps of the stream."""
+def save_domain_curves(path: Path, curves: dict[str, np.ndarray], domains: list[str], steps: list[str] | None = None) -> None:
+    """One panel per strategy: mIoU of each domain over the steps of the stream (steps: x labels, default the domains)."""
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), sharey=True, squeeze=False)
     for ax, (name, r) in zip(axes[0], curves.items()):
         for j, domain in enumerate(domains):
             ax.plot(range(len(r)), r[:, j], marker="o", label=domain)
         ax.set_title(name)
-        ax.set_xticks(range(len(r)), domains[: len(r)], rotation=30, ha="right")
+        ax.set_xticks(range(len(r)), steps or domains[: len(r)], rotation=30, ha="right")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mIoU")

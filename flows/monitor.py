@@ -1,0 +1,54 @@
+"""`monitor_flow`: every batch waiting in the incoming folder, oldest first, once each.
+
+Run once without any server (Prefect's ephemeral mode):  python -m flows.monitor
+Serve it on the cron schedule of params.yaml:             python -m flows.deploy
+"""
+from __future__ import annotations
+
+import argparse
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+
+from flows.continual import continual_flow
+from segloop import loop
+from segloop.config import load_settings
+from segloop.loop import Workspace
+
+
+def _run_name() -> str:
+    return f"monitor-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+@flow(flow_run_name=_run_name, log_prints=True)
+def monitor_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> list[dict]:
+    """Run `continual_flow` for each pending batch; returns their step records.
+
+    A batch is pending until its step commits a marker (processed/<batch>.json): a batch
+    whose step fails stays pending, and later batches wait for it (order matters). A run
+    that finds the workspace locked by another run does nothing.
+    """
+    settings = load_settings(params, overrides or [])
+    ws, log = Workspace.of(settings), get_run_logger()
+    try:
+        with loop.workspace_lock(ws):
+            pending = loop.pending_batches(ws)
+            log.info("%d pending batch(es) in %s: %s", len(pending), ws.incoming, ", ".join(p.name for p in pending) or "-")
+            return [continual_flow(str(batch), params, overrides) for batch in pending]
+    except loop.LoopBusy as busy:
+        log.warning("%s: skipping this run", busy)
+        return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.monitor", description="process every pending batch once, then exit")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    args = parser.parse_args(argv)
+    for rec in monitor_flow(args.params, args.set):
+        print(f"{rec['batch']}: {rec['summary']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,470 @@
+"""The continual loop's steps, as plain functions over a workspace (flows/ only orchestrates).
+
+One batch = one step: ingest (validate, quarantine, split) -> version with DVC -> drift
+check against the champion's references -> bootstrap or update -> gate -> on promotion,
+new replay buffer -> step record, state and marker committed together.
+
+The workspace is the loop's own git + DVC repository (`flows.workspace`):
+
+    incoming/<batch>/          batches arrive here (images/, masks/, optional batch.json {"domain": ...})
+    batches/<batch>/           accepted files and their train/val/test split (tracked by batches/<batch>.dvc)
+    quarantine/<batch>/        rejected files with reasons.jsonl
+    models/<batch>/            the model trained on the batch (out of DVC stage train-/update-<batch>)
+    replay/<batch>/            replay buffer version after the batch (stage replay-<batch>)
+    reference/v<N>/<domain>/   drift reference of champion v<N> for each domain it was trained on
+    steps/<batch>/             drift and gate reports of the step
+    processed/<batch>.json     the step record; its presence means "done, never again"
+    params.yaml, dvc.yaml, dvc.lock, state.json
+
+Each model-producing step is written to dvc.yaml as the `segloop` command that does the
+same thing and `dvc commit`ed, so `dvc repro` finds everything up to date and
+`git checkout <commit> && dvc checkout && dvc repro -f <stage>` rebuilds it. The git
+commit made at the end of a step is the only thing that makes it count: a crash before
+it leaves the batch pending and the next run starts the batch again from that commit.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from segloop.config import Settings
+
+STATE, MARKER_DIR, BATCH_INFO = "state.json", "processed", "batch.json"
+# What a model step's output depends on (where it is logged and registered does not).
+STAGE_PARAMS = ["data", "model", "train", "continual"]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    incoming: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> "Workspace":
+        f = settings.flows
+        return cls(f.workspace.resolve(), f.incoming_dir.resolve())
+
+    def batch(self, b: str) -> Path:
+        return self.root / "batches" / b
+
+    def split(self, b: str, part: str) -> Path:
+        return self.batch(b) / "split" / part
+
+    def marker(self, b: str) -> Path:
+        return self.root / MARKER_DIR / f"{b}.json"
+
+    def rel(self, path: Path) -> str:
+        return os.path.relpath(path, self.root)
+
+    def per_batch(self, b: str) -> list[Path]:
+        """Everything a step on batch `b` writes: removed before a retry."""
+        r = self.root
+        return [self.batch(b), r / "batches" / f"{b}.dvc", r / "quarantine" / b, r / "models" / b,
+                r / "replay" / b, r / "steps" / b]
+
+
+# ---------------------------------------------------------------- workspace repo
+
+def _run(ws: Workspace, *cmd: str) -> str:
+    # Stages DVC runs call `segloop`: the one installed beside this Python.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} (in {ws.root}) failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip()
+
+
+def git(ws: Workspace, *args: str) -> str:
+    return _run(ws, "git", "-c", "user.name=segloop", "-c", "user.email=segloop@localhost", *args)
+
+
+def dvc(ws: Workspace, *args: str) -> str:
+    return _run(ws, "dvc", *args)
+
+
+def init_workspace(ws: Workspace, settings: Settings) -> None:
+    """Create the workspace repo on first use; always refresh params.yaml from `settings`."""
+    ws.root.mkdir(parents=True, exist_ok=True)
+    ws.incoming.mkdir(parents=True, exist_ok=True)
+    if not (ws.root / ".git").exists():
+        git(ws, "init", "-q", "-b", "main")
+    if not (ws.root / ".dvc").exists():
+        dvc(ws, "init", "-q")
+        dvc(ws, "config", "core.analytics", "false")
+    ignore = ws.root / ".gitignore"
+    if not ignore.exists():
+        # incoming/ is the operator's drop box; steps/ holds reports (also logged to MLflow)
+        ignore.write_text("/incoming/\n/steps/\n/.cache/\n/.lock\n")
+    raw = settings.model_dump(mode="json")
+    # The store as an absolute URI: stages run from the workspace must log to the same one.
+    from segloop.tracking import resolve_store
+
+    raw["tracking"]["uri"] = resolve_store(settings.tracking).uri if settings.tracking.enabled else None
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    if not (ws.root / STATE).exists():
+        write_state(ws, {"champion": None, "trained_domains": {}, "heldout": {}, "replay": None, "scores": {}})
+    commit(ws, "workspace: params")
+
+
+def commit(ws: Workspace, message: str) -> str:
+    """Commit everything tracked or new (data itself is in DVC); returns HEAD."""
+    git(ws, "add", "-A")
+    if git(ws, "status", "--porcelain"):
+        git(ws, "commit", "-q", "-m", message)
+    return git(ws, "rev-parse", "HEAD")
+
+
+def read_state(ws: Workspace) -> dict:
+    return json.loads((ws.root / STATE).read_text())
+
+
+def write_state(ws: Workspace, state: dict) -> None:
+    tmp = ws.root / f".{STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, ws.root / STATE)
+
+
+def pending_batches(ws: Workspace) -> list[Path]:
+    """Batch folders in incoming/ without a marker, oldest first (modification time, then name)."""
+    if not ws.incoming.is_dir():
+        return []
+    batches = [p for p in ws.incoming.iterdir() if p.is_dir() and not p.name.startswith(".") and not ws.marker(p.name).exists()]
+    return sorted(batches, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+_held_locks: dict[Path, int] = {}
+
+
+@contextmanager
+def workspace_lock(ws: Workspace):
+    """One loop run at a time per workspace (re-entrant within a process: monitor -> continual).
+
+    An OS lock on <workspace>/.lock: released by the kernel if the process dies, so a crash
+    never leaves the loop locked. A second process gets a clear error instead of waiting."""
+    if ws.root in _held_locks:
+        _held_locks[ws.root] += 1
+        try:
+            yield
+        finally:
+            _held_locks[ws.root] -= 1
+        return
+    ws.root.mkdir(parents=True, exist_ok=True)
+    with open(ws.root / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LoopBusy(f"{ws.root}: another loop run holds {ws.root / '.lock'}; runs never overlap") from None
+        _held_locks[ws.root] = 1
+        try:
+            yield
+        finally:
+            del _held_locks[ws.root]
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class LoopBusy(RuntimeError):
+    """Another process is running the loop on this workspace."""
+
+
+def undo_unfinished_promotion(ws: Workspace, settings: Settings, batch: str) -> None:
+    """A crash after the gate moved `champion` but before the step was committed: put the
+    alias back to the champion state.json knows (recorded as a rollback), so the redo
+    starts from the same champion as the crashed attempt."""
+    from segloop.registry import CHAMPION, _alias_version, move_alias, registry_client
+
+    client, _ = registry_client(settings)
+    name, known = settings.registry.model_name, read_state(ws)["champion"]
+    current = _alias_version(client, name, CHAMPION)
+    if current is None or current == known:
+        return
+    if client.get_model_version(name, current).tags.get("segloop.batch") != batch:
+        return  # moved by a person or another tool: the loop takes it as the champion
+    reason = f"step on batch {batch} crashed after promoting v{current}; back to v{known} to redo the step"
+    if known is None:
+        client.delete_registered_model_alias(name, CHAMPION)
+        print(reason, flush=True)
+    else:
+        move_alias(settings, CHAMPION, known, "rollback", reason)
+
+
+def reset_batch(ws: Workspace, batch: str) -> None:
+    """Undo a crashed attempt on `batch`: tracked files back to the last completed step, the batch's outputs gone."""
+    if ws.marker(batch).exists():
+        raise ValueError(f"batch {batch}: already processed ({ws.marker(batch)}); a batch is processed once")
+    git(ws, "reset", "-q", "--hard", "HEAD")
+    for path in ws.per_batch(batch):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def record_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
+    """Write `name` to dvc.yaml as the command that produced `outs`, and commit its hashes to dvc.lock."""
+    args = ["stage", "add", "--force", "-n", name]
+    for d in deps:
+        args += ["-d", ws.rel(d)]
+    for o in outs:
+        args += ["-o", ws.rel(o)]
+    if params:
+        args += ["-p", ",".join(params)]
+    dvc(ws, *args, cmd)
+    dvc(ws, "commit", "--force", name)
+
+
+# ---------------------------------------------------------------- the step
+
+def batch_domain(batch_dir: Path) -> str:
+    """The domain a batch claims in batch.json, else "default"."""
+    info = batch_dir / BATCH_INFO
+    if not info.exists():
+        return "default"
+    try:
+        domain = json.loads(info.read_text()).get("domain")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{info}: expected a JSON object like {{\"domain\": \"fog\"}}") from None
+    if not isinstance(domain, str) or not domain.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"{info}: 'domain' must be a name of letters, digits, - or _ (got {domain!r})")
+    return domain
+
+
+def ingest(ws: Workspace, batch_dir: Path, settings: Settings) -> dict:
+    """Validate the batch (bad files to quarantine/ with reasons), split what is accepted."""
+    from segloop.data.split import split_dataset
+    from segloop.data.validate import validate_folder
+
+    b = batch_dir.name
+    domain = batch_domain(batch_dir)
+    result = validate_folder(batch_dir, ws.batch(b) / "accepted", ws.root / "quarantine" / b, settings.num_classes)
+    if len(result.accepted) < settings.drift.min_images:
+        raise ValueError(f"batch {b}: {len(result.accepted)} files accepted ({len(result.rejected)} quarantined, "
+                         f"see {ws.root / 'quarantine' / b / 'reasons.jsonl'}); a step needs at least "
+                         f"{settings.drift.min_images} (drift.min_images)")
+    counts = split_dataset(ws.batch(b) / "accepted", ws.batch(b) / "split", settings.split)
+    return {"batch": b, "domain": domain, "accepted": len(result.accepted), "quarantined": len(result.rejected), "split": counts}
+
+
+def version_batch(ws: Workspace, batch: str) -> str:
+    """`dvc add` the accepted batch and commit its .dvc file; returns the commit."""
+    dvc(ws, "add", "-q", ws.rel(ws.batch(batch)))
+    return commit(ws, f"batch {batch}: accepted data")
+
+
+def champion(settings: Settings) -> tuple[str, Path] | None:
+    """(version, local checkpoint) of models:/<name>@champion, or None when there is none yet."""
+    from segloop.registry import CHAMPION, _alias_version, download_checkpoint, registry_client
+
+    client, store = registry_client(settings)
+    name = settings.registry.model_name
+    version = _alias_version(client, name, CHAMPION)
+    if version is None:
+        return None
+    return version, download_checkpoint(client, store, client.get_model_version(name, version))
+
+
+def _reference(ws: Workspace, state: dict, version: str, domain: str, model: Path, settings: Settings) -> Path:
+    """Champion v`version`'s reference for `domain`: a seeded sample of the domain's training split."""
+    from segloop.drift.features import file_sha256
+    from segloop.drift.reference import build_reference
+
+    out = ws.root / "reference" / f"v{version}" / domain
+    if not (out / "reference.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        d = settings.drift
+        build_reference(ws.root / state["trained_domains"][domain], d.reference_size, d.reference_seed, out,
+                        file_sha256(model)[:16], f"models:/{settings.registry.model_name}/{version}")
+    return out
+
+
+def check_drift(ws: Workspace, batch: dict, champ: tuple[str, Path], settings: Settings) -> dict:
+    """Drift of the batch against each domain the champion was trained on.
+
+    Data drift only if the batch differs from every one of them (it looks like none of
+    the champion's data); the closest reference (largest adjusted p-value) is reported.
+    Performance drift: the champion's mIoU on the batch vs its held-out mIoU on the
+    batch's domain (the best of its domains for a domain it never saw).
+    """
+    from segloop.drift.detect import detect_drift
+    from segloop.drift.features import load_champion
+
+    state = read_state(ws)
+    version, path = champ
+    model = load_champion(path)
+    scores = state["scores"].get(version, {})
+    trained = state["trained_domains"]
+    held_out = scores.get(batch["domain"]) if batch["domain"] in trained else max(scores.values(), default=None)
+    if not trained:  # a champion made outside the loop: its training data is unknown here
+        return {"drift": True, "data_drift": None, "performance_drift": None, "score": None, "closest_domain": None,
+                "drifted_features": [], "quality": "not checked", "report": None, "per_reference": {},
+                "reason": "no reference: the loop has not seen the champion's training data; updating on this batch"}
+    results = {}
+    for domain in trained:
+        ref = _reference(ws, state, version, domain, path, settings)
+        results[domain] = detect_drift(
+            ref, ws.batch(batch["batch"]) / "accepted", ws.root / "steps" / batch["batch"] / "drift" / domain,
+            settings.drift, settings.data.channels, model, ws.root / ".cache" / "drift", settings.eval, held_out,
+        )
+    closest = max(results, key=lambda d: results[d]["score"])
+    r = results[closest]
+    data_drift = all(x["data_drift"] for x in results.values())
+    return {
+        "drift": bool(data_drift or r["performance_drift"]), "data_drift": data_drift,
+        "performance_drift": r["performance_drift"], "score": r["score"], "closest_domain": closest,
+        "drifted_features": r["drifted_features"], "quality": r["quality"]["reason"],
+        "report": ws.rel(ws.root / "steps" / batch["batch"] / "drift" / closest / "drift.html"),
+        "per_reference": {d: {"data_drift": x["data_drift"], "score": x["score"]} for d, x in results.items()},
+    }
+
+
+def _params_arg() -> str:
+    return "--params params.yaml"
+
+
+def train_model(ws: Workspace, batch: dict, champ: tuple[str, Path] | None, settings: Settings) -> str | None:
+    """Bootstrap (no champion: train from scratch) or update the champion on the batch.
+
+    Returns the registered version. The step is recorded as DVC stage train-/update-<batch>.
+    """
+    from segloop.runs import train_step, update_step
+
+    b, domain = batch["batch"], batch["domain"]
+    state = read_state(ws)
+    train, val, out = ws.split(b, "train"), ws.split(b, "val"), ws.root / "models" / b
+    tags = {"segloop.batch": b}
+    if champ is None:
+        _, version = train_step(settings, train, out, val, domain=domain, tags=tags)
+        cmd = f"segloop train {_params_arg()} --data {ws.rel(train)} --val {ws.rel(val)} --out {ws.rel(out)} --domain {domain}"
+        record_stage(ws, f"train-{b}", cmd, [train, val], [out], STAGE_PARAMS)
+        return version
+    parent = _parent_checkpoint(ws, state, champ)
+    replay = ws.root / state["replay"] if state["replay"] else None
+    joint = settings.continual.strategy == "joint"  # the only strategy that retrains on earlier batches
+    seen = [ws.root / p for p in state["trained_domains"].values()] if joint else []
+    _, version = update_step(settings, str(parent), train, out, val, seen, replay, domain,
+                             tags=tags | {"segloop.parent_version": champ[0]})
+    cmd = (f"segloop update {_params_arg()} --parent {ws.rel(parent)} --data {ws.rel(train)} --val {ws.rel(val)} "
+           f"--out {ws.rel(out)} --domain {domain}" + (f" --replay {ws.rel(replay)}" if replay else "")
+           + "".join(f" --seen {ws.rel(s)}" for s in seen))
+    deps = [parent, train, val, *([replay] if replay else []), *seen]
+    record_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS)
+    return version
+
+
+def _parent_checkpoint(ws: Workspace, state: dict, champ: tuple[str, Path]) -> Path:
+    """The champion's checkpoint inside the workspace (a DVC dependency of the update)."""
+    batch = state.get("champion_batch")
+    if batch and state.get("champion") == champ[0] and (ws.root / "models" / batch / "best.pt").exists():
+        return ws.root / "models" / batch / "best.pt"
+    # A champion made outside the loop: bring its checkpoint in, versioned by DVC.
+    out = ws.root / "models" / f"champion-v{champ[0]}" / "best.pt"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(champ[1], out)
+        dvc(ws, "add", "-q", ws.rel(out.parent))
+    return out
+
+
+def held_out_sets(ws: Workspace, batch: dict) -> dict[str, Path]:
+    """Every domain's held-out set so far, plus this batch's test split for a new domain."""
+    state = read_state(ws)
+    sets = {d: ws.root / p for d, p in state["heldout"].items()}
+    sets.setdefault(batch["domain"], ws.split(batch["batch"], "test"))
+    return sets
+
+
+def gate_candidate(ws: Workspace, batch: dict, version: str, settings: Settings) -> dict:
+    from segloop.registry import gate
+
+    out = ws.root / "steps" / batch["batch"] / "gate"
+    d = gate(settings, version, held_out_sets(ws, batch), batch["domain"], out)
+    return {"promoted": d["promoted"], "reasons": d["reasons"], "decision": d["decision_uri"],
+            "before": {k: v["champion"] for k, v in d["metrics"].items()},
+            "after": {k: v["candidate"] for k, v in d["metrics"].items()}}
+
+
+def champion_scores(ws: Workspace, batch: dict, champ: tuple[str, Path], settings: Settings) -> dict[str, float]:
+    """The champion's mIoU on every held-out set (cached in state.json per version)."""
+    from segloop.evaluate import evaluate
+
+    cached = read_state(ws)["scores"].get(champ[0], {})
+    out = {}
+    for domain, folder in held_out_sets(ws, batch).items():
+        if domain not in cached:
+            cached[domain] = evaluate(champ[1], folder, ws.root / "steps" / batch["batch"] / "eval" / domain, settings.eval)["miou"]
+        out[domain] = cached[domain]
+    return out
+
+
+def new_replay(ws: Workspace, batch: dict, settings: Settings) -> str:
+    """The replay buffer after a promotion: the previous one plus the batch's training split (reservoir)."""
+    from segloop.data.replay import update_buffer
+
+    b, state = batch["batch"], read_state(ws)
+    prev = ws.root / state["replay"] if state["replay"] else None
+    out, train = ws.root / "replay" / b, ws.split(b, "train")
+    update_buffer(prev, train, b, settings.continual.replay.size, settings.split.seed, out)
+    cmd = (f"segloop replay-update {_params_arg()} --batch {ws.rel(train)} --batch-id {b} --out {ws.rel(out)}"
+           + (f" --buffer {ws.rel(prev)}" if prev else ""))
+    record_stage(ws, f"replay-{b}", cmd, [train, *([prev] if prev else [])], [out], ["continual.replay", "split.seed"])
+    return ws.rel(out)
+
+
+def finish(ws: Workspace, batch: dict, record: dict, champion_version: str | None, scores: dict[str, float],
+           promoted: bool, replay: str | None) -> str:
+    """Fold the step into state.json, write the marker and commit both: the step is now done."""
+    state = read_state(ws)
+    b, domain = batch["batch"], batch["domain"]
+    state["heldout"].setdefault(domain, ws.rel(ws.split(b, "test")))
+    if promoted:
+        state["trained_domains"].setdefault(domain, ws.rel(ws.split(b, "train")))
+        state["champion_batch"] = b
+        state["replay"] = replay
+    if champion_version is not None:
+        state["champion"] = champion_version
+        state["scores"].setdefault(champion_version, {}).update(scores)
+    write_state(ws, state)
+    ws.marker(b).parent.mkdir(exist_ok=True)
+    ws.marker(b).write_text(json.dumps(record, indent=1) + "\n")
+    return commit(ws, f"batch {b}: {record['summary']}")
+
+
+def summary_line(rec: dict) -> str:
+    d = rec["drift"]
+    if d is None:
+        parts = ["bootstrap"]
+    elif d["score"] is None:
+        parts = ["drift (no reference yet)"]
+    else:
+        parts = [f"{'drift' if d['drift'] else 'no drift'} (score {d['score']:.2g}, closest {d['closest_domain']}"
+                 + (", performance drop" if d["performance_drift"] else "") + ")"]
+    if rec["updated"]:
+        parts.append(f"v{rec['candidate_version']} " + ("promoted" if rec["promoted"] else "rejected"))
+        failed = [r for r in rec["reasons"] if r.startswith("FAIL")]
+        if failed:
+            parts.append(failed[0])
+    else:
+        parts.append("no update")
+    return " -> ".join(parts)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def tag_version(settings: Settings, version: str, tags: dict[str, Any]) -> None:
+    from segloop.registry import registry_client
+
+    client, _ = registry_client(settings)
+    for k, v in tags.items():
+        client.set_model_version_tag(settings.registry.model_name, version, k, str(v))

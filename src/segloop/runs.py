@@ -1,0 +1,66 @@
+"""Tracked training steps: `train` or `update` inside an MLflow run, the result registered.
+
+The CLI (`segloop train`, `segloop update`) and the continual loop call these, so a
+step run by hand, by DVC or by a Prefect flow is recorded the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from segloop.config import Settings
+from segloop.train import TrainResult
+
+
+def _parent(ref: str, settings: Settings) -> tuple[Path, str, dict[str, Any]]:
+    from segloop.registry import resolve_model
+
+    path, label, mv = resolve_model(ref, settings)
+    return path, label, {"segloop.parent": str(ref), "segloop.parent_version": mv.version if mv else None}
+
+
+def train_step(
+    settings: Settings, data: Path, out: Path, val: Path | None = None, init: str | None = None,
+    resume: bool = False, domain: str | None = None, tags: Mapping[str, Any] = {},
+) -> tuple[TrainResult, str | None]:
+    """Train (from scratch, or from `init`: a path or models:/ ref); returns (result, registered version or None)."""
+    from segloop.tracking import tracked_run
+    from segloop.train import train
+
+    init_path, label, run_tags = None, None, {"segloop.strategy": "resume" if resume else "scratch"}
+    if init:
+        init_path, label, parent_tags = _parent(init, settings)
+        run_tags |= {"segloop.strategy": "transfer", **parent_tags}
+    run_tags |= {"segloop.domain": domain, **tags}
+    inputs = {"train": data, **({"val": val} if val else {})}
+    # The store is checked here, before any training starts.
+    with tracked_run(settings, "train", inputs, run_tags, run_name=f"train-{domain or out.name}-{out.name}") as run:
+        result = train(settings, data, out, val, init_path, resume, on_epoch=run.log_epoch if run else None, init_label=label)
+        return result, _register(run, result, out, settings)
+
+
+def update_step(
+    settings: Settings, parent: str, data: Path, out: Path, val: Path | None = None, seen: Sequence[Path] = (),
+    replay: Path | None = None, domain: str | None = None, tags: Mapping[str, Any] = {},
+) -> tuple[TrainResult, str | None]:
+    """Update `parent` (a path or models:/ ref) with a new batch by `continual.strategy`; returns (result, version or None)."""
+    from segloop.continual import update
+    from segloop.tracking import tracked_run
+
+    path, label, parent_tags = _parent(parent, settings)
+    run_tags = {"segloop.strategy": settings.continual.strategy, "segloop.domain": domain, **parent_tags, **tags}
+    inputs = {"train": data, **({"val": val} if val else {}), **({"replay": replay} if replay else {})}
+    name = f"update-{domain or 'batch'}-{out.name}"
+    with tracked_run(settings, "update", inputs, run_tags, run_name=name) as run:
+        result = update(settings, path, data, out, val, seen, replay, on_epoch=run.log_epoch if run else None, init_label=label)
+        return result, _register(run, result, out, settings)
+
+
+def _register(run, result: TrainResult, out: Path, settings: Settings) -> str | None:
+    if run is None:
+        return None
+    from segloop.registry import log_training
+
+    version = log_training(run, result, out, settings.registry.model_name)
+    print(f"MLflow run {run.run_id}; registered models:/{settings.registry.model_name}/{version}", flush=True)
+    return version

@@ -1,0 +1,199 @@
+"""The Prefect flows on tiny data through real Prefect (test harness), MLflow, DVC, git and Evidently.
+
+One workspace + store is bootstrapped per module (a champion trained on `base`); each test
+works on its own copy of it."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.continual import continual_flow
+from flows.monitor import monitor_flow
+from segloop import loop, registry
+from segloop.config import load_settings
+from segloop.data.synthetic import generate
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _params(root: Path, raw: dict) -> Path:
+    raw = json.loads(json.dumps(raw))
+    raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{root}/store/mlflow.db", "experiment": "loop"}
+    raw["flows"] = {"workspace": str(root / "ws"), "retries": 0}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def arrive(root: Path, name: str, domain: str, n: int, seed: int) -> Path:
+    out = root / "ws" / "incoming" / name
+    generate(out, domain, n=n, seed=seed, size=(72, 80))
+    (out / "batch.json").write_text(json.dumps({"domain": domain}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loop_raw(tmp_path_factory) -> dict:
+    from conftest import ROOT, TINY, _merge
+
+    raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    raw["drift"] |= {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.05}
+    raw["continual"] |= {"epochs": 4}
+    # Tiny models: any real gain on the new domain promotes; the bootstrap floor is low.
+    raw["registry"] = {"model_name": "loop", "gate": {"min_gain": 0.0, "max_forgetting": 1.0, "floor_miou": 0.05}}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def bootstrapped(tmp_path_factory, loop_raw):
+    root = tmp_path_factory.mktemp("loop")
+    params = _params(root, loop_raw)
+    batch = arrive(root, "00-base", "base", 40, 1)
+    rec = continual_flow(str(batch), str(params))
+    return root, rec
+
+
+@pytest.fixture
+def copy(tmp_path, bootstrapped, loop_raw):
+    """A private copy of the bootstrapped workspace and store (the sqlite store is copied,
+    its artifacts stay where the module fixture wrote them)."""
+    root = tmp_path / "root"
+    shutil.copytree(bootstrapped[0], root, symlinks=True)
+    params = _params(root, loop_raw)
+    settings = load_settings(params)
+    return root, params, settings, loop.Workspace.of(settings)
+
+
+def _champion(settings) -> str:
+    client, _ = registry.registry_client(settings)
+    return str(client.get_model_version_by_alias(settings.registry.model_name, "champion").version)
+
+
+def test_bootstrap_trains_gates_on_floors_and_records_the_step(bootstrapped):
+    root, rec = bootstrapped
+    ws = root / "ws"
+    assert rec["drift"] is None and rec["updated"] and rec["promoted"] and rec["champion_version"] == "1"
+    assert rec["miou_before"] == {} and rec["miou_after"]["base"] >= 0.05
+    assert json.loads((ws / "processed" / "00-base.json").read_text())["batch"] == "00-base"
+    state = json.loads((ws / "state.json").read_text())
+    assert state["champion"] == "1" and state["trained_domains"] == {"base": "batches/00-base/split/train"}
+    assert json.loads((ws / state["replay"] / "manifest.json").read_text())["seen"] == 28  # 40 - 4 val - 8 test
+    assert "train-00-base" in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    assert (ws / "batches" / "00-base.dvc").exists()
+
+
+def test_shifted_batch_drifts_updates_and_is_promoted(copy):
+    root, params, settings, ws = copy
+    rec = continual_flow(str(arrive(root, "01-fog", "fog", 30, 3)), str(params))
+    assert rec["drift"]["data_drift"] and rec["drift"]["closest_domain"] == "base"
+    assert rec["updated"] and rec["promoted"] and rec["champion_version"] == rec["candidate_version"] == "2"
+    assert _champion(settings) == "2"
+    assert set(rec["miou_before"]) == set(rec["miou_after"]) == {"base", "fog"}
+    assert rec["miou_after"]["fog"] >= rec["miou_before"]["fog"]
+    # the version points at the workspace commit holding its DVC stage; the tree is clean
+    client, _ = registry.registry_client(settings)
+    tags = client.get_model_version("loop", "2").tags
+    assert tags["segloop.loop.commit"] == loop.git(ws, "rev-parse", "HEAD") == rec["commit"]
+    assert tags["segloop.loop.stage"] == "update-01-fog" and tags["segloop.batch"] == "01-fog"
+    assert loop.git(ws, "status", "--porcelain") == ""
+    # every model step is a committed DVC stage: a repro on the unchanged tree runs nothing
+    out = loop.dvc(ws, "repro")
+    assert "Running stage" not in out and "update-01-fog" in yaml.safe_load((ws.root / "dvc.yaml").read_text())["stages"]
+    state = loop.read_state(ws)
+    assert state["replay"] == "replay/01-fog" and set(state["trained_domains"]) == {"base", "fog"}
+
+
+def test_gate_rejection_keeps_the_champion(copy):
+    root, params, settings, ws = copy
+    # The rule a candidate cannot meet: the target must gain a full mIoU point of 1.0.
+    rec = continual_flow(str(arrive(root, "01-fog", "fog", 30, 3)), str(params), ["registry.gate.min_gain=1.0"])
+    assert rec["updated"] and not rec["promoted"] and rec["champion_version"] == "1"
+    assert any(r.startswith("FAIL fog") and "registry.gate.min_gain" in r for r in rec["reasons"])
+    assert _champion(settings) == "1"
+    assert rec["miou_after"] == rec["miou_before"]
+    state = loop.read_state(ws)
+    assert state["replay"] == "replay/00-base" and set(state["trained_domains"]) == {"base"}
+    assert set(state["heldout"]) == {"base", "fog"}  # the new domain is checked from now on
+
+
+def test_monitor_processes_each_batch_once_and_never_overlaps(copy):
+    root, params, settings, ws = copy
+    arrive(root, "01-base", "base", 24, 5)
+    arrive(root, "02-base", "base", 24, 6)
+    # another process holds the loop: this run does nothing and loses nothing
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl,time; f=open({str(ws.root / '.lock')!r},'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert monitor_flow(str(params)) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in loop.pending_batches(ws)] == ["01-base", "02-base"]
+    records = monitor_flow(str(params))
+    assert [r["batch"] for r in records] == ["01-base", "02-base"]
+    assert all(not r["drift"]["drift"] and not r["updated"] and r["champion_version"] == "1" for r in records)
+    assert monitor_flow(str(params)) == []
+    assert sorted(p.name for p in (ws.root / "processed").iterdir()) == ["00-base.json", "01-base.json", "02-base.json"]
+
+
+def test_bad_files_are_quarantined_and_the_rest_proceeds(copy):
+    root, params, settings, ws = copy
+    batch = arrive(root, "01-base", "base", 24, 7)
+    (batch / "images" / "broken.png").write_bytes(b"not a png")
+    shutil.copy(next((batch / "masks").iterdir()), batch / "masks" / "broken.png")
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray(np.full((72, 80), 9, np.uint8)).save(batch / "masks" / "badclass.png")
+    shutil.copy(next((batch / "images").glob("*.png")), batch / "images" / "badclass.png")
+    rec = continual_flow(str(batch), str(params))
+    assert rec["accepted"] == 24 and rec["quarantined"] == 4  # files: two pairs
+    reasons = [json.loads(line) for line in (ws.root / "quarantine" / "01-base" / "reasons.jsonl").read_text().splitlines()]
+    assert {Path(r["file"]).stem for r in reasons} == {"broken", "badclass"}
+    assert any("out of range: [9]" in r["reason"] for r in reasons) and any("unreadable" in r["reason"] for r in reasons)
+    assert rec["drift"] is not None and (ws.root / "processed" / "01-base.json").exists()
+
+
+def test_a_crash_leaves_champion_and_batch_pending_and_the_next_run_completes_it(copy, monkeypatch):
+    root, params, settings, ws = copy
+    arrive(root, "01-fog", "fog", 30, 3)
+
+    def crash(where):
+        def boom(*args, **kwargs):
+            raise RuntimeError(f"injected failure in {where}")
+        return boom
+
+    # 1. inside the update step: the candidate is registered, then the step dies
+    monkeypatch.setattr(loop, "record_stage", crash("update"))
+    with pytest.raises(RuntimeError, match="injected failure in update"):
+        monitor_flow(str(params))
+    monkeypatch.undo()
+    assert _champion(settings) == "1" and [p.name for p in loop.pending_batches(ws)] == ["01-fog"]
+    assert loop.read_state(ws)["champion"] == "1"
+    # 2. after the gate promoted, before the step was committed
+    monkeypatch.setattr(loop, "new_replay", crash("replay"))
+    with pytest.raises(RuntimeError, match="injected failure in replay"):
+        monitor_flow(str(params))
+    monkeypatch.undo()
+    assert _champion(settings) == "3"  # the alias moved, the step did not finish
+    assert [p.name for p in loop.pending_batches(ws)] == ["01-fog"]
+    # 3. the next run puts the champion back (recorded), redoes the step and completes it
+    records = monitor_flow(str(params))
+    assert [r["batch"] for r in records] == ["01-fog"] and records[0]["promoted"]
+    assert _champion(settings) == records[0]["champion_version"] == "4"
+    kinds = [(e["kind"], e["from"], e["to"]) for e in registry.history(settings)]
+    assert kinds == [("gate", None, "1"), ("gate", "1", "3"), ("rollback", "3", "1"), ("gate", "1", "4")]
+    assert monitor_flow(str(params)) == [] and loop.git(ws, "status", "--porcelain") == ""
