@@ -234,6 +234,18 @@ class DriftSettings(_Strict):
         return self
 
 
+class ExportSettings(_Strict):
+    """`segloop export`: ONNX opset, parity tolerance, static int8 calibration."""
+
+    opset: int = Field(17, ge=13, le=20)  # the TorchScript exporter writes opsets <= 20
+    # `segloop export` fails (exit 1) when fp32 logits differ from eager by more than this anywhere.
+    tolerance: float = Field(1e-3, gt=0.0)
+    calib_images: int = Field(64, gt=0)  # seeded sample of --calib images that sets activation ranges
+    calib_seed: int = 0
+    # Per-tensor weight scales run fastest on CPU; per-channel ones stay a bit closer to fp32.
+    per_channel: bool = False
+
+
 class Settings(_Strict):
     data: DataSettings
     generate: GenerateSettings = GenerateSettings()
@@ -245,6 +257,7 @@ class Settings(_Strict):
     tracking: TrackingSettings = TrackingSettings()
     registry: RegistrySettings = RegistrySettings()
     drift: DriftSettings = DriftSettings()
+    export: ExportSettings = ExportSettings()
 
     @property
     def num_classes(self) -> int:
