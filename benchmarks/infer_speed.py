@@ -181,7 +181,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "infer_speed.json").write_text(json.dumps(report, indent=1))
 
-    print(f"\n{cpu_name()}, {args.threads} threads, {side}x{side}; load average {load_before[0]:.1f} -> "
+    print(f"\n{cpu_name()}, intra-op threads: {args.threads}, {side}x{side}; load average {load_before[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f} (shared machine: speed-ups are median per-round ratios)")
     print(f"eager baseline (the faster eager layout): batch 1 {base1}, batch 8 {base8}\n")
     print("| backend | batch 1 latency ms | vs eager | batch 8 img/s | vs eager | mIoU | vs eager |")
