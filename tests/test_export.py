@@ -13,7 +13,6 @@ from PIL import Image
 
 from segloop.checkpoint import load_model, save_checkpoint
 from segloop.cli import main
-from segloop.config import ExportSettings
 from segloop.data.dataset import list_samples
 from segloop.evaluate import predict_folder
 from segloop.export import OnnxBackend, export_model, int8_path, log_export, parity_path
@@ -82,8 +81,7 @@ def test_int8_export_is_smaller_and_mostly_agrees(tmp_path, tiny_settings, base_
 def test_predict_onnx_backend_writes_the_torch_masks(tmp_path, tiny_settings, tiny_params, base_data, cli_env):
     ckpt = tiny_checkpoint(tmp_path / "m.pt", tiny_settings, 3)
     out = tmp_path / "m.onnx"
-    assert main(["export", "--params", str(tiny_params), "--model", str(ckpt), "--out", str(out),
-                 "--parity-data", str(base_data)]) == 0
+    assert main(["export", "--params", str(tiny_params), "--model", str(ckpt), "--out", str(out)]) == 0
     proc = subprocess.run(
         [sys.executable, "-m", "segloop.cli", "predict", "--params", str(tiny_params), "--backend", "onnx",
          "--model", str(out), "--input", str(base_data / "images"), "--out", str(tmp_path / "onnx")],
