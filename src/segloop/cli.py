@@ -98,11 +98,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from segloop.evaluate import predict_folder
+    from segloop.registry import is_model_ref
 
     s = _settings(args)
-    path, _, _ = _model(args.model, s)
-    n = predict_folder(path, args.input, args.out, s.eval)
-    print(f"wrote {n} masks to {args.out}")
+    if args.backend == "onnx" and is_model_ref(args.model):
+        raise ValueError(f"--backend onnx --model {args.model}: needs an exported .onnx file (see `segloop export`)")
+    path = Path(args.model) if args.backend == "onnx" else _model(args.model, s)[0]
+    n = predict_folder(path, args.input, args.out, s.eval, args.backend)
+    print(f"wrote {n} masks to {args.out} ({args.backend} backend)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from segloop.export import export_model, log_export, parity_lines, parity_path
+
+    s = _settings(args)
+    path, label, mv = _model(args.model, s)
+    report = export_model(path, args.out, s.export, s.eval, args.format, args.quantize, args.calib,
+                          args.parity_data, label=label)
+    for line in parity_lines(report):
+        print(line)
+    print(f"wrote {parity_path(args.out)}")
+    if mv is not None and s.tracking.enabled:
+        files = [Path(report[k]["file"]) for k in ("fp32", "int8") if k in report] + [parity_path(args.out)]
+        print(f"logged to the run of {label}: {log_export(s, mv, files)}")
+    if not report["fp32"]["within_tolerance"]:
+        print(f"error: {args.out} differs from eager PyTorch by {report['fp32']['max_abs_logit_diff']:.3g} "
+              f"> export.tolerance {s.export.tolerance:g}; do not deploy it", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -274,7 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--backend", default="torch",
+                   help="torch (a checkpoint or models:/ ref) or onnx (a `segloop export` file, ONNX Runtime CPU)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", parents=[common], help="ONNX export (+ static int8) with a parity check against eager")
+    p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
+    p.add_argument("--format", default="onnx", help="export format (default and only one so far: onnx)")
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file; FILE.parity.json is written beside it")
+    p.add_argument("--quantize", help="int8: also write <stem>.int8.onnx (static QDQ quantization, needs --calib)")
+    p.add_argument("--calib", type=Path, help="training images calibrating int8 (export.calib_images of them, seeded)")
+    p.add_argument("--parity-data", type=Path,
+                   help="images (+ masks: mIoU too) compared eager vs ONNX Runtime (default: seeded noise images)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
     p.add_argument("--parent", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION to start from")

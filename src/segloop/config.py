@@ -257,6 +257,18 @@ class FlowSettings(_Strict):
         return self.incoming if self.incoming is not None else self.workspace / "incoming"
 
 
+class ExportSettings(_Strict):
+    """`segloop export`: ONNX opset, parity tolerance, static int8 calibration."""
+
+    opset: int = Field(17, ge=13, le=20)  # the TorchScript exporter writes opsets <= 20
+    # `segloop export` fails (exit 1) when fp32 logits differ from eager by more than this anywhere.
+    tolerance: float = Field(1e-3, gt=0.0)
+    calib_images: int = Field(64, gt=0)  # seeded sample of --calib images that sets activation ranges
+    calib_seed: int = 0
+    # Per-tensor weight scales run fastest on CPU; per-channel ones stay a bit closer to fp32.
+    per_channel: bool = False
+
+
 class Settings(_Strict):
     data: DataSettings
     generate: GenerateSettings = GenerateSettings()
@@ -269,6 +281,7 @@ class Settings(_Strict):
     registry: RegistrySettings = RegistrySettings()
     drift: DriftSettings = DriftSettings()
     flows: FlowSettings = FlowSettings()
+    export: ExportSettings = ExportSettings()
 
     @property
     def num_classes(self) -> int:

@@ -11,18 +11,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from tqdm import tqdm
 
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.config import EvalSettings, Settings, save_settings
 from segloop.data.dataset import Sample, list_samples, read_image, read_mask, to_tensor
-from segloop.inference import pick_device, predict_logits
+from segloop.inference import Backend, pick_device, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou, summarize
 from segloop.plots import save_confusion, save_overlay
 
+BACKENDS = ("torch", "onnx")
 
-def _predict(model: nn.Module, sample: Sample, channels: int, cfg: EvalSettings, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+
+def _predict(model: Backend, sample: Sample, channels: int, cfg: EvalSettings, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
     """(image (H, W, C) uint8, predicted mask (H, W) int64 on CPU)."""
     image = read_image(sample.image, channels)
     x = to_tensor(image)[None].to(device)
@@ -31,7 +32,7 @@ def _predict(model: nn.Module, sample: Sample, channels: int, cfg: EvalSettings,
 
 
 def confusion_over(
-    model: nn.Module, samples: list[Sample], channels: int, num_classes: int, cfg: EvalSettings,
+    model: Backend, samples: list[Sample], channels: int, num_classes: int, cfg: EvalSettings,
     device: torch.device, progress: bool = False, on_image=None,
 ) -> torch.Tensor:
     """Summed (K, K) confusion of `model` over labelled `samples`; `on_image(i, image, truth, pred)` sees each."""
@@ -45,7 +46,7 @@ def confusion_over(
     return cm
 
 
-def miou_on(model: nn.Module, data_dir: Path, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
+def miou_on(model: Backend, data_dir: Path, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
     """(mIoU, per-class IoU) of `model` on the labelled folder `data_dir`, with settings' classes and eval."""
     cm = confusion_over(model, list_samples(data_dir), settings.data.channels, settings.num_classes, settings.eval, device)
     iou = per_class_iou(cm)
@@ -80,16 +81,31 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings,
     return metrics
 
 
-def predict_folder(model_path: Path, input_dir: Path, out_dir: Path, cfg: EvalSettings) -> int:
+def load_backend(model_path: Path, backend: str = "torch") -> tuple[Backend, int, torch.device]:
+    """(model returning logits for a padded batch, image channels, device its inputs go to).
+
+    "torch": a segloop checkpoint, eager; "onnx": a `segloop export` file in ONNX Runtime (CPU).
+    """
+    if backend == "torch":
+        ckpt = load_checkpoint(model_path)
+        model, _ = model_from_checkpoint(ckpt, str(model_path))
+        device = pick_device()
+        return model.to(device), ckpt["channels"], device
+    if backend == "onnx":
+        from segloop.export import OnnxBackend
+
+        onnx_model = OnnxBackend(model_path)
+        return onnx_model, onnx_model.channels, torch.device("cpu")
+    raise ValueError(f"--backend {backend!r}: unknown backend; valid: {list(BACKENDS)}")
+
+
+def predict_folder(model_path: Path, input_dir: Path, out_dir: Path, cfg: EvalSettings, backend: str = "torch") -> int:
     """Write one mask PNG (class ids) per image of `input_dir` (or its images/ subfolder)."""
-    ckpt = load_checkpoint(model_path)
-    model, _ = model_from_checkpoint(ckpt, str(model_path))
-    device = pick_device()
-    model.to(device)
+    model, channels, device = load_backend(model_path, backend)
     samples = list_samples(input_dir, require_masks=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     for sample in tqdm(samples, desc="predict"):
-        _, pred = _predict(model, sample, ckpt["channels"], cfg, device)
+        _, pred = _predict(model, sample, channels, cfg, device)
         Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(out_dir / f"{sample.stem}.png")
     return len(samples)
 

@@ -1,18 +1,27 @@
-"""Full-image inference: pad to a multiple of 32, sliding window above a size limit."""
+"""Full-image inference: pad to a multiple of 32, sliding window above a size limit.
+
+The padding and tiling run the same for every backend: anything that maps a padded
+batch to logits (an eager `nn.Module`, or `segloop.export.OnnxBackend` for ONNX Runtime).
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 STRIDE = 32  # total downsampling of a depth-5 encoder
+
+# Padded batch (N, C, H, W) float in [0, 1], H and W multiples of STRIDE -> logits (N, K, H, W).
+Backend = Callable[[torch.Tensor], torch.Tensor]
 
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(x padded at the bottom/right to multiples of STRIDE, original H, original W)."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % STRIDE, (-w) % STRIDE
     if ph or pw:
@@ -20,8 +29,8 @@ def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x, h, w
 
 
-def _forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    padded, h, w = _pad_to_stride(x)
+def _forward_padded(model: Backend, x: torch.Tensor) -> torch.Tensor:
+    padded, h, w = pad_to_stride(x)
     return model(padded)[..., :h, :w]
 
 
@@ -33,7 +42,7 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, max_size: int = 512, overlap: float = 0.25) -> torch.Tensor:
+def predict_logits(model: Backend, x: torch.Tensor, max_size: int = 512, overlap: float = 0.25) -> torch.Tensor:
     """Logits (N, K, H, W) float32 for images (N, C, H, W) float in [0, 1] of any size.
 
     Images whose sides fit in `max_size` run whole; larger ones are tiled with

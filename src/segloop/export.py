@@ -1,0 +1,332 @@
+"""ONNX export of a checkpoint, static int8 quantization, and the parity check against eager.
+
+The exported graph maps images (N, C, H, W) float32 in [0, 1] to logits (N, K, H, W),
+with N, H and W dynamic (H and W multiples of 32: `segloop.inference` pads and tiles
+before any backend sees a batch). The file carries the checkpoint's classes, channels
+and settings in its metadata, so `OnnxBackend` needs nothing else to predict.
+
+Parity: the same images through eager PyTorch and ONNX Runtime, with the same padding
+and tiling; max |logit difference| and the mIoU of each, written beside the file as
+`<FILE>.parity.json`. This module trains nothing and decides nothing about promotion.
+"""
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from segloop.checkpoint import load_checkpoint, model_from_checkpoint
+from segloop.config import EvalSettings, ExportSettings
+from segloop.data.dataset import list_samples, read_image, read_mask, to_tensor
+from segloop.inference import Backend, pad_to_stride, predict_logits
+from segloop.metrics import confusion_matrix, nanmean, per_class_iou
+
+FORMATS = ("onnx",)
+QUANTIZATIONS = ("int8",)
+INPUT, OUTPUT = "images", "logits"
+PROVIDER = "CPUExecutionProvider"
+META = "segloop."  # prefix of the metadata keys this module writes
+# Without --parity-data: seeded noise images at these (N, H, W), sides not multiples of 32.
+RANDOM_PARITY_SHAPES = ((1, 96, 128), (2, 72, 80))
+
+
+def parity_path(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.name + ".parity.json")
+
+
+def int8_path(onnx_path: Path) -> Path:
+    """model.onnx -> model.int8.onnx (the quantized copy lives beside the fp32 file)."""
+    return onnx_path.with_suffix(".int8.onnx")
+
+
+# ---------------------------------------------------------------- export
+
+def export_onnx(model: nn.Module, channels: int, path: Path, opset: int, metadata: Mapping[str, str]) -> None:
+    """Write `model` (eval mode) as ONNX with dynamic batch, height and width, plus `metadata`."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Batch 2 and a non-square size, so no dimension can be specialised by accident.
+    example = torch.rand(2, channels, 64, 96)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False) warns that it is legacy; it traces an SMP
+        # U-Net to a graph matching eager to ~1e-5, and the dynamo exporter needs onnxscript,
+        # which this project does not install.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model.eval(), (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: axes, OUTPUT: axes},
+        )
+    _set_metadata(path, metadata)
+    onnx.checker.check_model(str(path))
+
+
+def _set_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    keep = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
+class OnnxBackend:
+    """An exported segloop model in ONNX Runtime (CPU): logits for a padded batch.
+
+    Callable like the eager model, so `segloop.inference.predict_logits` pads and tiles
+    for it. `threads` defaults to torch's intra-op thread count, so both backends get
+    the same CPU budget in one process.
+    """
+
+    def __init__(self, path: Path | str, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ONNX model not found")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3  # errors only: the CPU provider's notes would drown the CLI's output
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[PROVIDER])
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ValueError(f"{path}: not a loadable ONNX model ({type(err).__name__}: {str(err)[:200]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if f"{META}classes" not in meta or f"{META}channels" not in meta:
+            raise ValueError(f"{path}: not a segloop ONNX export (no {META}classes / {META}channels metadata; "
+                             "write one with `segloop export`)")
+        self.path = path
+        self.classes: list[str] = json.loads(meta[f"{META}classes"])
+        self.channels = int(meta[f"{META}channels"])
+        self.metadata = dict(meta)
+        self.provider = self.session.get_providers()[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float in [0, 1], H and W multiples of 32 -> logits (N, K, H, W) float32."""
+        feed = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: feed})[0])
+
+
+# ---------------------------------------------------------------- int8
+
+class CalibrationImages:
+    """Feeds ONNX Runtime's calibrator a seeded sample of images, one padded image per batch.
+
+    An ORT `CalibrationDataReader` (its ABC accepts any class with `get_next`). Images larger
+    than `max_size` give their top-left `max_size` window: the tile inference would see.
+    """
+
+    def __init__(self, folder: Path, channels: int, n: int, seed: int, max_size: int):
+        samples = list_samples(Path(folder), require_masks=False)
+        self.samples = random.Random(seed).sample(samples, min(n, len(samples)))
+        self.channels, self.max_size = channels, max_size
+        self._next: Iterator = iter(self.samples)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        sample = next(self._next, None)
+        if sample is None:
+            return None
+        x = to_tensor(read_image(sample.image, self.channels))[None, :, : self.max_size, : self.max_size]
+        return {INPUT: pad_to_stride(x)[0].numpy()}
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, reader: CalibrationImages, per_channel: bool) -> dict:
+    """Static int8 (QDQ) copy of `fp32_path` calibrated on `reader`'s images; returns how it was made."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="segloop-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # ORT's recommended pre-processing: graph optimisation (BN folding...) + shape inference.
+        quant_pre_process(str(fp32_path), str(prepared))
+        # uint8 activations, int8 weights, full range: ORT's advice for x86 CPUs (VNNI or AMX run
+        # u8s8 without the saturation that reduce_range guards against on older cores).
+        quantize_static(
+            str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    return {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": per_channel,
+            "calibration": "MinMax", "calib_images": len(reader.samples)}
+
+
+# ---------------------------------------------------------------- parity
+
+def parity_inputs(data_dir: Path | None, channels: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(images (N, C, H, W) float in [0, 1], masks (N, H, W) int64 or None) to compare backends on.
+
+    A folder gives its images one by one (with masks when it has them); no folder gives
+    seeded noise images of RANDOM_PARITY_SHAPES.
+    """
+    if data_dir is None:
+        g = torch.Generator().manual_seed(seed)
+        for n, h, w in RANDOM_PARITY_SHAPES:
+            yield torch.rand(n, channels, h, w, generator=g), None
+        return
+    for sample in list_samples(Path(data_dir), require_masks=False):
+        x = to_tensor(read_image(sample.image, channels))[None]
+        truth = None if sample.mask is None else torch.from_numpy(read_mask(sample.mask).astype(np.int64))[None]
+        yield x, truth
+
+
+def check_parity(
+    model: Backend, backends: Mapping[str, Backend], inputs: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
+    num_classes: int, cfg: EvalSettings,
+) -> dict:
+    """Each backend against eager `model` on the same inputs, padded and tiled alike.
+
+    Per backend: max and mean |logit - eager logit|, share of pixels whose class agrees,
+    mIoU and its difference to eager (None unless every input has a mask).
+    """
+    cms = {name: torch.zeros(num_classes, num_classes, dtype=torch.int64) for name in ["eager", *backends]}
+    diff = {name: {"max": 0.0, "sum": 0.0, "agree": 0} for name in backends}
+    sizes, n_images, n_pixels, labelled = set(), 0, 0, True
+    for x, truth in inputs:
+        ref = predict_logits(model, x, cfg.max_size, cfg.overlap)
+        ref_pred = ref.argmax(1)
+        sizes.add(tuple(x.shape[-2:]))
+        n_images += x.shape[0]
+        n_pixels += ref_pred.numel()
+        labelled &= truth is not None
+        if truth is not None:
+            cms["eager"] += confusion_matrix(ref_pred, truth, num_classes)
+        for name, backend in backends.items():
+            out = predict_logits(backend, x, cfg.max_size, cfg.overlap)
+            delta = (out - ref).abs()
+            diff[name]["max"] = max(diff[name]["max"], float(delta.max()))
+            diff[name]["sum"] += float(delta.double().sum()) / ref.shape[1]
+            pred = out.argmax(1)
+            diff[name]["agree"] += int((pred == ref_pred).sum())
+            if truth is not None:
+                cms[name] += confusion_matrix(pred, truth, num_classes)
+    if not n_images:
+        raise ValueError("parity check: no inputs")
+    miou = {name: nanmean(per_class_iou(cm)) if labelled else None for name, cm in cms.items()}
+    report = {"n_images": n_images, "input_sizes": sorted([list(s) for s in sizes]), "labelled": labelled,
+              "eager": {"miou": miou["eager"]}}
+    for name, d in diff.items():
+        report[name] = {
+            "max_abs_logit_diff": d["max"],
+            "mean_abs_logit_diff": d["sum"] / n_pixels,
+            "pixel_agreement": d["agree"] / n_pixels,
+            "miou": miou[name],
+            "miou_diff": None if not labelled else miou[name] - miou["eager"],
+        }
+    return report
+
+
+# ---------------------------------------------------------------- the `segloop export` step
+
+def export_model(
+    checkpoint: Path, out: Path, cfg: ExportSettings, eval_cfg: EvalSettings, fmt: str = "onnx",
+    quantize: str | None = None, calib: Path | None = None, parity_data: Path | None = None,
+    label: str | None = None, log: Callable[[str], None] = print,
+) -> dict:
+    """Export `checkpoint` to `out` (and `<stem>.int8.onnx` with `quantize="int8"`), check parity.
+
+    Writes `<out>.parity.json` and returns it: opset, provider, input sizes, number of
+    images, and per exported file its logit difference and mIoU difference to eager.
+    `fp32.within_tolerance` says whether the fp32 file matches eager to `cfg.tolerance`.
+    """
+    import onnxruntime as ort
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: unknown export format; valid: {list(FORMATS)}")
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"--quantize {quantize!r}: unknown quantization; valid: {list(QUANTIZATIONS)}")
+    if out.suffix != ".onnx":
+        raise ValueError(f"--out {out}: an ONNX file name must end in .onnx")
+    if quantize is None and calib is not None:
+        raise ValueError("--calib is only used with --quantize int8")
+    # Every input is checked before the (slow) export starts.
+    ckpt = load_checkpoint(checkpoint)
+    model, _ = model_from_checkpoint(ckpt, str(checkpoint))
+    channels, classes = ckpt["channels"], list(ckpt["classes"])
+    reader = None
+    if quantize:
+        if calib is None:
+            raise ValueError("--quantize int8 needs --calib DIR: training images that set the activation ranges")
+        try:
+            reader = CalibrationImages(calib, channels, cfg.calib_images, cfg.calib_seed, eval_cfg.max_size)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"--calib: {err}") from None
+    if parity_data is not None:
+        list_samples(Path(parity_data), require_masks=False)  # a clear error now, not after the export
+
+    metadata = {
+        f"{META}classes": json.dumps(classes), f"{META}channels": str(channels),
+        f"{META}settings": json.dumps(ckpt["settings"]), f"{META}source": label or str(checkpoint),
+        f"{META}input": "images (N, C, H, W) float32 in [0, 1], H and W multiples of 32",
+    }
+    export_onnx(model, channels, out, cfg.opset, {**metadata, f"{META}precision": "fp32"})
+    log(f"exported {out} (opset {cfg.opset}, dynamic batch/height/width)")
+    files = {"fp32": out}
+    quantization = None
+    if reader is not None:
+        files["int8"] = int8_path(out)
+        quantization = quantize_int8(out, files["int8"], reader, cfg.per_channel)
+        _set_metadata(files["int8"], {**metadata, f"{META}precision": "int8"})
+        log(f"quantized {files['int8']} (static int8 QDQ, {len(reader.samples)} calibration images from {calib})")
+
+    backends = {name: OnnxBackend(path) for name, path in files.items()}
+    parity = check_parity(model, backends, parity_inputs(parity_data, channels), len(classes), eval_cfg)
+    report = {
+        "model": label or str(checkpoint), "checkpoint": str(checkpoint), "format": fmt, "opset": cfg.opset,
+        "provider": backends["fp32"].provider, "onnxruntime": ort.__version__, "torch": torch.__version__,
+        "classes": classes, "channels": channels,
+        "data": str(parity_data) if parity_data is not None else "random noise images (no --parity-data)",
+        "eval": {"max_size": eval_cfg.max_size, "overlap": eval_cfg.overlap},
+        **parity,
+    }
+    for name, path in files.items():
+        report[name] = {"file": str(path), "bytes": path.stat().st_size, **report[name]}
+    report["fp32"]["within_tolerance"] = report["fp32"]["max_abs_logit_diff"] <= cfg.tolerance
+    report["tolerance"] = cfg.tolerance
+    if quantization:
+        report["int8"]["quantization"] = {**quantization, "calib": str(calib), "calib_seed": cfg.calib_seed}
+    parity_path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def parity_lines(report: dict) -> list[str]:
+    """Human summary of a parity report, one line per exported file."""
+    lines = [f"parity vs eager PyTorch ({report['provider']}, opset {report['opset']}): {report['n_images']} images "
+             f"of {report['data']}, sizes {' '.join(f'{h}x{w}' for h, w in report['input_sizes'][:6])}"
+             + (" ..." if len(report["input_sizes"]) > 6 else "")]
+    if report["eager"]["miou"] is not None:
+        lines.append(f"  eager  mIoU {report['eager']['miou']:.4f}")
+    for name in ("fp32", "int8"):
+        r = report.get(name)
+        if r is None:
+            continue
+        miou = "" if r["miou"] is None else f"  mIoU {r['miou']:.4f} ({100 * r['miou_diff']:+.2f} pts)"
+        lines.append(f"  {name:5s}  max |logit diff| {r['max_abs_logit_diff']:.2e}  mean {r['mean_abs_logit_diff']:.2e}  "
+                     f"pixels agreeing {100 * r['pixel_agreement']:.2f}%{miou}  ({r['bytes'] / 2**20:.1f} MiB)")
+    return lines
+
+
+def log_export(settings, mv, files: list[Path]) -> str:
+    """Attach exported files to registered version `mv`'s run (folder `export/`); tag the version.
+
+    Returns the artifact URI of the folder.
+    """
+    from segloop.registry import registry_client
+
+    client, _ = registry_client(settings)
+    for path in files:
+        client.log_artifact(mv.run_id, str(path), "export")
+    uri = f"{client.get_run(mv.run_id).info.artifact_uri}/export"
+    client.set_model_version_tag(mv.name, mv.version, "segloop.export", uri)
+    return uri
