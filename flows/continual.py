@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from segloop import loop
 from segloop.config import Settings, load_settings
 from segloop.loop import Workspace
+from segloop.tracking import file_md5
 
 # Inputs are settings and paths, not cacheable values: every run computes.
 step = task(cache_policy=NO_CACHE)
@@ -102,8 +103,6 @@ def continual_flow(batch_dir: str, params: str = "params.yaml", overrides: list[
             rec["drift"] = drift(ws, info, champ, settings, b)
         if champ is None or rec["drift"]["drift"]:
             candidate = update(ws, info, champ, settings, b)
-            if candidate is None:
-                raise ValueError("the loop needs tracking.enabled: true (models are promoted through the MLflow registry)")
             decision = gate.with_options(**io)(ws, info, candidate, settings, b)
             rec |= {"updated": True, "candidate_version": candidate, "promoted": decision["promoted"],
                     "reasons": decision["reasons"], "decision": decision["decision"]}
@@ -119,7 +118,8 @@ def continual_flow(batch_dir: str, params: str = "params.yaml", overrides: list[
             stage = ("train-" if champ is None else "update-") + b
             tag.with_options(**io)(settings, rec["candidate_version"],
                                    {"segloop.loop.commit": commit, "segloop.loop.stage": stage,
-                                    "segloop.loop.workspace": str(ws.root)}, b)
+                                    "segloop.loop.workspace": str(ws.root),
+                                    "segloop.loop.params_md5": file_md5(ws.root / "params.yaml")}, b)
         rec["commit"] = commit
     log.info("batch %s: %s", b, rec["summary"])
     return rec

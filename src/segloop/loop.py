@@ -210,8 +210,7 @@ def reset_batch(ws: Workspace, batch: str) -> None:
             path.unlink()
 
 
-def record_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
-    """Write `name` to dvc.yaml as the command that produced `outs`, and commit its hashes to dvc.lock."""
+def _stage_add(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
     args = ["stage", "add", "--force", "-n", name]
     for d in deps:
         args += ["-d", ws.rel(d)]
@@ -220,6 +219,25 @@ def record_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: lis
     if params:
         args += ["-p", ",".join(params)]
     dvc(ws, *args, cmd)
+
+
+def run_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
+    """Write stage `name` to dvc.yaml and run it (`dvc repro -s`), its output shown as it comes."""
+    _stage_add(ws, name, cmd, deps, outs, params)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen(["dvc", "repro", "-s", name], cwd=ws.root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail: list[str] = []
+    for line in proc.stdout:
+        print(line.rstrip(), flush=True)
+        tail = (tail + [line])[-30:]
+    if proc.wait():
+        raise RuntimeError(f"stage {name} failed (dvc repro -s {name} in {ws.root}):\n{''.join(tail)}")
+
+
+def record_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
+    """Write `name` to dvc.yaml as the command that produced `outs` here, and commit their hashes to dvc.lock."""
+    _stage_add(ws, name, cmd, deps, outs, params)
     dvc(ws, "commit", "--force", name)
 
 
@@ -327,37 +345,39 @@ def check_drift(ws: Workspace, batch: dict, champ: tuple[str, Path], settings: S
     }
 
 
-def _params_arg() -> str:
-    return "--params params.yaml"
-
-
-def train_model(ws: Workspace, batch: dict, champ: tuple[str, Path] | None, settings: Settings) -> str | None:
+def train_model(ws: Workspace, batch: dict, champ: tuple[str, Path] | None, settings: Settings) -> str:
     """Bootstrap (no champion: train from scratch) or update the champion on the batch.
 
-    Returns the registered version. The step is recorded as DVC stage train-/update-<batch>.
+    The step is DVC stage train-/update-<batch>, run by `dvc repro` in its own process
+    (what ran is exactly what dvc.yaml says; a crash in training cannot take the flow
+    down with it). Returns the version it registered, tagged with the batch.
     """
-    from segloop.runs import train_step, update_step
-
     b, domain = batch["batch"], batch["domain"]
     state = read_state(ws)
     train, val, out = ws.split(b, "train"), ws.split(b, "val"), ws.root / "models" / b
-    tags = {"segloop.batch": b}
+    data = f"--data {ws.rel(train)} --val {ws.rel(val)} --out {ws.rel(out)} --domain {domain}"
     if champ is None:
-        _, version = train_step(settings, train, out, val, domain=domain, tags=tags)
-        cmd = f"segloop train {_params_arg()} --data {ws.rel(train)} --val {ws.rel(val)} --out {ws.rel(out)} --domain {domain}"
-        record_stage(ws, f"train-{b}", cmd, [train, val], [out], STAGE_PARAMS)
-        return version
+        run_stage(ws, f"train-{b}", f"segloop train --params params.yaml {data}", [train, val], [out], STAGE_PARAMS)
+        return registered_version(ws, settings, out, {"segloop.batch": b})
     parent = _parent_checkpoint(ws, state, champ)
     replay = ws.root / state["replay"] if state["replay"] else None
     joint = settings.continual.strategy == "joint"  # the only strategy that retrains on earlier batches
     seen = [ws.root / p for p in state["trained_domains"].values()] if joint else []
-    _, version = update_step(settings, str(parent), train, out, val, seen, replay, domain,
-                             tags=tags | {"segloop.parent_version": champ[0]})
-    cmd = (f"segloop update {_params_arg()} --parent {ws.rel(parent)} --data {ws.rel(train)} --val {ws.rel(val)} "
-           f"--out {ws.rel(out)} --domain {domain}" + (f" --replay {ws.rel(replay)}" if replay else "")
-           + "".join(f" --seen {ws.rel(s)}" for s in seen))
-    deps = [parent, train, val, *([replay] if replay else []), *seen]
-    record_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS)
+    cmd = (f"segloop update --params params.yaml --parent {ws.rel(parent)} {data}"
+           + (f" --replay {ws.rel(replay)}" if replay else "") + "".join(f" --seen {ws.rel(x)}" for x in seen))
+    run_stage(ws, f"update-{b}", cmd, [parent, train, val, *([replay] if replay else []), *seen], [out], STAGE_PARAMS)
+    return registered_version(ws, settings, out, {"segloop.batch": b, "segloop.parent_version": champ[0]})
+
+
+def registered_version(ws: Workspace, settings: Settings, out: Path, tags: dict[str, Any]) -> str:
+    """The version the stage registered (its registered.json), tagged with `tags`."""
+    from segloop.runs import REGISTERED
+
+    path = out / REGISTERED
+    if not path.exists():
+        raise ValueError(f"{path}: missing; the loop needs tracking.enabled: true (models are promoted through the registry)")
+    version = json.loads(path.read_text())["version"]
+    tag_version(settings, version, tags)
     return version
 
 
@@ -414,7 +434,7 @@ def new_replay(ws: Workspace, batch: dict, settings: Settings) -> str:
     prev = ws.root / state["replay"] if state["replay"] else None
     out, train = ws.root / "replay" / b, ws.split(b, "train")
     update_buffer(prev, train, b, settings.continual.replay.size, settings.split.seed, out)
-    cmd = (f"segloop replay-update {_params_arg()} --batch {ws.rel(train)} --batch-id {b} --out {ws.rel(out)}"
+    cmd = (f"segloop replay-update --params params.yaml --batch {ws.rel(train)} --batch-id {b} --out {ws.rel(out)}"
            + (f" --buffer {ws.rel(prev)}" if prev else ""))
     record_stage(ws, f"replay-{b}", cmd, [train, *([prev] if prev else [])], [out], ["continual.replay", "split.seed"])
     return ws.rel(out)

@@ -5,11 +5,14 @@ step run by hand, by DVC or by a Prefect flow is recorded the same way.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from segloop.config import Settings
 from segloop.train import TrainResult
+
+REGISTERED = "registered.json"  # beside the checkpoint: which registered version it became
 
 
 def _parent(ref: str, settings: Settings) -> tuple[Path, str, dict[str, Any]]:
@@ -21,7 +24,7 @@ def _parent(ref: str, settings: Settings) -> tuple[Path, str, dict[str, Any]]:
 
 def train_step(
     settings: Settings, data: Path, out: Path, val: Path | None = None, init: str | None = None,
-    resume: bool = False, domain: str | None = None, tags: Mapping[str, Any] = {},
+    resume: bool = False, domain: str | None = None,
 ) -> tuple[TrainResult, str | None]:
     """Train (from scratch, or from `init`: a path or models:/ ref); returns (result, registered version or None)."""
     from segloop.tracking import tracked_run
@@ -31,7 +34,7 @@ def train_step(
     if init:
         init_path, label, parent_tags = _parent(init, settings)
         run_tags |= {"segloop.strategy": "transfer", **parent_tags}
-    run_tags |= {"segloop.domain": domain, **tags}
+    run_tags["segloop.domain"] = domain
     inputs = {"train": data, **({"val": val} if val else {})}
     # The store is checked here, before any training starts.
     with tracked_run(settings, "train", inputs, run_tags, run_name=f"train-{domain or out.name}-{out.name}") as run:
@@ -41,14 +44,14 @@ def train_step(
 
 def update_step(
     settings: Settings, parent: str, data: Path, out: Path, val: Path | None = None, seen: Sequence[Path] = (),
-    replay: Path | None = None, domain: str | None = None, tags: Mapping[str, Any] = {},
+    replay: Path | None = None, domain: str | None = None,
 ) -> tuple[TrainResult, str | None]:
     """Update `parent` (a path or models:/ ref) with a new batch by `continual.strategy`; returns (result, version or None)."""
     from segloop.continual import update
     from segloop.tracking import tracked_run
 
     path, label, parent_tags = _parent(parent, settings)
-    run_tags = {"segloop.strategy": settings.continual.strategy, "segloop.domain": domain, **parent_tags, **tags}
+    run_tags = {"segloop.strategy": settings.continual.strategy, "segloop.domain": domain, **parent_tags}
     inputs = {"train": data, **({"val": val} if val else {}), **({"replay": replay} if replay else {})}
     name = f"update-{domain or 'batch'}-{out.name}"
     with tracked_run(settings, "update", inputs, run_tags, run_name=name) as run:
@@ -62,5 +65,6 @@ def _register(run, result: TrainResult, out: Path, settings: Settings) -> str | 
     from segloop.registry import log_training
 
     version = log_training(run, result, out, settings.registry.model_name)
+    (out / REGISTERED).write_text(json.dumps({"model": settings.registry.model_name, "version": version, "run_id": run.run_id}) + "\n")
     print(f"MLflow run {run.run_id}; registered models:/{settings.registry.model_name}/{version}", flush=True)
     return version

@@ -1,0 +1,92 @@
+"""Screenshot the Prefect UI on the project's Prefect database with headless Chromium
+(`make screenshot`): the flow runs list and one `continual-*` flow run with its task runs.
+
+Starts `prefect server start` on a free loopback port with PREFECT_HOME (default
+.prefect, where `make demo` keeps its runs), waits until the API answers, finds the flow
+runs through the API, and renders each page once its DOM shows the expected run names
+(never a spinner). Writes <out>/prefect_runs.png and <out>/prefect_flow_run.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from screenshot_ui import ScreenshotError, find_browser, free_port, shoot, start_server, stop_ui  # noqa: E402
+
+
+def post_json(url: str, payload: dict) -> list | dict:
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait_for_api(api: str, proc, timeout_s: float, log: Path) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if proc.poll() is not None:
+            raise ScreenshotError(f"prefect server exited with status {proc.returncode}; its log: {log}\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2):
+                return time.monotonic() - started
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise ScreenshotError(f"prefect server did not answer on {api} within {timeout_s:g}s; its log: {log}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", type=Path, default=Path(".prefect"), help="PREFECT_HOME holding prefect.db (default .prefect)")
+    ap.add_argument("--out", type=Path, default=Path("reports/ui"))
+    ap.add_argument("--size", type=int, nargs=2, default=[1500, 950], metavar=("WIDTH", "HEIGHT"))
+    ap.add_argument("--budget-ms", type=int, default=10000, help="virtual time Chromium gives the app to load (doubled on retry)")
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server")
+    args = ap.parse_args(argv)
+    try:
+        browser = find_browser()
+        home = args.home.resolve()
+        if not (home / "prefect.db").is_file():
+            raise ScreenshotError(f"{home / 'prefect.db'}: no Prefect database here (run `make demo` first)")
+        port = free_port()
+        base, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = args.out / "prefect_server.log"
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_UI_API_URL": api, "PREFECT_API_URL": api}
+        prefect = Path(sys.executable).parent / "prefect"
+        cmd = [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        proc = start_server(cmd, env, log)
+        try:
+            up_s = wait_for_api(api, proc, args.timeout, log)
+            runs = post_json(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 50})
+            continual = [r for r in runs if r["name"].startswith("continual-") and r["state_type"] == "COMPLETED"]
+            if not continual:
+                raise ScreenshotError(f"no completed continual-* flow runs in {home / 'prefect.db'} (run `make demo`)")
+            newest = continual[0]
+            size = tuple(args.size)
+            pages = [
+                (f"{base}/runs", [newest["name"], "monitor-"], args.out / "prefect_runs.png"),
+                (f"{base}/runs/flow-run/{newest['id']}", [newest["name"], f"gate-{newest['name'].removeprefix('continual-')}"],
+                 args.out / "prefect_flow_run.png"),
+            ]
+            for url, expect, png in pages:
+                t0 = time.monotonic()
+                used = shoot(browser, url, expect, png, args.budget_ms, size)
+                print(f"{png}  <- {url}  ({time.monotonic() - t0:.1f} s, virtual time {used} ms)")
+            print(f"Prefect API answered after {up_s:.1f} s; {len(runs)} flow runs, newest continual run {newest['name']}")
+        finally:
+            stop_ui(proc)
+    except ScreenshotError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
