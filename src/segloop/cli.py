@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from segloop.config import DEFAULT_PARAMS, Settings, SettingsError, load_settings, save_settings
@@ -70,10 +71,12 @@ def _model(ref: str, settings: Settings) -> tuple[Path, str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from segloop.distributed import world_from_env
     from segloop.tracking import tracked_run
     from segloop.train import train
 
     s = _settings(args)
+    primary = world_from_env().primary  # under torchrun only rank 0 tracks, registers and prints
     init, label, tags = None, None, {"segloop.strategy": "resume" if args.resume else "scratch", "segloop.domain": args.domain}
     if args.init:
         init, label, mv = _model(args.init, s)
@@ -81,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "segloop.parent_version": mv.version if mv else None}
     inputs = {"train": args.data, **({"val": args.val} if args.val else {})}
     # The store is checked here, before any training starts.
-    with tracked_run(s, "train", inputs, tags, run_name=f"train:{args.out.name}") as run:
+    with tracked_run(s, "train", inputs, tags, run_name=f"train:{args.out.name}") if primary else nullcontext() as run:
         result = train(s, args.data, args.out, args.val, init, args.resume,
                        on_epoch=run.log_epoch if run else None, init_label=label)
         if run:
@@ -89,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             version = log_training(run, result, args.out, s.registry.model_name)
             print(f"MLflow run {run.run_id}; registered models:/{s.registry.model_name}/{version}")
-    print(json.dumps(result.__dict__, indent=1))
+    if primary:
+        print(json.dumps(result.__dict__, indent=1))
     return 0
 
 

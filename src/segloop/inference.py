@@ -5,11 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segloop.distributed import device_for, world_from_env
+
 STRIDE = 32  # total downsampling of a depth-5 encoder
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU when there is one (cuda:LOCAL_RANK under torchrun), else the CPU."""
+    return device_for(world_from_env())
 
 
 def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
