@@ -42,3 +42,18 @@ def test_torchrun_trains_once_and_writes_a_single_process_checkpoint(base_data, 
     assert set(ddp_best) == set(reference)
     assert list(ddp_best["model"]) == list(reference["model"])  # plain module keys, no "module." prefix
     assert set(last) == set(load_checkpoint(tmp_path / "single" / "last.pt"))
+
+
+def test_torchrun_ranks_stop_together_on_the_time_budget(base_data, tmp_path, tiny_params, cli_env):
+    """A budget shorter than one step: the shared stop decision (all-reduced each step) ends both
+    ranks after step 1; a rank leaving alone would leave the other waiting in DDP's all-reduce."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "segloop.cli", "train",
+           "--params", str(tiny_params), "--data", str(base_data), "--out", str(out), "--set", "train.max_minutes=0.0001"]
+    proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("time budget of 0.0001 min reached") == 1
+    result = json.loads((out / "train_metrics.json").read_text())
+    assert result["stopped"] == "time_budget" and result["epochs"] == 1
+    assert load_checkpoint(out / "last.pt")["step"] == 1 and result["images_seen"] == 2 * 4
