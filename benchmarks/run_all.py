@@ -4,8 +4,8 @@
 
 Each benchmark runs alone in its own process (`python benchmarks/NAME.py`, as one would run
 it by hand), its output kept in reports/bench/logs/NAME.log; a progress line shows which one
-runs, for how long, and its latest output line. `--quick` is passed to the benchmarks that
-accept it. Then every reports/bench/*.json becomes one row of a table: a benchmark may put
+runs, for how long, and its latest output line. `--quick` and `--out` are passed to the
+benchmarks that accept them. Then every reports/bench/*.json becomes one row of a table: a benchmark may put
 `headline` ({label: figure}) and `goals` ({name: true | false | null}) at the top level of
 its json; for one that does not, a few of its top-level numbers are shown.
 """
@@ -138,7 +138,7 @@ def summary(bench_dir: Path, failed: dict[str, int]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="where the benchmarks and the summary write")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names (file stems) to run")
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--quick", action="store_true", help="pass --quick to the benchmarks that accept it")
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         interactive = sys.stderr.isatty()
         bar = tqdm(total=len(scripts), unit="bench", dynamic_ncols=True) if interactive else None
         for i, script in enumerate(scripts, 1):
-            extra = ["--quick"] if args.quick and '"--quick"' in script.read_text() else []
+            text = script.read_text()
+            extra = (["--quick"] if args.quick and '"--quick"' in text else []) + (["--out", str(args.out)] if '"--out"' in text else [])
             if bar is None:
                 print(f"[{i}/{len(scripts)}] {script.name} {' '.join(extra)}... (log: {args.out / 'logs' / script.stem}.log)", flush=True)
             rc, seconds = run_one(script, args.out / "logs" / f"{script.stem}.log", extra, bar)
