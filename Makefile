@@ -30,9 +30,9 @@ test: setup
 	$(BIN)/python -m pytest
 
 # Benchmarks write reports/bench/<name>.json + a plot; each states what it measured.
+# Runs every benchmarks/*.py with a progress line, then the table reports/bench/README.md.
 bench: setup
-	$(BIN)/python benchmarks/drift.py
-	$(BIN)/python benchmarks/continual.py
+	$(BIN)/python benchmarks/run_all.py
 
 # The project's own store (tracking.uri: null): runs and registry in mlruns/mlflow.db,
 # files in mlruns/artifacts. Loopback only; see README for a shared tracking server.

@@ -70,10 +70,12 @@ def _model(ref: str, settings: Settings) -> tuple[Path, str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from segloop.distributed import world_from_env
     from segloop.runs import train_step
 
     result, _ = train_step(_settings(args), args.data, args.out, args.val, args.init, args.resume, args.domain)
-    print(json.dumps(result.__dict__, indent=1))
+    if world_from_env().primary:  # under torchrun only rank 0 prints (and tracks, see runs.train_step)
+        print(json.dumps(result.__dict__, indent=1))
     return 0
 
 

@@ -120,6 +120,8 @@ class TrainSettings(_Strict):
     num_workers: int = Field(1, ge=0)
     bf16: bool = True  # CUDA only; CPU always trains in fp32
     channels_last: bool = True  # CUDA only
+    # torch.compile the training forward (pays off on CUDA for long runs; the first steps compile).
+    compile: bool = False
     augment: AugmentSettings = AugmentSettings()
 
     @model_validator(mode="after")

@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from segloop.distributed import device_for, world_from_env
+
 STRIDE = 32  # total downsampling of a depth-5 encoder
 
 # Padded batch (N, C, H, W) float in [0, 1], H and W multiples of STRIDE -> logits (N, K, H, W).
@@ -17,7 +19,8 @@ Backend = Callable[[torch.Tensor], torch.Tensor]
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU when there is one (cuda:LOCAL_RANK under torchrun), else the CPU."""
+    return device_for(world_from_env())
 
 
 def pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -6,6 +6,7 @@ step run by hand, by DVC or by a Prefect flow is recorded the same way.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ def train_step(
     resume: bool = False, domain: str | None = None,
 ) -> tuple[TrainResult, str | None]:
     """Train (from scratch, or from `init`: a path or models:/ ref); returns (result, registered version or None)."""
+    from segloop.distributed import world_from_env
     from segloop.tracking import tracked_run
     from segloop.train import train
 
@@ -36,8 +38,10 @@ def train_step(
         run_tags |= {"segloop.strategy": "transfer", **parent_tags}
     run_tags["segloop.domain"] = domain
     inputs = {"train": data, **({"val": val} if val else {})}
-    # The store is checked here, before any training starts.
-    with tracked_run(settings, "train", inputs, run_tags, run_name=f"train-{domain or out.name}-{out.name}") as run:
+    # The store is checked here, before any training starts. Under torchrun only rank 0 tracks.
+    primary = world_from_env().primary
+    name = f"train-{domain or out.name}-{out.name}"
+    with tracked_run(settings, "train", inputs, run_tags, run_name=name) if primary else nullcontext() as run:
         result = train(settings, data, out, val, init_path, resume, on_epoch=run.log_epoch if run else None, init_label=label)
         return result, _register(run, result, out, settings)
 

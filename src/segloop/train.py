@@ -4,7 +4,15 @@ One call trains a model on a dataset folder: joint augmentation, Dice + CE
 (ignore 255), AdamW with warm-up + cosine/poly, gradient clipping, early stopping
 on validation mIoU, a wall-clock budget, atomic checkpoints (`last.pt` every
 epoch, `best.pt` on improvement) and `resume`. Each epoch is reseeded from
-(seed, epoch), so a resumed run replays the same shuffles and augmentations.
+(seed, epoch), so a resumed run replays the same shuffles and augmentations
+(segloop.data.loader).
+
+On CUDA: bf16 autocast, channels_last, pinned memory with non-blocking copies,
+optional torch.compile. Under `torchrun --nproc-per-node N` the same call trains
+with DistributedDataParallel (segloop.distributed): each rank takes every N-th
+batch, rank 0 alone validates, logs and writes; checkpoints hold the plain
+module's weights, as in a single process. Nothing in the step loop waits for
+the GPU (the loss is summed on the device and read once per epoch).
 """
 from __future__ import annotations
 
@@ -20,14 +28,15 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset
 
 from segloop.checkpoint import load_checkpoint, save_checkpoint
 from segloop.config import Settings, TrainSettings, save_settings
 from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, train_transform
-from segloop.data.replay import MixedBatchSampler
+from segloop.data.loader import SEED_STRIDE, training_loader
+from segloop.distributed import any_rank, device_for, from_primary, mean_over_ranks, process_group, world_from_env
 from segloop.evaluate import miou_on
-from segloop.inference import pick_device
 from segloop.models import build_model
 
 LAST, BEST = "last.pt", "best.pt"
@@ -68,11 +77,6 @@ def lr_factor(step: int, total: int, warmup: int, cfg: TrainSettings) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    torch.manual_seed(seed * 100_003 + epoch)
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
 def init_from(model: nn.Module, path: Path, settings: Settings) -> str:
     """Load another model's weights for transfer learning; classes and channels must match."""
     ckpt = load_checkpoint(path)
@@ -89,15 +93,6 @@ def init_from(model: nn.Module, path: Path, settings: Settings) -> str:
 
 # An extra loss term for continual strategies: (images, student logits, masks) -> scalar.
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _loader(dataset, replay, ratio: float, cfg: TrainSettings, epoch: int, cuda: bool) -> DataLoader:
-    generator = _seed_epoch(cfg.seed, epoch)
-    common = dict(num_workers=cfg.num_workers, pin_memory=cuda)
-    if replay is None:
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator, **common)
-    sampler = MixedBatchSampler(len(dataset), len(replay), cfg.batch_size, ratio, generator)
-    return DataLoader(ConcatDataset([dataset, replay]), batch_sampler=sampler, **common)
 
 
 def train(
@@ -129,9 +124,24 @@ def train(
     `init_label` names the parent in the checkpoint when `init` is a downloaded copy
     (e.g. `models:/segloop/3` rather than a temporary path).
     """
+    world = world_from_env()
+    device = device_for(world)
+    with process_group(world, device) as control:
+        return _train(settings, data_dir, out_dir, val_dir, init, resume, log if world.primary else _silent,
+                      replay_dir, replay_ratio, extra_loss, freeze_encoder, meta, on_epoch if world.primary else None,
+                      init_label, world.rank, world.size, device, control)
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, replay_ratio, extra_loss,
+           freeze_encoder, meta, on_epoch, init_label, rank: int, world: int, device: torch.device, control) -> TrainResult:
     cfg, started = settings.train, time.monotonic()
-    device = pick_device()
-    cuda = device.type == "cuda"
+    cuda, primary = device.type == "cuda", rank == 0
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels once
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
     val_dir = val_dir or data_dirs[0]
@@ -139,8 +149,9 @@ def train(
     parts = [SegmentationDataset(d, settings.data.channels, transform) for d in data_dirs]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     replay = SegmentationDataset(replay_dir, settings.data.channels, transform) if replay_dir else None
-    if len(dataset) < cfg.batch_size:
-        raise ValueError(f"{data_dir}: {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}")
+    if len(dataset) < cfg.batch_size * world:
+        raise ValueError(f"{data_dir}: {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}"
+                         + (f" x {world} processes" if world > 1 else ""))
 
     torch.manual_seed(cfg.seed)  # weight init too: a run depends on its seed, not on what ran before
     model = build_model(settings.model, settings.data.channels, settings.num_classes)
@@ -149,9 +160,10 @@ def train(
         model.encoder.requires_grad_(False)
     if parent and init_label:
         parent = init_label
-    model.to(device, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.preserve_format)
+    channels_last = cuda and cfg.channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if cuda else None)
     loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
     state = {"epoch": 0, "step": 0, "best_miou": -1.0, "bad_epochs": 0, "history": [], "images_seen": 0}
     if resume:
@@ -161,9 +173,17 @@ def train(
         state = {k: ckpt[k] for k in state}
         parent = ckpt.get("parent")
         log(f"resuming {out_dir / LAST} after epoch {state['epoch']} (best val mIoU {state['best_miou']:.4f})")
-    save_settings(settings, out_dir / "settings.yaml")
+    if primary:
+        save_settings(settings, out_dir / "settings.yaml")
+    # `model` stays the plain module: validation, checkpoints and state_dict keys never see the wrappers.
+    net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    forward = torch.compile(net) if cfg.compile else net
 
-    steps_per_epoch = len(_loader(dataset, replay, replay_ratio, cfg, 0, cuda))
+    loader = training_loader(dataset, replay, replay_ratio, cfg.batch_size, cfg.seed, cfg.num_workers,
+                             pin_memory=cuda, rank=rank, world=world)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{data_dir}: too few images for one batch of train.batch_size={cfg.batch_size} per process")
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.bf16 else nullcontext()
@@ -178,8 +198,9 @@ def train(
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
 
     for epoch in range(state["epoch"], cfg.epochs):
-        loader = _loader(dataset, replay, replay_ratio, cfg, epoch, cuda)
-        model.train()
+        torch.manual_seed(cfg.seed * SEED_STRIDE + epoch + 1_000_003 * rank)  # anything else random (dropout)
+        loader.batch_sampler.set_epoch(epoch)
+        net.train()
         if freeze_encoder:
             model.encoder.eval()  # frozen means BatchNorm running statistics too
         loss_sum, n_batches, epoch_start = torch.zeros((), device=device), 0, time.monotonic()
@@ -187,11 +208,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, warmup, cfg)
             images = images.to(device, non_blocking=True)
-            if cuda and cfg.channels_last:
+            if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             masks = masks.to(device, non_blocking=True)
             with autocast:
-                logits = model(images)
+                logits = forward(images)
                 loss = loss_fn(logits, masks)
                 if extra_loss is not None:
                     loss = loss + extra_loss(images, logits, masks)
@@ -203,20 +224,23 @@ def train(
             loss_sum += loss.detach()  # stays on device: no per-step sync
             n_batches += 1
             state["step"] += 1
-            state["images_seen"] += images.shape[0]
-            if time.monotonic() - started > budget_s:
+            state["images_seen"] += images.shape[0] * world
+            # A host clock, no GPU sync; under DDP every rank must stop at the same step.
+            if budget_s < math.inf and any_rank(time.monotonic() - started > budget_s, control):
                 stopped = "time_budget"
                 break
         train_s = time.monotonic() - epoch_start
+        loss_mean = mean_over_ranks(float(loss_sum) / max(1, n_batches), control)
         model.eval()
-        val_miou, val_iou = miou_on(model, val_dir, settings, device)
+        val_miou, val_iou = miou_on(model, val_dir, settings, device) if primary else (0.0, [])
+        val_miou = from_primary([val_miou], control)[0]  # every rank takes the same early-stopping decision
         state["epoch"] = epoch + 1
         record = {
             "epoch": epoch + 1,
-            "loss": round(float(loss_sum) / max(1, n_batches), 5),
+            "loss": round(loss_mean, 5),
             "val_miou": round(val_miou, 5),
             "lr": optimizer.param_groups[0]["lr"],
-            "img_per_s": round(n_batches * cfg.batch_size / max(train_s, 1e-9), 2),
+            "img_per_s": round(n_batches * cfg.batch_size * world / max(train_s, 1e-9), 2),
             "seconds": round(time.monotonic() - started, 1),
         }
         state["history"].append(record)
@@ -225,10 +249,12 @@ def train(
         improved = val_miou > state["best_miou"]
         if improved:
             state["best_miou"], state["bad_epochs"] = val_miou, 0
-            save_checkpoint(out_dir / BEST, {**meta, "model": model.state_dict(), "epoch": epoch + 1, "val_miou": val_miou, "val_per_class_iou": val_iou})
+            if primary:
+                save_checkpoint(out_dir / BEST, {**meta, "model": model.state_dict(), "epoch": epoch + 1, "val_miou": val_miou, "val_per_class_iou": val_iou})
         else:
             state["bad_epochs"] += 1
-        save_checkpoint(out_dir / LAST, {**meta, **state, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        if primary:
+            save_checkpoint(out_dir / LAST, {**meta, **state, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
         log(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['loss']:.4f}  val mIoU {val_miou:.4f}"
             f"{' *' if improved else '  '}  {record['img_per_s']:6.1f} img/s  {record['seconds']:6.1f}s"
@@ -251,8 +277,9 @@ def train(
         stopped=stopped,
         checkpoint=str(out_dir / BEST),
     )
-    (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
-    (out_dir / "train_metrics.json").write_text(json.dumps(asdict(result), indent=1))
+    if primary:
+        (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        (out_dir / "train_metrics.json").write_text(json.dumps(asdict(result), indent=1))
     return result
 
 

@@ -1,0 +1,86 @@
+"""The training DataLoader: batches and augmentations fixed by (seed, epoch) alone.
+
+Every epoch reseeds one generator from (seed, epoch); it draws the shuffle (or the
+replay mix) and one augmentation seed per sample, which the dataset applies before
+augmenting. So an epoch's batches and augmentations do not depend on what ran before
+(a resumed run replays them), on the number of workers, on workers living across
+epochs, or on how many processes share the epoch: under DDP every rank draws the same
+sequence and takes every world-th batch.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler
+
+from segloop.data.replay import MixedBatchSampler
+
+SEED_STRIDE = 100_003  # epoch seeds of different run seeds never collide for < 100,003 epochs
+
+
+class SeededSamples(Dataset):
+    """`dataset` indexed by (index, seed): the seed is set before the sample is read and augmented."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        # torchvision's random transforms draw from the default CPU generator.
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of (index, augmentation seed) of one epoch; `set_epoch` chooses the epoch.
+
+    `batches` draws from `generator`; this rank yields batches rank, rank + world, ...
+    and every rank the same number of them (the remainder of the epoch is dropped).
+    """
+
+    def __init__(self, batches: Sampler[list[int]], generator: torch.Generator, seed: int, rank: int = 0, world: int = 1):
+        self.batches, self.generator, self.seed = batches, generator, seed
+        self.rank, self.world = rank, world
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * SEED_STRIDE + epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches) // self.world
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        keep = len(self) * self.world
+        for i, batch in enumerate(self.batches):
+            if i >= keep:
+                return
+            seeds = torch.randint(0, 2**62, (len(batch),), generator=self.generator).tolist()
+            if i % self.world == self.rank:
+                yield list(zip(batch, seeds))
+
+
+def training_loader(
+    dataset: Dataset, replay: Dataset | None, ratio: float, batch_size: int, seed: int,
+    num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1,
+) -> DataLoader:
+    """One loader for the whole run (workers persist); call `loader.batch_sampler.set_epoch(e)` per epoch.
+
+    With `replay`, each batch mixes round(ratio * batch_size) buffer samples into the new data.
+    """
+    generator = torch.Generator()
+    if replay is None:
+        batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
+    else:
+        batches = MixedBatchSampler(len(dataset), len(replay), batch_size, ratio, generator)
+        dataset = ConcatDataset([dataset, replay])
+    return DataLoader(
+        SeededSamples(dataset),
+        batch_sampler=EpochBatches(batches, generator, seed, rank, world),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
