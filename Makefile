@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 # through monitor_flow; workspace/ is the loop's own git + DVC repo (ignored here), the
 # runs land in this project's MLflow store and Prefect database. A re-run continues.
 demo: setup
-	$(BIN)/python -m flows.demo --set train.max_minutes=3
+	$(BIN)/python -m flows.demo --set train.max_minutes=null --set train.epochs=24
 
 test: setup
 	$(BIN)/python -m pytest

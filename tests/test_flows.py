@@ -64,12 +64,23 @@ def bootstrapped(tmp_path_factory, loop_raw):
     return root, rec
 
 
+def _move_store(db: Path, old: Path, new: Path) -> None:
+    """Point every absolute path the copied MLflow db holds (artifact locations, model
+    sources) from the original's folder into the copy's: tests never share artifacts."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        for (table,) in con.execute("select name from sqlite_master where type = 'table'").fetchall():
+            for col in [c[1] for c in con.execute(f"pragma table_info('{table}')") if c[2].upper().startswith(("TEXT", "VARCHAR"))]:
+                con.execute(f'update "{table}" set "{col}" = replace("{col}", ?, ?) where "{col}" like ?', (str(old), str(new), f"%{old}%"))
+
+
 @pytest.fixture
 def copy(tmp_path, bootstrapped, loop_raw):
-    """A private copy of the bootstrapped workspace and store (the sqlite store is copied,
-    its artifacts stay where the module fixture wrote them)."""
+    """A private copy of the bootstrapped workspace and store."""
     root = tmp_path / "root"
     shutil.copytree(bootstrapped[0], root, symlinks=True)
+    _move_store(root / "store" / "mlflow.db", bootstrapped[0], root)
     params = _params(root, loop_raw)
     settings = load_settings(params)
     return root, params, settings, loop.Workspace.of(settings)
