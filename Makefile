@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # DVC stages call `segloop`; make it the venv's one.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test bench ui clean
+.PHONY: setup demo test bench ui screenshot clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ ui: setup
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///mlruns/mlflow.db, artifacts: mlruns/artifacts)"
 	@# Job execution (huey workers) serves MLflow's GenAI features, not segloop: off saves 7 processes.
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port $(UI_PORT)
+
+# Headless-Chromium screenshots of the registered model's UI page and its champion's version
+# page (reports/ui/*.png), from the project store; needs Debian's chromium (see the script).
+screenshot: setup
+	$(BIN)/python scripts/screenshot_ui.py --store mlruns/mlflow.db --out reports/ui
 
 clean:
 	rm -rf data/raw data/valid data/split data/quarantine models reports

@@ -355,5 +355,13 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(tmp_path, bas
     # The champion did not move, and the refusal is on record.
     assert registry._alias_version(client, NAME, registry.CHAMPION) == "1"
     assert [(e["from"], e["to"], e["kind"]) for e in registry.history(settings)] == [(None, "1", "gate")]
-    v2 = client.get_model_version(NAME, "2").tags
-    assert v2["segloop.gate.promoted"] == "false" and v2["segloop.parent_version"] == "1" and v2["segloop.strategy"] == "finetune"
+    v2 = client.get_model_version(NAME, "2")
+    assert v2.tags["segloop.gate.promoted"] == "false" and v2.tags["segloop.parent_version"] == "1"
+    assert v2.tags["segloop.strategy"] == "finetune"
+    # ...and readable in the UI: the version description states lineage and the gate's verdict.
+    assert v2.description.startswith("lowlight model: finetune, parent v1; gate: NOT promoted")
+    assert f"- parent: `models:/{NAME}@champion`" in v2.description
+    assert "last gate as candidate: **NOT PROMOTED**" in v2.description and forgot in v2.description
+    assert f"`{sets['lowlight']['train']}` (md5 `{dir_md5(sets['lowlight']['train'])}`)" in v2.description
+    v1 = client.get_model_version(NAME, "1").description
+    assert v1.startswith("base model: scratch, parent none; gate: promoted") and "champion since" in v1
