@@ -293,5 +293,5 @@ def log_drift(run: TrackedRun, record: Mapping[str, Any], out_dir: Path) -> None
     })
     for name in ("drift.json", "drift.html"):
         run.log_file(Path(out_dir) / name)
-    if (Path(out_dir) / "quality").is_dir():
+    if quality.get("batch_miou") is not None:  # evaluated in this check (not a stale folder of an earlier one)
         run.log_folder(Path(out_dir) / "quality", "quality")
