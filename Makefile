@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test bench ui prefect-ui clean
+.PHONY: setup demo test bench ui prefect-ui screenshot clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,13 @@ ui: setup
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///mlruns/mlflow.db, artifacts: mlruns/artifacts)"
 	@# Job execution (huey workers) serves MLflow's GenAI features, not segloop: off saves 7 processes.
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port $(UI_PORT)
+
+# Headless-Chromium screenshots of the registered model's UI page and its champion's version
+# page (reports/ui/*.png), from the project store; needs Debian's chromium (see the script).
+# ... and of the Prefect UI on the demo's flow runs (reports/ui/prefect_*.png).
+screenshot: setup
+	$(BIN)/python scripts/screenshot_ui.py --store mlruns/mlflow.db --out reports/ui
+	$(BIN)/python scripts/screenshot_prefect.py --home .prefect --out reports/ui
 
 # The Prefect UI on the project's database: the demo's monitor and continual flow runs.
 prefect-ui: setup

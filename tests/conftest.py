@@ -69,6 +69,64 @@ def base_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, created and migrated once per test run.
+
+    Creating a store runs every MLflow schema migration (about 8-10 s on this CPU);
+    copying a migrated one takes milliseconds, so store-backed tests copy this file.
+    Opened through segloop's own tracking code, so it is the schema segloop expects.
+    """
+    from segloop.config import TrackingSettings
+    from segloop.tracking import open_store, resolve_store
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    open_store(resolve_store(TrackingSettings(uri=f"sqlite:///{db}")))
+    return db
+
+
+def copy_store(template: Path, folder: Path) -> str:
+    """A private copy of the migrated store in `folder` (artifacts beside it); its URI.
+
+    The sqlite backup API copies a consistent snapshot even if a connection is open.
+    """
+    import sqlite3
+
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / "mlflow.db"
+    src, dst = sqlite3.connect(template), sqlite3.connect(db)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def store_uri(migrated_store, tmp_path) -> str:
+    """A fresh MLflow store of this test's own (a copy of the migrated template)."""
+    return copy_store(migrated_store, tmp_path / "store")
+
+
+@pytest.fixture
+def tracked_raw(tiny_raw, store_uri) -> dict:
+    """TINY settings with tracking on, pointed at this test's store (experiment `test`)."""
+    return {**tiny_raw, "tracking": {"enabled": True, "uri": store_uri, "experiment": "test"}}
+
+
+@pytest.fixture
+def tracked_settings(tracked_raw) -> Settings:
+    return settings_from_dict(tracked_raw)
+
+
+@pytest.fixture
+def tracked_params(tmp_path, tracked_raw) -> Path:
+    path = tmp_path / "params-tracked.yaml"
+    path.write_text(yaml.safe_dump(tracked_raw))
+    return path
+
+
 @pytest.fixture
 def cli_env() -> dict:
     """Environment for subprocesses that must find this venv's `segloop` and `dvc`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,16 +220,46 @@ def test_bad_input_names_folder_or_file(data, tmp_path):
     assert not (tmp_path / "o" / "drift.json").exists()
 
 
-def test_cli_drift_and_bad_input(data, tmp_path, capsys):
+def test_cli_drift_and_bad_input(data, tiny_params, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["drift", "--reference", str(data / "ref"), "--current", str(data / "fog"), "--out", str(out),
-               "--cache", str(tmp_path / "cache"), "--set", "drift.mmd_permutations=200"])
+    common = ["--params", str(tiny_params), "--reference", str(data / "ref"), "--out", str(out)]  # tracking off
+    rc = main(["drift", *common, "--current", str(data / "fog"), "--cache", str(tmp_path / "cache"),
+               "--set", "drift.mmd_permutations=200"])
     assert rc == 0 and json.loads((out / "drift.json").read_text())["drift"] is True
     assert "DRIFT" in capsys.readouterr().out
-    rc = main(["drift", "--reference", str(data / "ref"), "--current", str(tmp_path / "missing"), "--out", str(out)])
+    rc = main(["drift", *common, "--current", str(tmp_path / "missing")])
     assert rc == 2 and f"current {tmp_path / 'missing'}: folder not found" in capsys.readouterr().err
-    rc = main(["drift", "--reference", str(data / "ref"), "--current", str(data / "fog"), "--out", str(out), "--set", "drift.alpha=0"])
+    rc = main(["drift", *common, "--current", str(data / "fog"), "--set", "drift.alpha=0"])
     assert rc == 2 and "drift.alpha" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_drift_check_is_an_mlflow_run(data, champion_path, tracked_params, tracked_settings, tmp_path, capsys):
+    """With tracking on, each check is a run of `<experiment>-drift` holding both files."""
+    from segloop.tracking import dir_md5, open_store, resolve_store
+
+    runs = {}
+    for batch in ("fog", "base"):
+        out = tmp_path / batch
+        assert main(["drift", "--params", str(tracked_params), "--reference", str(data / "ref"), "--current", str(data / batch),
+                     "--model", str(champion_path), "--out", str(out), "--no-cache", "--set", "drift.mmd_permutations=200"]) == 0
+        runs[batch] = (json.loads((out / "drift.json").read_text()), capsys.readouterr().out.split("MLflow run ")[1].strip())
+    client = open_store(resolve_store(tracked_settings.tracking))
+    for batch, (record, run_id) in runs.items():
+        run = client.get_run(run_id)
+        assert client.get_experiment(run.info.experiment_id).name == "test-drift" and run.info.status == "FINISHED"
+        assert run.info.run_name == f"drift:{batch}" and run.data.tags["segloop.command"] == "drift"
+        assert run.data.tags["segloop.drift"] == str(record["drift"]).lower()
+        assert run.data.tags["segloop.drift.data"] == str(record["data_drift"]).lower()
+        assert run.data.tags["segloop.data.current.md5"] == dir_md5(data / batch)
+        assert run.data.metrics["score"] == pytest.approx(record["score"])
+        assert run.data.metrics["share_drifted"] == pytest.approx(record["share_drifted"])
+        assert run.data.metrics["n_current"] == 24 and run.data.metrics["n_reference"] == 40
+        files = {a.path for a in client.list_artifacts(run_id)}
+        assert {"drift.json", "drift.html", "quality"} <= files  # labelled batch: the champion's evaluation too
+        logged = client.download_artifacts(run_id, "drift.json", str(tmp_path / f"dl-{batch}"))
+        assert json.loads(Path(logged).read_text()) == record
+    assert runs["fog"][0]["data_drift"] is True and runs["base"][0]["data_drift"] is False
 
 
 # --- reference and settings -------------------------------------------------------------

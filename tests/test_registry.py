@@ -24,12 +24,14 @@ NAME = "tiny"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, base_data):
-    """A temp store holding two versions: v1 trained 3 epochs on base, v2 barely trained (lr 1e-9)."""
-    from conftest import ROOT, TINY, _merge
+def store(tmp_path_factory, base_data, migrated_store):
+    """A temp store holding two versions: v1 trained 3 epochs on base, v2 barely trained (lr 1e-9).
+
+    The tests below share it on purpose (the alias history is a sequence of changes); it
+    starts as a copy of the session's migrated store.
+    """
+    from conftest import ROOT, TINY, _merge, copy_store
 
     root = tmp_path_factory.mktemp("registry")
     # downloaded checkpoints are cached under the temp folder: keep this module's in root
@@ -37,7 +39,7 @@ def store(tmp_path_factory, base_data):
     (root / "tmp").mkdir()
     patch.setattr(tempfile, "tempdir", str(root / "tmp"))
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{root}/store/mlflow.db", "experiment": "test"}
+    raw["tracking"] = {"enabled": True, "uri": copy_store(migrated_store, root / "store"), "experiment": "test"}
     raw["registry"] = {"model_name": NAME}
     raw["train"]["epochs"] = 3
     params = root / "params.yaml"
@@ -293,3 +295,73 @@ def test_gate_latest_that_is_already_champion_decides_nothing(store, tmp_path, c
     assert "already the champion: nothing to decide" in capsys.readouterr().out
     assert not (tmp_path / "g" / "promotion_decision.json").exists()
     assert len(registry.history(store["settings"])) == moves and _champion(store) == latest
+
+
+@pytest.mark.slow
+def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(tmp_path, base_data, tracked_raw, monkeypatch, capsys):
+    """The reject path on real models and real evaluations: the champion is trained on base;
+    the candidate is that champion fine-tuned hard on lowlight (plain finetune, high lr).
+    It wins on lowlight and forgets base far beyond registry.gate.max_forgetting."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # checkpoint download cache stays in the test folder
+    sets = {d: {} for d in ("base", "lowlight")}
+    sets["base"]["train"] = base_data  # 24 pairs, seed 1
+    for i, (domain, split, n) in enumerate([("base", "val", 8), ("base", "test", 8),
+                                            ("lowlight", "train", 24), ("lowlight", "val", 8), ("lowlight", "test", 8)]):
+        sets[domain][split] = tmp_path / f"{domain}-{split}"
+        generate(sets[domain][split], domain, n=n, seed=10 + i, size=(72, 80))
+    tracked_raw["train"]["epochs"] = 24  # a champion that knows base well enough to have something to forget
+    tracked_raw["registry"] = {"model_name": NAME}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tracked_raw))
+    own = {"params": params}
+
+    def run(*args) -> int:
+        return segloop(own, *args)
+
+    assert run("train", "--data", str(sets["base"]["train"]), "--val", str(sets["base"]["val"]),
+               "--out", str(tmp_path / "champion"), "--domain", "base") == 0
+    assert run("gate", "--candidate", "1", "--target", "base", "--data", f"base={sets['base']['test']}",
+               "--out", str(tmp_path / "g1"), "--set", "registry.gate.floor_miou=0.1") == 0
+    settings = settings_from_dict(tracked_raw)
+    client = open_store(resolve_store(settings.tracking))
+    assert registry._alias_version(client, NAME, registry.CHAMPION) == "1"
+    assert run("update", "--parent", f"models:/{NAME}@champion", "--data", str(sets["lowlight"]["train"]),
+               "--val", str(sets["lowlight"]["val"]), "--out", str(tmp_path / "candidate"), "--domain", "lowlight",
+               "--set", "continual.strategy=finetune", "--set", "continual.epochs=8", "--set", "continual.lr=0.01") == 0
+    capsys.readouterr()
+
+    assert run("gate", "--candidate", "2", "--target", "lowlight", "--out", str(tmp_path / "g2"),
+               "--data", f"base={sets['base']['test']}", "--data", f"lowlight={sets['lowlight']['test']}") == 0
+    printed = capsys.readouterr().out
+    d = json.loads((tmp_path / "g2" / "promotion_decision.json").read_text())
+    base, low = d["metrics"]["base"], d["metrics"]["lowlight"]
+    cfg = settings.registry.gate
+    # The scenario, checked rather than assumed: better on the new domain, worse on the old one.
+    assert low["candidate"] >= low["champion"] + cfg.min_gain, f"fine-tuning did not improve lowlight: {low}"
+    assert base["candidate"] < base["champion"] - cfg.max_forgetting, f"fine-tuning did not forget base: {base}"
+
+    assert d["promoted"] is False and d["candidate_version"] == "2" and d["champion_version"] == "1"
+    assert f"NOT PROMOTED: {NAME} v2 (champion was v1)" in printed
+    forgot = (f"FAIL base mIoU {base['candidate']:.4f} vs champion {base['champion']:.4f} "
+              f"({base['candidate'] - base['champion']:+.4f}); old domain may lose at most {cfg.max_forgetting:.4f} "
+              f"(registry.gate.max_forgetting): needs >= {base['champion'] - cfg.max_forgetting:.4f}")
+    gained = f"PASS lowlight mIoU {low['candidate']:.4f} vs champion {low['champion']:.4f}"
+    assert forgot in d["reasons"] and forgot in printed
+    assert any(r.startswith(gained) and "registry.gate.min_gain" in r for r in d["reasons"])
+    # The numbers are the models' real scores: a plain evaluate of v2 on base agrees.
+    assert run("evaluate", "--model", f"models:/{NAME}/2", "--data", str(sets["base"]["test"]), "--out", str(tmp_path / "e")) == 0
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["miou"] == pytest.approx(base["candidate"])
+
+    # The champion did not move, and the refusal is on record.
+    assert registry._alias_version(client, NAME, registry.CHAMPION) == "1"
+    assert [(e["from"], e["to"], e["kind"]) for e in registry.history(settings)] == [(None, "1", "gate")]
+    v2 = client.get_model_version(NAME, "2")
+    assert v2.tags["segloop.gate.promoted"] == "false" and v2.tags["segloop.parent_version"] == "1"
+    assert v2.tags["segloop.strategy"] == "finetune"
+    # ...and readable in the UI: the version description states lineage and the gate's verdict.
+    assert v2.description.startswith("lowlight model: finetune, parent v1; gate: NOT promoted")
+    assert f"- parent: `models:/{NAME}@champion`" in v2.description
+    assert "last gate as candidate: **NOT PROMOTED**" in v2.description and forgot in v2.description
+    assert f"`{sets['lowlight']['train']}` (md5 `{dir_md5(sets['lowlight']['train'])}`)" in v2.description
+    v1 = client.get_model_version(NAME, "1").description
+    assert v1.startswith("base model: scratch, parent none; gate: promoted") and "champion since" in v1

@@ -82,14 +82,13 @@ def test_dir_md5_is_the_hash_dvc_records(tmp_path, base_data, cli_env):
 
 
 @pytest.mark.slow
-def test_epochs_are_logged_as_they_happen(tmp_path, tiny_raw):
+def test_epochs_are_logged_as_they_happen(tmp_path, tracked_raw):
     from segloop.data.synthetic import generate
 
     base_data = tmp_path / "small"  # 8 pairs, 2 steps an epoch: the point is the timing of the logs
     generate(base_data, "base", n=8, seed=3, size=(64, 64))
-    tiny_raw["train"]["epochs"] = 2
-    tiny_raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{tmp_path}/store/mlflow.db"}
-    settings = settings_from_dict(tiny_raw)
+    tracked_raw["train"]["epochs"] = 2
+    settings = settings_from_dict(tracked_raw)
     seen = []
     with tracked_run(settings, "train", {"train": base_data}) as run:
         def on_epoch(record):
@@ -107,9 +106,19 @@ def test_epochs_are_logged_as_they_happen(tmp_path, tiny_raw):
         assert [m.step for m in run.client.get_metric_history(run.run_id, key)] == [1, 2]
 
 
-def test_failed_step_marks_the_run_failed(tmp_path, tiny_raw):
-    tiny_raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"}
+def test_failed_step_marks_the_run_failed(tracked_settings):
     with pytest.raises(ValueError, match="boom"):
-        with tracked_run(settings_from_dict(tiny_raw), "train") as run:
+        with tracked_run(tracked_settings, "train") as run:
             raise ValueError("boom")
     assert run.client.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_each_test_store_is_a_private_migrated_copy(migrated_store, tmp_path):
+    """The conftest store fixtures: a copy is usable at once and shares nothing with another."""
+    from conftest import copy_store
+
+    a, b = copy_store(migrated_store, tmp_path / "a"), copy_store(migrated_store, tmp_path / "b")
+    client_a = open_store(resolve_store(TrackingSettings(uri=a)))
+    client_a.create_experiment("only-in-a")
+    assert open_store(resolve_store(TrackingSettings(uri=b))).get_experiment_by_name("only-in-a") is None
+    assert open_store(resolve_store(TrackingSettings(uri=f"sqlite:///{migrated_store}"))).get_experiment_by_name("only-in-a") is None

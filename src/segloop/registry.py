@@ -38,6 +38,12 @@ CHECKPOINT_FILE = "best.pt"  # the segloop checkpoint, inside the logged model's
 MODEL_ARTIFACT = "model"
 HISTORY_FOLDER = "alias_history"
 DECISION_FILE = "promotion_decision.json"
+MODEL_DESCRIPTION = (
+    "segloop semantic-segmentation model. Alias `champion` is the model in use: it moves only through "
+    "`segloop gate` (candidate vs champion on every domain's held-out set), `segloop models promote` "
+    "(manual, recorded) or `segloop models rollback`; `segloop models history` lists every change. "
+    "Each version's description states its parent, data, code and gate result."
+)
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
 
@@ -115,6 +121,8 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: 
             registered_model_name=model_name,
         )
     version = str(info.registered_model_version)
+    if not run.client.get_registered_model(model_name).description:
+        run.client.update_registered_model(model_name, MODEL_DESCRIPTION)
     # The version carries what its run recorded (data md5s, git commit, parent, strategy...)
     # so the registry page alone answers "which data, which parent, which code".
     run_tags = run.client.get_run(run.run_id).data.tags
@@ -124,7 +132,45 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: 
     for k, v in tags.items():
         if v is not None:
             run.client.set_model_version_tag(model_name, version, k, str(v))
+    describe_version(run.client, model_name, version)
     return version
+
+
+def describe_version(client, name: str, version: str) -> str:
+    """Write the version's description (Markdown, shown on its MLflow UI page) from its tags:
+    parent, strategy, data, code, validation mIoU, last gate result, champion record.
+
+    Called whenever segloop changes those tags, so the UI alone tells the lineage.
+    """
+    tags = dict(client.get_model_version(name, str(version)).tags or {})
+    parent_ref, parent_version = tags.get("segloop.parent"), tags.get("segloop.parent_version")
+    parent = f"v{parent_version}" if parent_version else parent_ref or "none"
+    gate = {"true": "promoted", "false": "NOT promoted"}.get(tags.get("segloop.gate.promoted", ""), "not gated yet")
+    # Plain first line: the UI's versions table shows only its first few words.
+    lines = [f"{tags.get('segloop.domain') or 'unknown'} model: {tags.get('segloop.strategy', '-')}, parent {parent}; gate: {gate}",
+             "", f"- parent: `{parent_ref}`" if parent_ref else "- parent: none (trained from scratch)"]
+    roles = sorted({k.split(".")[2] for k in tags if k.startswith("segloop.data.") and k.endswith(".md5")})
+    for role in roles:
+        lines.append(f"- data `{role}`: `{tags.get(f'segloop.data.{role}.path', '?')}` (md5 `{tags[f'segloop.data.{role}.md5']}`)")
+    commit = tags.get("segloop.git_commit")
+    code = f"git `{commit[:10]}`{' (dirty)' if tags.get('segloop.git_dirty') == 'true' else ''}, " if commit else ""
+    lines.append(f"- code: {code}segloop {tags.get('segloop.version', '?')}; run `{tags.get('segloop.run_id', '?')}`")
+    if tags.get("segloop.val_miou"):
+        lines.append(f"- validation mIoU at training: {float(tags['segloop.val_miou']):.4f}")
+    miou = {k.removeprefix("segloop.miou."): v for k, v in sorted(tags.items()) if k.startswith("segloop.miou.")}
+    if miou:  # set by every gate this version took part in, as candidate or as champion
+        lines.append(f"- held-out mIoU (latest gate evaluations): {', '.join(f'{d} {float(v):.3f}' for d, v in miou.items())}")
+    if "segloop.gate.promoted" in tags:
+        lines.append(f"- its last gate as candidate: **{gate.upper()}**")
+        lines += [f"  - {r}" for r in tags.get("segloop.gate.reasons", "").splitlines()]
+        lines.append(f"  - decision: `{tags.get('segloop.gate.decision', '?')}`")
+    if tags.get(f"segloop.{CHAMPION}.since"):
+        since, until = tags[f"segloop.{CHAMPION}.since"], tags.get(f"segloop.{CHAMPION}.until")
+        lines.append(f"- champion since {since} ({tags.get(f'segloop.{CHAMPION}.kind')}: "
+                     f"{tags.get(f'segloop.{CHAMPION}.reason', '')[:300]})" + (f", replaced {until}" if until and until >= since else ""))
+    text = "\n".join(lines)
+    client.update_model_version(name, str(version), description=text)
+    return text
 
 
 def log_training(run: TrackedRun, result, out_dir: Path, model_name: str) -> str:
@@ -245,6 +291,9 @@ def move_alias(
         else:
             client.delete_registered_model_alias(name, alias)
         raise
+    # Descriptions only restate the tags (not evidence): written after the record.
+    for v in {previous, str(version)} - {None}:
+        describe_version(client, name, v)
     return entry
 
 
@@ -470,6 +519,9 @@ def gate(
             client.set_model_version_tag(name, mv.version, f"segloop.miou.{d}", f"{v:.5f}")
     client.set_model_version_tag(name, candidate.version, "segloop.gate.promoted", str(decision["promoted"]).lower())
     client.set_model_version_tag(name, candidate.version, "segloop.gate.decision", decision_uri)
+    client.set_model_version_tag(name, candidate.version, "segloop.gate.reasons", "\n".join(decision["reasons"]))
+    for mv in models.values():
+        describe_version(client, name, mv.version)
     if decision["promoted"]:
         if _alias_version(client, name, CHAMPION) != champion_version:  # another gate or a person moved it
             raise ValueError(f"{name}: champion changed while v{candidate.version} was being gated "

@@ -232,18 +232,20 @@ def tracked_run(
     inputs: Mapping[str, Path] | None = None,
     tags: Mapping[str, Any] | None = None,
     run_name: str | None = None,
+    experiment: str | None = None,
 ) -> Iterator[TrackedRun | None]:
     """An MLflow run around one segloop step; yields None when tracking.enabled is false.
 
-    The store is checked and the run opened before the body runs, so a bad store fails
-    before any training. The run ends FINISHED, or FAILED if the body raises.
+    The run goes to `experiment` (default tracking.experiment). The store is checked and
+    the run opened before the body runs, so a bad store fails before any training. The
+    run ends FINISHED, or FAILED if the body raises.
     """
     if not settings.tracking.enabled:
         yield None
         return
     store = resolve_store(settings.tracking)
     client = open_store(store, settings.tracking.connect_timeout_s)
-    exp_id = ensure_experiment(client, store, settings.tracking.experiment)
+    exp_id = ensure_experiment(client, store, experiment or settings.tracking.experiment)
     all_tags = {"segloop.command": kind, **code_tags(), **data_tags(inputs or {})}
     all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -255,3 +257,41 @@ def tracked_run(
         status = "FINISHED"
     finally:
         client.set_terminated(tracked.run_id, status)
+
+
+def drift_experiment(settings: Settings) -> str:
+    """Drift checks are grouped apart from training: `<tracking.experiment>-drift`."""
+    return f"{settings.tracking.experiment}-drift"
+
+
+def _verdict(value: bool | None) -> str | None:
+    return None if value is None else str(bool(value)).lower()
+
+
+def log_drift(run: TrackedRun, record: Mapping[str, Any], out_dir: Path) -> None:
+    """One drift check's result on its run: headline metrics, verdict tags, drift.json + drift.html.
+
+    `record` is the drift.json payload (segloop.drift.detect.detect_drift); a labelled
+    batch's champion evaluation (`out_dir/quality/`) is logged too when present.
+    """
+    metrics = {"score": record["score"], "share_drifted": record["share_drifted"],
+               "n_reference": record["n_reference"], "n_current": record["n_current"],
+               "n_drifted": len(record["drifted_features"])}
+    if (record.get("embeddings") or {}).get("p_value") is not None:
+        metrics["embeddings_p_value"] = record["embeddings"]["p_value"]
+    quality = record.get("quality") or {}
+    if quality.get("batch_miou") is not None:
+        metrics |= {"quality.batch_miou": quality["batch_miou"], "quality.drop": quality["drop"]}
+    run.log_metrics(metrics)
+    run.set_tags({
+        "segloop.drift": _verdict(record["drift"]),
+        "segloop.drift.data": _verdict(record["data_drift"]),
+        "segloop.drift.performance": _verdict(record["performance_drift"]),  # None: not checked
+        # MLflow tag values are short strings: the strongest few, the full list is in drift.json
+        "segloop.drift.features": ", ".join(record["drifted_features"][:10]) or "-",
+        "segloop.drift.method": record["method"],
+    })
+    for name in ("drift.json", "drift.html"):
+        run.log_file(Path(out_dir) / name)
+    if quality.get("batch_miou") is not None:  # evaluated in this check (not a stale folder of an earlier one)
+        run.log_folder(Path(out_dir) / "quality", "quality")
