@@ -151,6 +151,8 @@ class ReplaySettings(_Strict):
 class LwFSettings(_Strict):
     temperature: float = Field(2.0, gt=0.0)
     weight: float = Field(1.0, ge=0.0)
+    # With a replay buffer: distil the replayed (old-domain) samples only, where the parent is right.
+    replay_only: bool = False
 
 
 class ContinualSettings(_Strict):
@@ -159,6 +161,11 @@ class ContinualSettings(_Strict):
     lr: float = Field(5e-4, gt=0.0)
     replay: ReplaySettings = ReplaySettings()
     lwf: LwFSettings = LwFSettings()
+    # Class-incremental update: classes the batch adds, the last entries of data.classes
+    # (the parent has the others); the head grows by one output channel each.
+    new_classes: list[str] = []
+    # MiB's background-shift fix for those updates: unbiased cross-entropy and distillation.
+    unbiased: bool = True
 
     @field_validator("strategy")
     @classmethod
@@ -245,6 +252,16 @@ class Settings(_Strict):
     tracking: TrackingSettings = TrackingSettings()
     registry: RegistrySettings = RegistrySettings()
     drift: DriftSettings = DriftSettings()
+
+    @model_validator(mode="after")
+    def _new_classes_last(self) -> "Settings":
+        new, classes = self.continual.new_classes, self.data.classes
+        if new and (len(new) >= len(classes) or classes[-len(new):] != new):
+            raise ValueError(
+                f"continual.new_classes {new} must be the last entries of data.classes {classes} "
+                "(the head grows at its end) and leave background and the parent's classes before them"
+            )
+        return self
 
     @property
     def num_classes(self) -> int:

@@ -4,7 +4,9 @@ An update starts from the parent's weights and trains on a new batch with a
 strategy chosen by name. `finetune` is the cheap lower bound that forgets;
 `joint` (retrain from scratch on every batch so far) is the expensive upper
 bound; `replay`, `lwf`, `replay_lwf` and `freeze_encoder` sit in between.
-Class-incremental updates (growing the head, MiB distillation) are not built yet.
+A class-incremental update (`continual.new_classes`) composes with any of them
+but `joint`: the head grows, and with `continual.unbiased` the losses follow MiB
+(segloop.class_incremental).
 """
 from __future__ import annotations
 
@@ -16,28 +18,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segloop.checkpoint import load_model
+from segloop.checkpoint import load_checkpoint, load_model
+from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
 from segloop.config import Settings
 from segloop.data.dataset import IGNORE_INDEX
 from segloop.inference import pick_device
 from segloop.tracking import dir_md5
-from segloop.train import TrainResult, train
+from segloop.train import SegLoss, TrainResult, train
 
 
 class Distillation:
     """LwF for segmentation: per-pixel KL(teacher || student) at temperature T, times T^2.
 
-    Pixels marked ignore (crop padding) are left out; the teacher is frozen.
+    Pixels marked ignore (crop padding) are left out; the teacher is frozen. A
+    student with more classes than its teacher (class-incremental) is compared
+    through MiB's unbiased view: its new classes merge into its background, which
+    is what the teacher's background meant; `unbiased=False` compares the
+    student's old channels alone (plain LwF over the old head). `replay_only`
+    distils the replayed samples of a batch only.
     """
 
-    def __init__(self, teacher: nn.Module, temperature: float, weight: float):
+    def __init__(self, teacher: nn.Module, temperature: float, weight: float, unbiased: bool = True,
+                 replay_only: bool = False):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.t, self.weight = temperature, weight
+        self.t, self.weight, self.unbiased, self.replay_only = temperature, weight, unbiased, replay_only
 
-    def __call__(self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor,
+                 from_replay: torch.Tensor | None = None) -> torch.Tensor:
+        if self.replay_only:
+            if from_replay is None or not bool(from_replay.any()):
+                return logits.sum() * 0.0
+            images, logits, masks = images[from_replay], logits[from_replay], masks[from_replay]
         with torch.no_grad():
             target = F.log_softmax(self.teacher(images).float() / self.t, dim=1)
-        student = F.log_softmax(logits.float() / self.t, dim=1)
+        n_old = target.shape[1]
+        if self.unbiased:
+            student = merge_new_into_background(F.log_softmax(logits.float() / self.t, dim=1), n_old)
+        else:
+            student = F.log_softmax(logits[:, :n_old].float() / self.t, dim=1)
         kl = F.kl_div(student, target, log_target=True, reduction="none").sum(1)
         valid = (masks != IGNORE_INDEX).float()
         return self.weight * self.t**2 * (kl * valid).sum() / valid.sum().clamp(min=1.0)
@@ -49,26 +67,41 @@ def _update_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"train": settings.train.model_copy(update={"epochs": c.epochs, "lr": c.lr})})
 
 
+def _class_incremental_loss(settings: Settings, parent: Path) -> nn.Module | None:
+    """MiB's unbiased loss when the update adds classes (None: the plain loss)."""
+    c, t = settings.continual, settings.train
+    if not c.new_classes or not c.unbiased:
+        return None
+    n_old = len(load_checkpoint(parent)["classes"])
+    return UnbiasedSegLoss(n_old, SegLoss(t.dice_weight, t.ce_weight))
+
+
 def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | None, seen: Sequence[Path],
          replay: Path | None, log, hooks: dict, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
     if use_replay and replay is None:
         raise ValueError(f"strategy {settings.continual.strategy!r} needs a replay buffer (--replay DIR)")
     c = settings.continual
+    if joint and c.new_classes:
+        raise ValueError("continual.new_classes: `joint` retrains from scratch on data.classes, so every batch "
+                         "must label every class; leave new_classes empty for it")
     extra = None
     if distill:
         teacher, _ = load_model(parent)
-        extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight)
+        extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight, c.unbiased,
+                             c.lwf.replay_only and use_replay)
     data = [*seen, new] if joint else [new]
     meta = {
         "strategy": c.strategy,
         "update_parent": str(parent),
         "data_md5": {str(d): dir_md5(d) for d in data},
         **({"replay_md5": dir_md5(replay)} if use_replay else {}),
+        **({"new_classes": list(c.new_classes), "unbiased": c.unbiased} if c.new_classes else {}),
     }
     return train(
         settings if joint else _update_settings(settings), data, out, val, init=None if joint else parent, log=log,
         replay_dir=replay if use_replay else None, replay_ratio=c.replay.ratio, extra_loss=extra,
-        freeze_encoder=freeze, meta=meta, **hooks,
+        freeze_encoder=freeze, new_classes=() if joint else c.new_classes,
+        seg_loss=None if joint else _class_incremental_loss(settings, parent), meta=meta, **hooks,
     )
 
 

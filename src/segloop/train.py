@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from segloop.checkpoint import load_checkpoint, save_checkpoint
+from segloop.class_incremental import grow_head
 from segloop.config import Settings, TrainSettings, save_settings
 from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, train_transform
 from segloop.data.replay import MixedBatchSampler
@@ -73,22 +74,25 @@ def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def init_from(model: nn.Module, path: Path, settings: Settings) -> str:
-    """Load another model's weights for transfer learning; classes and channels must match."""
+def init_from(model: nn.Module, path: Path, settings: Settings, new_classes: Sequence[str] = ()) -> str:
+    """Load another model's weights for transfer learning; classes and channels must match,
+    except `new_classes` (class-incremental): the parent lacks them and its head grows."""
     ckpt = load_checkpoint(path)
-    if list(ckpt["classes"]) != list(settings.data.classes):
-        raise ValueError(f"--init {path}: classes {ckpt['classes']} differ from data.classes {settings.data.classes}")
+    if list(ckpt["classes"]) + list(new_classes) != list(settings.data.classes):
+        grown = f" + continual.new_classes {list(new_classes)}" if new_classes else ""
+        raise ValueError(f"--init {path}: classes {ckpt['classes']}{grown} differ from data.classes {settings.data.classes}")
     if ckpt["channels"] != settings.data.channels:
         raise ValueError(f"--init {path}: {ckpt['channels']} channels, data.channels is {settings.data.channels}")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(grow_head(ckpt["model"], len(new_classes)) if new_classes else ckpt["model"])
     except RuntimeError as err:
         raise ValueError(f"--init {path}: weights do not fit model {settings.model.arch}/{settings.model.encoder}: {err}") from None
     return str(path)
 
 
-# An extra loss term for continual strategies: (images, student logits, masks) -> scalar.
-ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# An extra loss term for continual strategies: (images, student logits, masks, from_replay) -> scalar;
+# from_replay: (N,) bool, which samples of the batch came from the replay buffer.
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _loader(dataset, replay, ratio: float, cfg: TrainSettings, epoch: int, cuda: bool) -> DataLoader:
@@ -113,6 +117,8 @@ def train(
     replay_ratio: float = 0.0,
     extra_loss: ExtraLoss | None = None,
     freeze_encoder: bool = False,
+    new_classes: Sequence[str] = (),
+    seg_loss: nn.Module | None = None,
     meta: dict | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     init_label: str | None = None,
@@ -123,8 +129,9 @@ def train(
     Continual strategies use the keyword arguments: `replay_dir` mixes its samples
     into each batch at `replay_ratio`; `extra_loss` is added to the segmentation
     loss (distillation); `freeze_encoder` trains decoder and head only, the encoder
-    (BatchNorm statistics included) stays bit-identical. `meta` is stored in the
-    checkpoints (strategy, data hashes...).
+    (BatchNorm statistics included) stays bit-identical; `new_classes` grows the
+    head of `init` (class-incremental); `seg_loss` replaces Dice + CE (MiB's unbiased
+    loss). `meta` is stored in the checkpoints (strategy, data hashes...).
     `on_epoch(record)` sees each epoch's record as it ends (MLflow logs them live).
     `init_label` names the parent in the checkpoint when `init` is a downloaded copy
     (e.g. `models:/segloop/3` rather than a temporary path).
@@ -144,7 +151,7 @@ def train(
 
     torch.manual_seed(cfg.seed)  # weight init too: a run depends on its seed, not on what ran before
     model = build_model(settings.model, settings.data.channels, settings.num_classes)
-    parent = init_from(model, init, settings) if init else None
+    parent = init_from(model, init, settings, new_classes) if init else None
     if freeze_encoder:
         model.encoder.requires_grad_(False)
     if parent and init_label:
@@ -152,7 +159,7 @@ def train(
     model.to(device, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.preserve_format)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
+    loss_fn = seg_loss or SegLoss(cfg.dice_weight, cfg.ce_weight)
     state = {"epoch": 0, "step": 0, "best_miou": -1.0, "bad_epochs": 0, "history": [], "images_seen": 0}
     if resume:
         ckpt = load_checkpoint(out_dir / LAST)
@@ -179,6 +186,7 @@ def train(
 
     for epoch in range(state["epoch"], cfg.epochs):
         loader = _loader(dataset, replay, replay_ratio, cfg, epoch, cuda)
+        n_replayed = loader.batch_sampler.k if replay is not None else 0  # the last rows of each batch
         model.train()
         if freeze_encoder:
             model.encoder.eval()  # frozen means BatchNorm running statistics too
@@ -194,7 +202,8 @@ def train(
                 logits = model(images)
                 loss = loss_fn(logits, masks)
                 if extra_loss is not None:
-                    loss = loss + extra_loss(images, logits, masks)
+                    from_replay = torch.arange(images.shape[0], device=device) >= images.shape[0] - n_replayed
+                    loss = loss + extra_loss(images, logits, masks, from_replay)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

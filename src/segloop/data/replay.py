@@ -69,7 +69,8 @@ def update_buffer(
 
 
 class MixedBatchSampler(Sampler[list[int]]):
-    """Batches of a ConcatDataset([new, replay]) holding round(ratio * batch) replay samples each.
+    """Batches of a ConcatDataset([new, replay]) holding round(ratio * batch) replay samples each,
+    the last `k` of every batch.
 
     An epoch is one pass over the new data; replay samples are drawn without
     replacement while they last, then reshuffled.
