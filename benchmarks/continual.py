@@ -5,7 +5,7 @@ same seeds, and is scored on the held-out set of every domain after every step
 (the accuracy matrix R). Compute is counted as training images processed
 (replayed samples included), so the cost ratio to `joint` holds on a noisy machine.
 
-    python benchmarks/continual.py [--quick]
+    python benchmarks/continual.py [--quick] [--threads N] [--strategies ...] [--set key=value ...] [--base CKPT]
 
 Writes reports/bench/continual.json, continual_R_<strategy>.png, continual_curves.png.
 """
@@ -57,22 +57,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "reports/bench")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data, 1 epoch")
     parser.add_argument("--strategies", nargs="*", default=sorted(STRATEGIES))
+    parser.add_argument("--set", action="append", default=[], help="extra key.path=value overrides (e.g. continual.*)")
+    parser.add_argument("--base", type=Path, help="reuse this base checkpoint (trained by an earlier run) instead of training one")
+    parser.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     n_train, n_test, size, base_epochs, upd_epochs = (96, 32, (96, 96), 15, 6)
     if args.quick:
         n_train, n_test, size, base_epochs, upd_epochs = (16, 8, (64, 64), 1, 1)
     settings = load_settings(ROOT / "params.yaml", [
         "data.crop_size=64", f"train.epochs={base_epochs}", "train.max_minutes=null", "train.patience=1000",
-        "train.batch_size=8", f"continual.epochs={upd_epochs}", "continual.replay.size=96",
+        "train.batch_size=8", f"continual.epochs={upd_epochs}", "continual.replay.size=96", *args.set,
     ])
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     dirs = make_stream(args.work / "data", n_train, n_test, size)
     started = time.monotonic()
-    base = train(settings, dirs["base"]["train"], args.work / "base", dirs["base"]["val"], log=lambda _: None)
-    base_ckpt = args.work / "base" / "best.pt"
-    print(f"base model: val mIoU {base.best_miou:.3f}, {base.images_seen} images, {base.seconds:.0f}s", flush=True)
+    if args.base:
+        base_ckpt = args.base
+        print(f"base model: {base_ckpt} (reused)", flush=True)
+    else:
+        base = train(settings, dirs["base"]["train"], args.work / "base", dirs["base"]["val"], log=lambda _: None)
+        base_ckpt = args.work / "base" / "best.pt"
+        print(f"base model: val mIoU {base.best_miou:.3f}, {base.images_seen} images, {base.seconds:.0f}s", flush=True)
     first_row = [miou(base_ckpt, dirs[d]["test"], settings) for d in STREAM]
 
     results = {}
@@ -107,6 +116,8 @@ def main() -> None:
             res["compute_vs_joint"] = round(res["train_images"] / joint["train_images"], 4)
     report = {"stream": STREAM, "n_train_per_domain": n_train, "n_test_per_domain": n_test, "image_size": list(size),
               "base_epochs": base_epochs, "update_epochs": upd_epochs, "base_row": np.round(first_row, 4).tolist(),
+              "settings": {"continual": settings.continual.model_dump(), "overrides": args.set},
+              "torch_threads": torch.get_num_threads(),
               "total_wall_s": round(time.monotonic() - started, 1), "strategies": results}
     (args.out / "continual.json").write_text(json.dumps(report, indent=1))
     save_domain_curves(args.out / "continual_curves.png", {k: np.array(v["R"]) for k, v in results.items()}, STREAM)

@@ -146,6 +146,9 @@ class EvalSettings(_Strict):
 class ReplaySettings(_Strict):
     size: int = Field(200, gt=0)  # samples kept in the buffer
     ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of each batch drawn from the buffer
+    # Domain-balanced batches: ratio = b / (b + 1) for a buffer holding b source batches, so each
+    # batch seen so far gets an equal share, as in joint training (ratio is then unused).
+    balanced: bool = False
 
 
 class LwFSettings(_Strict):

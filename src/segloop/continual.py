@@ -22,6 +22,7 @@ from segloop.checkpoint import load_checkpoint, load_model
 from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
 from segloop.config import Settings
 from segloop.data.dataset import IGNORE_INDEX
+from segloop.data.replay import read_manifest
 from segloop.inference import pick_device
 from segloop.tracking import dir_md5
 from segloop.train import SegLoss, TrainResult, train
@@ -76,6 +77,15 @@ def _class_incremental_loss(settings: Settings, parent: Path) -> nn.Module | Non
     return UnbiasedSegLoss(n_old, SegLoss(t.dice_weight, t.ce_weight))
 
 
+def replay_ratio(settings: Settings, replay: Path) -> float:
+    """continual.replay.ratio, or with `balanced` the share that gives every source batch of the
+    buffer and the new batch an equal part of each training batch."""
+    if not settings.continual.replay.balanced:
+        return settings.continual.replay.ratio
+    sources = {item["source_batch"] for item in read_manifest(replay)["items"]}
+    return len(sources) / (len(sources) + 1)
+
+
 def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | None, seen: Sequence[Path],
          replay: Path | None, log, hooks: dict, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
     if use_replay and replay is None:
@@ -90,17 +100,18 @@ def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | Non
         extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight, c.unbiased,
                              c.lwf.replay_only and use_replay)
     data = [*seen, new] if joint else [new]
+    ratio = replay_ratio(settings, replay) if use_replay else 0.0
     meta = {
         "strategy": c.strategy,
         "update_parent": str(parent),
         "data_md5": {str(d): dir_md5(d) for d in data},
-        **({"replay_md5": dir_md5(replay)} if use_replay else {}),
+        **({"replay_md5": dir_md5(replay), "replay_ratio": ratio} if use_replay else {}),
         **({"new_classes": list(c.new_classes), "unbiased": c.unbiased} if c.new_classes else {}),
     }
     return train(
         settings if joint else _update_settings(settings), data, out, val, init=None if joint else parent, log=log,
-        replay_dir=replay if use_replay else None, replay_ratio=c.replay.ratio, extra_loss=extra,
-        freeze_encoder=freeze, new_classes=() if joint else c.new_classes,
+        replay_dir=replay if use_replay else None, replay_ratio=ratio, extra_loss=extra, freeze_encoder=freeze,
+        new_classes=() if joint else c.new_classes,
         seg_loss=None if joint else _class_incremental_loss(settings, parent), meta=meta, **hooks,
     )
 
