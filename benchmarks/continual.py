@@ -4,6 +4,8 @@ Every strategy starts from the same base model, sees the same batches with the
 same seeds, and is scored on the held-out set of every domain after every step
 (the accuracy matrix R). Compute is counted as training images processed
 (replayed samples included), so the cost ratio to `joint` holds on a noisy machine.
+Each step keeps its epoch with the best mean val mIoU over every domain seen so
+far, as the gate judges a challenger (`--val new`: the new domain's alone).
 
     python benchmarks/continual.py [--quick] [--threads N] [--strategies ...] [--set key=value ...] [--base CKPT]
 
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="*", default=sorted(STRATEGIES))
     parser.add_argument("--set", action="append", default=[], help="extra key.path=value overrides (e.g. continual.*)")
     parser.add_argument("--base", type=Path, help="reuse this base checkpoint (trained by an earlier run) instead of training one")
+    parser.add_argument("--val", choices=["seen", "new"], default="seen",
+                        help="keep the update's best epoch on every seen domain's val set, or on the new domain's")
     parser.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
     args = parser.parse_args()
     if args.threads:
@@ -93,8 +97,9 @@ def main() -> None:
             update_buffer(None, dirs["base"]["train"], "base", s.continual.replay.size, 0, buffer)
         for k, domain in enumerate(STREAM[1:], start=1):
             out = args.work / strategy / f"step_{k}_{domain}"
-            res = update(s, parent, dirs[domain]["train"], out, dirs[domain]["val"],
-                         seen=[dirs[d]["train"] for d in STREAM[:k]], replay=buffer, log=lambda _: None)
+            # the checkpoint kept is the best on every domain seen so far, as the gate judges it
+            val = [dirs[d]["val"] for d in STREAM[: k + 1]] if args.val == "seen" else dirs[domain]["val"]
+            res = update(s, parent, dirs[domain]["train"], out, val, seen=[dirs[d]["train"] for d in STREAM[:k]], replay=buffer, log=lambda _: None)
             images += res.images_seen
             parent = out / "best.pt"
             nxt = args.work / strategy / f"buffer_{k}"
@@ -117,7 +122,7 @@ def main() -> None:
     report = {"stream": STREAM, "n_train_per_domain": n_train, "n_test_per_domain": n_test, "image_size": list(size),
               "base_epochs": base_epochs, "update_epochs": upd_epochs, "base_row": np.round(first_row, 4).tolist(),
               "settings": {"continual": settings.continual.model_dump(), "overrides": args.set},
-              "torch_threads": torch.get_num_threads(),
+              "torch_threads": torch.get_num_threads(), "val": args.val,
               "total_wall_s": round(time.monotonic() - started, 1), "strategies": results}
     (args.out / "continual.json").write_text(json.dumps(report, indent=1))
     save_domain_curves(args.out / "continual_curves.png", {k: np.array(v["R"]) for k, v in results.items()}, STREAM)

@@ -12,6 +12,7 @@ from segloop.continual import STRATEGIES, Distillation, continual_metrics, updat
 from segloop.data.dataset import list_samples
 from segloop.data.replay import MixedBatchSampler, read_manifest, update_buffer
 from segloop.data.synthetic import generate
+from segloop.evaluate import miou_on
 from segloop.train import train
 
 
@@ -263,14 +264,17 @@ def test_class_incremental_step_grows_and_trains_the_new_class(class_stream):
     from segloop.class_incremental import HEAD, grow_head
 
     raw, root = class_stream
-    out = root / "update"
-    update(settings_from_dict(raw), root / "parent" / "best.pt", root / "step2", out, log=lambda _: None)
+    out, settings = root / "update", settings_from_dict(raw)
+    vals = [root / "step2", root / "step1"]  # kept: the best epoch on the mean of both
+    update(settings, root / "parent" / "best.pt", root / "step2", out, vals, log=lambda _: None)
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["classes"] == ["background", "stripes", "checker", "speckle"] and ckpt["new_classes"] == ["speckle"]
     start = grow_head(load_checkpoint(root / "parent" / "best.pt")["model"], 1)
     assert not torch.equal(ckpt["model"][f"{HEAD}.weight"][3], start[f"{HEAD}.weight"][3])  # new channel trained
     model, _ = load_model(out / "last.pt")  # the grown checkpoint rebuilds a 4-class head
     assert model(torch.rand(1, 3, 64, 64)).shape[1] == 4
+    expected = np.mean([miou_on(model, v, settings, torch.device("cpu"))[0] for v in vals])
+    assert json.loads((out / "history.json").read_text())[-1]["val_miou"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_class_incremental_refuses_mismatched_classes(class_stream, tiny_raw):

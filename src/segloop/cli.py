@@ -131,7 +131,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     parent, label, mv = _model(args.parent, s)
     tags = {"segloop.strategy": s.continual.strategy, "segloop.domain": args.domain, "segloop.parent": args.parent,
             "segloop.parent_version": mv.version if mv else None}
-    inputs = {"train": args.data, **({"val": args.val} if args.val else {}), **({"replay": args.replay} if args.replay else {})}
+    vals = {f"val{i}" if i else "val": v for i, v in enumerate(args.val or [])}
+    inputs = {"train": args.data, **vals, **({"replay": args.replay} if args.replay else {})}
     with tracked_run(s, "update", inputs, tags, run_name=f"update:{args.out.name}") as run:
         result = update(s, parent, args.data, args.out, args.val, args.seen, args.replay,
                         on_epoch=run.log_epoch if run else None, init_label=label)
@@ -308,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
     p.add_argument("--parent", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION to start from")
     p.add_argument("--data", type=Path, required=True, help="training folder of the new batch")
-    p.add_argument("--val", type=Path, help="validation folder (default: the new batch)")
+    p.add_argument("--val", type=Path, action="append",
+                   help="validation folder, repeatable: the best checkpoint on their mean mIoU is kept (default: the new batch)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replay", type=Path, help="replay buffer folder (replay strategies)")
     p.add_argument("--seen", type=Path, action="append", default=[], help="earlier training folders (joint)")

@@ -86,7 +86,7 @@ def replay_ratio(settings: Settings, replay: Path) -> float:
     return len(sources) / (len(sources) + 1)
 
 
-def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | None, seen: Sequence[Path],
+def _run(settings: Settings, parent: Path, new: Path, out: Path, val, seen: Sequence[Path],
          replay: Path | None, log, hooks: dict, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
     if use_replay and replay is None:
         raise ValueError(f"strategy {settings.continual.strategy!r} needs a replay buffer (--replay DIR)")
@@ -127,13 +127,15 @@ STRATEGIES: dict[str, dict] = {
 
 
 def update(
-    settings: Settings, parent: Path, new: Path, out: Path, val: Path | None = None,
+    settings: Settings, parent: Path, new: Path, out: Path, val: Path | Sequence[Path] | None = None,
     seen: Sequence[Path] = (), replay: Path | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     **hooks,
 ) -> TrainResult:
     """Update `parent` with the batch `new` using `continual.strategy`.
 
+    `val`: validation folder(s), the checkpoint kept is the best on their mean mIoU
+    (pass every seen domain's to keep the best overall, not the best on the new one);
     `seen`: training folders of earlier batches (used by `joint` only);
     `replay`: the replay buffer folder (used by the replay strategies);
     `hooks`: passed to `train` (`on_epoch`, `init_label`).

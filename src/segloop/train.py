@@ -108,7 +108,7 @@ def train(
     settings: Settings,
     data_dir: Path | Sequence[Path],
     out_dir: Path,
-    val_dir: Path | None = None,
+    val_dir: Path | Sequence[Path] | None = None,
     init: Path | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
@@ -124,7 +124,8 @@ def train(
     init_label: str | None = None,
 ) -> TrainResult:
     """Train on `data_dir` (several folders are concatenated), validate on `val_dir`
-    (the first training folder when None), write `out_dir`.
+    (the first training folder when None; several folders: the mean of their mIoUs,
+    e.g. every domain seen so far), write `out_dir`.
 
     Continual strategies use the keyword arguments: `replay_dir` mixes its samples
     into each batch at `replay_ratio`; `extra_loss` is added to the segmentation
@@ -141,7 +142,8 @@ def train(
     cuda = device.type == "cuda"
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
-    val_dir = val_dir or data_dirs[0]
+    val_dir = data_dirs[0] if val_dir is None else val_dir
+    val_dirs = [Path(val_dir)] if isinstance(val_dir, (str, Path)) else [Path(d) for d in val_dir]
     transform = train_transform(settings.data.crop_size, cfg.augment)
     parts = [SegmentationDataset(d, settings.data.channels, transform) for d in data_dirs]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
@@ -218,7 +220,7 @@ def train(
                 break
         train_s = time.monotonic() - epoch_start
         model.eval()
-        val_miou, val_iou = miou_on(model, val_dir, settings, device)
+        val_miou, val_iou = _validate(model, val_dirs, settings, device)
         state["epoch"] = epoch + 1
         record = {
             "epoch": epoch + 1,
@@ -263,6 +265,15 @@ def train(
     (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
     (out_dir / "train_metrics.json").write_text(json.dumps(asdict(result), indent=1))
     return result
+
+
+def _validate(model: nn.Module, val_dirs: list[Path], settings: Settings, device: torch.device) -> tuple[float, list[float]]:
+    """(mIoU, per-class IoU) on one folder, or their means over several (each folder weighs the same)."""
+    scores = [miou_on(model, d, settings, device) for d in val_dirs]
+    if len(scores) == 1:
+        return scores[0]
+    per_class = torch.tensor([iou for _, iou in scores], dtype=torch.float64).nanmean(0)
+    return sum(m for m, _ in scores) / len(scores), per_class.tolist()
 
 
 def _mean_rate(history: list[dict]) -> float:
