@@ -92,19 +92,21 @@ def main() -> None:
     for strategy in args.strategies:
         s = settings.model_copy(update={"continual": settings.continual.model_copy(update={"strategy": strategy})})
         r, parent, images, t0 = [first_row], base_ckpt, 0, time.monotonic()
-        buffer = args.work / strategy / "buffer_0"
+        rs = s.continual.replay
+        buffer = args.work / strategy / f"buffer_{rs.sampling}_0"
         if not buffer.exists():
-            update_buffer(None, dirs["base"]["train"], "base", s.continual.replay.size, 0, buffer)
+            update_buffer(None, dirs["base"]["train"], "base", rs.size, 0, buffer, rs.sampling)
         for k, domain in enumerate(STREAM[1:], start=1):
             out = args.work / strategy / f"step_{k}_{domain}"
             # the checkpoint kept is the best on every domain seen so far, as the gate judges it
             val = [dirs[d]["val"] for d in STREAM[: k + 1]] if args.val == "seen" else dirs[domain]["val"]
-            res = update(s, parent, dirs[domain]["train"], out, val, seen=[dirs[d]["train"] for d in STREAM[:k]], replay=buffer, log=lambda _: None)
+            res = update(s, parent, dirs[domain]["train"], out, val,
+                         seen=[dirs[d]["train"] for d in STREAM[:k]], replay=buffer, log=lambda _: None)
             images += res.images_seen
             parent = out / "best.pt"
-            nxt = args.work / strategy / f"buffer_{k}"
+            nxt = args.work / strategy / f"buffer_{rs.sampling}_{k}"
             if not nxt.exists():
-                update_buffer(buffer, dirs[domain]["train"], domain, s.continual.replay.size, 0, nxt)
+                update_buffer(buffer, dirs[domain]["train"], domain, rs.size, 0, nxt, rs.sampling)
             buffer = nxt
             r.append([miou(parent, dirs[d]["test"], settings) for d in STREAM])
             print(f"{strategy:15s} after {domain:10s} " + " ".join(f"{v:.3f}" for v in r[-1]), flush=True)

@@ -62,6 +62,29 @@ def test_replay_buffer_is_bounded_and_matches_manifest(tmp_path):
         read_manifest(buffer)
 
 
+def test_balanced_buffer_keeps_equal_shares_and_balanced_mix_follows_it(tmp_path, tiny_raw):
+    from collections import Counter
+
+    from segloop.continual import replay_ratio
+
+    buffer = None
+    for k, n in enumerate([7, 2, 7]):
+        batch = tmp_path / f"batch{k}"
+        generate(batch, "base", n=n, seed=k, size=(32, 32))
+        out = tmp_path / f"buffer{k}"
+        manifest = update_buffer(buffer, batch, f"b{k}", size=10, seed=0, out=out, sampling="balanced")
+        assert read_manifest(out) == manifest and manifest["seen"] == sum([7, 2, 7][: k + 1])
+        buffer = out
+    # the small batch keeps all it has; the others split the rest evenly
+    assert Counter(i["source_batch"] for i in manifest["items"]) == {"b0": 4, "b1": 2, "b2": 4}
+    tiny_raw["continual"] = {"replay": {"mix": "balanced"}}
+    assert replay_ratio(settings_from_dict(tiny_raw), buffer) == pytest.approx(3 / 4)  # 3 old batches + the new one
+    tiny_raw["continual"] = {"replay": {"mix": "ratio", "ratio": 0.3}}
+    assert replay_ratio(settings_from_dict(tiny_raw), buffer) == 0.3
+    with pytest.raises(ValueError, match="sampling"):
+        update_buffer(buffer, batch, "b3", size=10, seed=0, out=tmp_path / "x", sampling="fifo")
+
+
 def test_distillation_is_zero_against_identical_teacher(tiny_settings):
     from segloop.models import build_model
 

@@ -149,7 +149,8 @@ def cmd_replay_update(args: argparse.Namespace) -> int:
     from segloop.data.replay import update_buffer
 
     s = _settings(args)
-    manifest = update_buffer(args.buffer, args.batch, args.batch_id, s.continual.replay.size, s.split.seed, args.out)
+    r = s.continual.replay
+    manifest = update_buffer(args.buffer, args.batch, args.batch_id, r.size, s.split.seed, args.out, r.sampling)
     print(f"replay buffer {args.out}: {len(manifest['items'])}/{manifest['size']} samples, {manifest['seen']} seen")
     return 0
 

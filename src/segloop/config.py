@@ -145,10 +145,12 @@ class EvalSettings(_Strict):
 
 class ReplaySettings(_Strict):
     size: int = Field(200, gt=0)  # samples kept in the buffer
-    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of each batch drawn from the buffer
-    # Domain-balanced batches: ratio = b / (b + 1) for a buffer holding b source batches, so each
-    # batch seen so far gets an equal share, as in joint training (ratio is then unused).
-    balanced: bool = False
+    # How the buffer is filled: reservoir (each sample seen equally likely) or balanced (equal share per batch).
+    sampling: Literal["reservoir", "balanced"] = "reservoir"
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of each training batch drawn from the buffer (mix: ratio)
+    # ratio: as above; balanced: b / (b + 1) for a buffer of b source batches, so every batch
+    # seen so far, the new one included, gets an equal share of each training batch (as in joint).
+    mix: Literal["ratio", "balanced"] = "ratio"
 
 
 class LwFSettings(_Strict):

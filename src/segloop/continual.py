@@ -78,9 +78,9 @@ def _class_incremental_loss(settings: Settings, parent: Path) -> nn.Module | Non
 
 
 def replay_ratio(settings: Settings, replay: Path) -> float:
-    """continual.replay.ratio, or with `balanced` the share that gives every source batch of the
-    buffer and the new batch an equal part of each training batch."""
-    if not settings.continual.replay.balanced:
+    """continual.replay.ratio, or with mix `balanced` the share that gives every source batch of
+    the buffer and the new batch an equal part of each training batch."""
+    if settings.continual.replay.mix == "ratio":
         return settings.continual.replay.ratio
     sources = {item["source_batch"] for item in read_manifest(replay)["items"]}
     return len(sources) / (len(sources) + 1)
