@@ -31,6 +31,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/drift.py
 	$(BIN)/python benchmarks/continual.py
+	$(BIN)/python benchmarks/class_incremental.py
 
 # The project's own store (tracking.uri: null): runs and registry in mlruns/mlflow.db,
 # files in mlruns/artifacts. Loopback only; see README for a shared tracking server.
