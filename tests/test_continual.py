@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from segloop.checkpoint import load_checkpoint, load_model
 from segloop.config import settings_from_dict
@@ -11,6 +12,7 @@ from segloop.continual import STRATEGIES, Distillation, continual_metrics, updat
 from segloop.data.dataset import list_samples
 from segloop.data.replay import MixedBatchSampler, read_manifest, update_buffer
 from segloop.data.synthetic import generate
+from segloop.evaluate import miou_on
 from segloop.train import train
 
 
@@ -58,6 +60,29 @@ def test_replay_buffer_is_bounded_and_matches_manifest(tmp_path):
     (buffer / "images" / f"{manifest['items'][0]['stem']}.png").unlink()
     with pytest.raises(ValueError, match="mismatch"):
         read_manifest(buffer)
+
+
+def test_balanced_buffer_keeps_equal_shares_and_balanced_mix_follows_it(tmp_path, tiny_raw):
+    from collections import Counter
+
+    from segloop.continual import replay_ratio
+
+    buffer = None
+    for k, n in enumerate([7, 2, 7]):
+        batch = tmp_path / f"batch{k}"
+        generate(batch, "base", n=n, seed=k, size=(32, 32))
+        out = tmp_path / f"buffer{k}"
+        manifest = update_buffer(buffer, batch, f"b{k}", size=10, seed=0, out=out, sampling="balanced")
+        assert read_manifest(out) == manifest and manifest["seen"] == sum([7, 2, 7][: k + 1])
+        buffer = out
+    # the small batch keeps all it has; the others split the rest evenly
+    assert Counter(i["source_batch"] for i in manifest["items"]) == {"b0": 4, "b1": 2, "b2": 4}
+    tiny_raw["continual"] = {"replay": {"mix": "balanced"}}
+    assert replay_ratio(settings_from_dict(tiny_raw), buffer) == pytest.approx(3 / 4)  # 3 old batches + the new one
+    tiny_raw["continual"] = {"replay": {"mix": "ratio", "ratio": 0.3}}
+    assert replay_ratio(settings_from_dict(tiny_raw), buffer) == 0.3
+    with pytest.raises(ValueError, match="sampling"):
+        update_buffer(buffer, batch, "b3", size=10, seed=0, out=tmp_path / "x", sampling="fifo")
 
 
 def test_distillation_is_zero_against_identical_teacher(tiny_settings):
@@ -133,4 +158,159 @@ def test_replay_strategy_without_buffer_is_an_error(stream):
 def test_unknown_strategy_lists_valid(tiny_raw):
     tiny_raw["continual"] = {"strategy": "ewc"}
     with pytest.raises(Exception, match=r"continual.strategy: .*unknown strategy 'ewc'.*replay_lwf"):
+        settings_from_dict(tiny_raw)
+
+
+# Class-incremental updates (MiB)
+
+def _head_model(settings, n_classes, seed=0):
+    from segloop.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(settings.model, 3, n_classes).eval()
+
+
+def test_grown_head_keeps_old_class_logits(tiny_settings):
+    from segloop.class_incremental import grow_head
+
+    parent = _head_model(tiny_settings, 3)
+    child = _head_model(tiny_settings, 5, seed=1)
+    child.load_state_dict(grow_head(parent.state_dict(), 2))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        old, new = parent(x), child(x)
+    assert new.shape[1] == 5
+    torch.testing.assert_close(new[:, 1:3], old[:, 1:3], rtol=0, atol=1e-5)  # old-class logits unchanged
+    # background's share is split evenly with the two new classes; old-class probabilities unchanged
+    torch.testing.assert_close(new[:, 0], old[:, 0] - np.log(3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(new[:, 3], new[:, 0])
+    torch.testing.assert_close(new[:, 4], new[:, 0])
+    p_old, p_new = old.softmax(1), new.softmax(1)
+    torch.testing.assert_close(p_new[:, 1:3], p_old[:, 1:3], rtol=0, atol=1e-5)
+    torch.testing.assert_close(p_new[:, [0, 3, 4]].sum(1), p_old[:, 0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="segmentation_head.0"):
+        grow_head({"x": torch.zeros(1)}, 1)
+
+
+def test_unbiased_loss_is_plain_with_nothing_to_hide_and_reads_background_as_old():
+    from segloop.class_incremental import UnbiasedSegLoss
+    from segloop.train import SegLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8) * 3
+    target = torch.randint(0, 4, (2, 8, 8))
+    target[0, :2] = 255
+    plain = SegLoss(dice_weight=1.0, ce_weight=1.0)
+    torch.testing.assert_close(UnbiasedSegLoss(1, plain)(logits, target), plain(logits, target))
+    # a new batch labels only background (0) and the new class 3: background stands for 0, 1 or 2
+    target = torch.where(target == 3, 3, torch.where(target == 255, 255, 0))
+    p = logits.softmax(1)
+    valid = target != 255
+    picked = torch.where(target == 3, p[:, 3], p[:, :3].sum(1))
+    expected = -(picked.log() * valid).sum() / valid.sum()
+    ce_only = UnbiasedSegLoss(3, SegLoss(dice_weight=0.0, ce_weight=1.0))
+    torch.testing.assert_close(ce_only(logits, target), expected)
+    assert float(expected) < float(F.cross_entropy(logits, target, ignore_index=255)) - 0.5  # plain CE punishes old classes
+
+
+def test_unbiased_distillation_compares_parent_background_with_background_plus_new(tiny_settings):
+    from segloop.class_incremental import grow_head
+
+    teacher = _head_model(tiny_settings, 3)
+    student = _head_model(tiny_settings, 4, seed=1)
+    student.load_state_dict(grow_head(teacher.state_dict(), 1))
+    x = torch.rand(2, 3, 64, 64)
+    masks = torch.zeros(2, 64, 64, dtype=torch.long)
+    logits = student(x)
+    # at T = 1 (where MiB's initialisation is exact) the grown head predicts what its parent did
+    unbiased = Distillation(teacher, temperature=1.0, weight=1.0, unbiased=True)(x, logits, masks)
+    biased = Distillation(teacher, temperature=1.0, weight=1.0, unbiased=False)(x, logits, masks)
+    assert float(unbiased.detach()) == pytest.approx(0.0, abs=1e-5)
+    assert float(biased.detach()) > 1e-3  # old channels alone: the background share moved to the new class
+    # no new classes: both views are plain LwF
+    other = _head_model(tiny_settings, 3, seed=2)(x)
+    a = Distillation(teacher, 2.0, 1.0, unbiased=True)(x, other, masks)
+    b = Distillation(teacher, 2.0, 1.0, unbiased=False)(x, other, masks)
+    assert float(a.detach()) > 1e-4 and float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-6)
+
+
+def test_replay_only_distillation_sees_replayed_rows_only(tiny_settings):
+    teacher = _head_model(tiny_settings, 4)
+    x = torch.rand(4, 3, 64, 64)
+    logits = _head_model(tiny_settings, 4, seed=1)(x)
+    masks = torch.zeros(4, 64, 64, dtype=torch.long)
+    rows = torch.tensor([False, False, True, True])
+    only = Distillation(teacher, 2.0, 1.0, replay_only=True)
+    assert float(only(x, logits, masks, torch.zeros(4, dtype=torch.bool))) == 0.0
+    torch.testing.assert_close(only(x, logits, masks, rows), Distillation(teacher, 2.0, 1.0)(x[2:], logits[2:], masks[2:]))
+
+
+def test_relabel_maps_masks_and_keeps_images(tmp_path, base_data):
+    from segloop.data.dataset import read_mask
+    from segloop.data.relabel import relabel
+
+    assert relabel(base_data, tmp_path / "step", {1: 0, 2: 0}) == 24
+    for src, dst in zip(list_samples(base_data), list_samples(tmp_path / "step")):
+        before, after = read_mask(src.mask), read_mask(dst.mask)
+        assert np.array_equal(after, np.where(np.isin(before, [1, 2]), 0, before))
+        assert src.image.read_bytes() == dst.image.read_bytes()
+    assert {3} <= set(np.unique(after)) <= {0, 3}
+    with pytest.raises(FileExistsError):
+        relabel(base_data, tmp_path / "step", {3: 0})
+    with pytest.raises(ValueError, match="255"):
+        relabel(base_data, tmp_path / "x", {3: 255})
+
+
+@pytest.fixture(scope="module")
+def class_stream(tmp_path_factory, base_data, one_torch_thread):
+    """A tiny 3-class parent (speckle pixels labelled background) and a batch labelling only speckle."""
+    from conftest import ROOT, TINY, _merge
+    import yaml
+
+    from segloop.data.relabel import relabel
+
+    raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    raw["data"]["classes"] = ["background", "stripes", "checker"]
+    raw["train"]["epochs"] = 1
+    root = tmp_path_factory.mktemp("class_stream")
+    relabel(base_data, root / "step1", {3: 0})
+    train(settings_from_dict(raw), root / "step1", root / "parent", log=lambda _: None)
+    generate(root / "full2", "base", n=16, seed=5, size=(72, 80))
+    relabel(root / "full2", root / "step2", {1: 0, 2: 0})
+    raw["data"]["classes"] = ["background", "stripes", "checker", "speckle"]
+    raw["continual"] = {"strategy": "lwf", "epochs": 1, "lr": 1e-3, "new_classes": ["speckle"]}
+    return raw, root
+
+
+@pytest.mark.slow
+def test_class_incremental_step_grows_and_trains_the_new_class(class_stream):
+    from segloop.class_incremental import HEAD, grow_head
+
+    raw, root = class_stream
+    out, settings = root / "update", settings_from_dict(raw)
+    vals = [root / "step2", root / "step1"]  # kept: the best epoch on the mean of both
+    update(settings, root / "parent" / "best.pt", root / "step2", out, vals, log=lambda _: None)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["classes"] == ["background", "stripes", "checker", "speckle"] and ckpt["new_classes"] == ["speckle"]
+    start = grow_head(load_checkpoint(root / "parent" / "best.pt")["model"], 1)
+    assert not torch.equal(ckpt["model"][f"{HEAD}.weight"][3], start[f"{HEAD}.weight"][3])  # new channel trained
+    model, _ = load_model(out / "last.pt")  # the grown checkpoint rebuilds a 4-class head
+    assert model(torch.rand(1, 3, 64, 64)).shape[1] == 4
+    expected = np.mean([miou_on(model, v, settings, torch.device("cpu"))[0] for v in vals])
+    assert json.loads((out / "history.json").read_text())[-1]["val_miou"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_class_incremental_refuses_mismatched_classes(class_stream, tiny_raw):
+    raw, root = class_stream
+    wrong = json.loads(json.dumps(raw))
+    wrong["data"]["classes"] = ["background", "stripes", "speckle"]
+    wrong["continual"]["new_classes"] = ["speckle"]
+    with pytest.raises(ValueError, match=r"classes \['background', 'stripes', 'checker'\] \+ continual.new_classes"):
+        update(settings_from_dict(wrong), root / "parent" / "best.pt", root / "step2", root / "x", log=lambda _: None)
+    joint = json.loads(json.dumps(raw))
+    joint["continual"]["strategy"] = "joint"
+    with pytest.raises(ValueError, match="joint"):
+        update(settings_from_dict(joint), root / "parent" / "best.pt", root / "step2", root / "y", log=lambda _: None)
+    tiny_raw["continual"] = {"new_classes": ["stripes"]}
+    with pytest.raises(Exception, match="continual.new_classes .* last entries of data.classes"):
         settings_from_dict(tiny_raw)

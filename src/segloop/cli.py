@@ -144,7 +144,8 @@ def cmd_replay_update(args: argparse.Namespace) -> int:
     from segloop.data.replay import update_buffer
 
     s = _settings(args)
-    manifest = update_buffer(args.buffer, args.batch, args.batch_id, s.continual.replay.size, s.split.seed, args.out)
+    r = s.continual.replay
+    manifest = update_buffer(args.buffer, args.batch, args.batch_id, r.size, s.split.seed, args.out, r.sampling)
     print(f"replay buffer {args.out}: {len(manifest['items'])}/{manifest['size']} samples, {manifest['seen']} seen")
     return 0
 
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
     p.add_argument("--parent", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION to start from")
     p.add_argument("--data", type=Path, required=True, help="training folder of the new batch")
-    p.add_argument("--val", type=Path, help="validation folder (default: the new batch)")
+    p.add_argument("--val", type=Path, action="append",
+                   help="validation folder, repeatable: the best checkpoint on their mean mIoU is kept (default: the new batch)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replay", type=Path, help="replay buffer folder (replay strategies)")
     p.add_argument("--seen", type=Path, action="append", default=[], help="earlier training folders (joint)")

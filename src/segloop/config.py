@@ -147,12 +147,19 @@ class EvalSettings(_Strict):
 
 class ReplaySettings(_Strict):
     size: int = Field(200, gt=0)  # samples kept in the buffer
-    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of each batch drawn from the buffer
+    # How the buffer is filled: reservoir (each sample seen equally likely) or balanced (equal share per batch).
+    sampling: Literal["reservoir", "balanced"] = "reservoir"
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of each training batch drawn from the buffer (mix: ratio)
+    # ratio: as above; balanced: b / (b + 1) for a buffer of b source batches, so every batch
+    # seen so far, the new one included, gets an equal share of each training batch (as in joint).
+    mix: Literal["ratio", "balanced"] = "ratio"
 
 
 class LwFSettings(_Strict):
     temperature: float = Field(2.0, gt=0.0)
     weight: float = Field(1.0, ge=0.0)
+    # With a replay buffer: distil the replayed (old-domain) samples only, where the parent is right.
+    replay_only: bool = False
 
 
 class ContinualSettings(_Strict):
@@ -161,6 +168,11 @@ class ContinualSettings(_Strict):
     lr: float = Field(5e-4, gt=0.0)
     replay: ReplaySettings = ReplaySettings()
     lwf: LwFSettings = LwFSettings()
+    # Class-incremental update: classes the batch adds, the last entries of data.classes
+    # (the parent has the others); the head grows by one output channel each.
+    new_classes: list[str] = []
+    # MiB's background-shift fix for those updates: unbiased cross-entropy and distillation.
+    unbiased: bool = True
 
     @field_validator("strategy")
     @classmethod
@@ -284,6 +296,16 @@ class Settings(_Strict):
     drift: DriftSettings = DriftSettings()
     flows: FlowSettings = FlowSettings()
     export: ExportSettings = ExportSettings()
+
+    @model_validator(mode="after")
+    def _new_classes_last(self) -> "Settings":
+        new, classes = self.continual.new_classes, self.data.classes
+        if new and (len(new) >= len(classes) or classes[-len(new):] != new):
+            raise ValueError(
+                f"continual.new_classes {new} must be the last entries of data.classes {classes} "
+                "(the head grows at its end) and leave background and the parent's classes before them"
+            )
+        return self
 
     @property
     def num_classes(self) -> int:

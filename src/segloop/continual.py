@@ -4,7 +4,9 @@ An update starts from the parent's weights and trains on a new batch with a
 strategy chosen by name. `finetune` is the cheap lower bound that forgets;
 `joint` (retrain from scratch on every batch so far) is the expensive upper
 bound; `replay`, `lwf`, `replay_lwf` and `freeze_encoder` sit in between.
-Class-incremental updates (growing the head, MiB distillation) are not built yet.
+A class-incremental update (`continual.new_classes`) composes with any of them
+but `joint`: the head grows, and with `continual.unbiased` the losses follow MiB
+(segloop.class_incremental).
 """
 from __future__ import annotations
 
@@ -16,28 +18,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segloop.checkpoint import load_model
+from segloop.checkpoint import load_checkpoint, load_model
+from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
 from segloop.config import Settings
 from segloop.data.dataset import IGNORE_INDEX
+from segloop.data.replay import read_manifest
 from segloop.inference import pick_device
 from segloop.tracking import dir_md5
-from segloop.train import TrainResult, train
+from segloop.train import SegLoss, TrainResult, train
 
 
 class Distillation:
     """LwF for segmentation: per-pixel KL(teacher || student) at temperature T, times T^2.
 
-    Pixels marked ignore (crop padding) are left out; the teacher is frozen.
+    Pixels marked ignore (crop padding) are left out; the teacher is frozen. A
+    student with more classes than its teacher (class-incremental) is compared
+    through MiB's unbiased view: its new classes merge into its background, which
+    is what the teacher's background meant; `unbiased=False` compares the
+    student's old channels alone (plain LwF over the old head). `replay_only`
+    distils the replayed samples of a batch only.
     """
 
-    def __init__(self, teacher: nn.Module, temperature: float, weight: float):
+    def __init__(self, teacher: nn.Module, temperature: float, weight: float, unbiased: bool = True,
+                 replay_only: bool = False):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.t, self.weight = temperature, weight
+        self.t, self.weight, self.unbiased, self.replay_only = temperature, weight, unbiased, replay_only
 
-    def __call__(self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor,
+                 from_replay: torch.Tensor | None = None) -> torch.Tensor:
+        if self.replay_only:
+            if from_replay is None or not bool(from_replay.any()):
+                return logits.sum() * 0.0
+            images, logits, masks = images[from_replay], logits[from_replay], masks[from_replay]
         with torch.no_grad():
             target = F.log_softmax(self.teacher(images).float() / self.t, dim=1)
-        student = F.log_softmax(logits.float() / self.t, dim=1)
+        n_old = target.shape[1]
+        if self.unbiased:
+            student = merge_new_into_background(F.log_softmax(logits.float() / self.t, dim=1), n_old)
+        else:
+            student = F.log_softmax(logits[:, :n_old].float() / self.t, dim=1)
         kl = F.kl_div(student, target, log_target=True, reduction="none").sum(1)
         valid = (masks != IGNORE_INDEX).float()
         return self.weight * self.t**2 * (kl * valid).sum() / valid.sum().clamp(min=1.0)
@@ -49,26 +68,51 @@ def _update_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"train": settings.train.model_copy(update={"epochs": c.epochs, "lr": c.lr})})
 
 
-def _run(settings: Settings, parent: Path, new: Path, out: Path, val: Path | None, seen: Sequence[Path],
+def _class_incremental_loss(settings: Settings, parent: Path) -> nn.Module | None:
+    """MiB's unbiased loss when the update adds classes (None: the plain loss)."""
+    c, t = settings.continual, settings.train
+    if not c.new_classes or not c.unbiased:
+        return None
+    n_old = len(load_checkpoint(parent)["classes"])
+    return UnbiasedSegLoss(n_old, SegLoss(t.dice_weight, t.ce_weight))
+
+
+def replay_ratio(settings: Settings, replay: Path) -> float:
+    """continual.replay.ratio, or with mix `balanced` the share that gives every source batch of
+    the buffer and the new batch an equal part of each training batch."""
+    if settings.continual.replay.mix == "ratio":
+        return settings.continual.replay.ratio
+    sources = {item["source_batch"] for item in read_manifest(replay)["items"]}
+    return len(sources) / (len(sources) + 1)
+
+
+def _run(settings: Settings, parent: Path, new: Path, out: Path, val, seen: Sequence[Path],
          replay: Path | None, log, hooks: dict, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
     if use_replay and replay is None:
         raise ValueError(f"strategy {settings.continual.strategy!r} needs a replay buffer (--replay DIR)")
     c = settings.continual
+    if joint and c.new_classes:
+        raise ValueError("continual.new_classes: `joint` retrains from scratch on data.classes, so every batch "
+                         "must label every class; leave new_classes empty for it")
     extra = None
     if distill:
         teacher, _ = load_model(parent)
-        extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight)
+        extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight, c.unbiased,
+                             c.lwf.replay_only and use_replay)
     data = [*seen, new] if joint else [new]
+    ratio = replay_ratio(settings, replay) if use_replay else 0.0
     meta = {
         "strategy": c.strategy,
         "update_parent": str(parent),
         "data_md5": {str(d): dir_md5(d) for d in data},
-        **({"replay_md5": dir_md5(replay)} if use_replay else {}),
+        **({"replay_md5": dir_md5(replay), "replay_ratio": ratio} if use_replay else {}),
+        **({"new_classes": list(c.new_classes), "unbiased": c.unbiased} if c.new_classes else {}),
     }
     return train(
         settings if joint else _update_settings(settings), data, out, val, init=None if joint else parent, log=log,
-        replay_dir=replay if use_replay else None, replay_ratio=c.replay.ratio, extra_loss=extra,
-        freeze_encoder=freeze, meta=meta, **hooks,
+        replay_dir=replay if use_replay else None, replay_ratio=ratio, extra_loss=extra, freeze_encoder=freeze,
+        new_classes=() if joint else c.new_classes,
+        seg_loss=None if joint else _class_incremental_loss(settings, parent), meta=meta, **hooks,
     )
 
 
@@ -83,13 +127,15 @@ STRATEGIES: dict[str, dict] = {
 
 
 def update(
-    settings: Settings, parent: Path, new: Path, out: Path, val: Path | None = None,
+    settings: Settings, parent: Path, new: Path, out: Path, val: Path | Sequence[Path] | None = None,
     seen: Sequence[Path] = (), replay: Path | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     **hooks,
 ) -> TrainResult:
     """Update `parent` with the batch `new` using `continual.strategy`.
 
+    `val`: validation folder(s), the checkpoint kept is the best on their mean mIoU
+    (pass every seen domain's to keep the best overall, not the best on the new one);
     `seen`: training folders of earlier batches (used by `joint` only);
     `replay`: the replay buffer folder (used by the replay strategies);
     `hooks`: passed to `train` (`on_epoch`, `init_label`).

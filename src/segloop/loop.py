@@ -363,9 +363,13 @@ def train_model(ws: Workspace, batch: dict, champ: tuple[str, Path] | None, sett
     replay = ws.root / state["replay"] if state["replay"] else None
     joint = settings.continual.strategy == "joint"  # the only strategy that retrains on earlier batches
     seen = [ws.root / p for p in state["trained_domains"].values()] if joint else []
-    cmd = (f"segloop update --params params.yaml --parent {ws.rel(parent)} {data}"
+    # The kept epoch is the best on average over the new batch and every domain already
+    # learnt (their validation splits), not the one that forgot most for the new domain.
+    old_vals = [ws.root / Path(p).parent / "val" for p in state["trained_domains"].values()]
+    cmd = (f"segloop update --params params.yaml --parent {ws.rel(parent)} {data}" + "".join(f" --val {ws.rel(v)}" for v in old_vals)
            + (f" --replay {ws.rel(replay)}" if replay else "") + "".join(f" --seen {ws.rel(x)}" for x in seen))
-    run_stage(ws, f"update-{b}", cmd, [parent, train, val, *([replay] if replay else []), *seen], [out], STAGE_PARAMS)
+    deps = [parent, train, val, *old_vals, *([replay] if replay else []), *seen]
+    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS)
     return registered_version(ws, settings, out, {"segloop.batch": b, "segloop.parent_version": champ[0]})
 
 

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset
 
 from segloop.checkpoint import load_checkpoint, save_checkpoint
+from segloop.class_incremental import grow_head
 from segloop.config import Settings, TrainSettings, save_settings
 from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, train_transform
 from segloop.data.loader import SEED_STRIDE, training_loader
@@ -77,29 +78,32 @@ def lr_factor(step: int, total: int, warmup: int, cfg: TrainSettings) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def init_from(model: nn.Module, path: Path, settings: Settings) -> str:
-    """Load another model's weights for transfer learning; classes and channels must match."""
+def init_from(model: nn.Module, path: Path, settings: Settings, new_classes: Sequence[str] = ()) -> str:
+    """Load another model's weights for transfer learning; classes and channels must match,
+    except `new_classes` (class-incremental): the parent lacks them and its head grows."""
     ckpt = load_checkpoint(path)
-    if list(ckpt["classes"]) != list(settings.data.classes):
-        raise ValueError(f"--init {path}: classes {ckpt['classes']} differ from data.classes {settings.data.classes}")
+    if list(ckpt["classes"]) + list(new_classes) != list(settings.data.classes):
+        grown = f" + continual.new_classes {list(new_classes)}" if new_classes else ""
+        raise ValueError(f"--init {path}: classes {ckpt['classes']}{grown} differ from data.classes {settings.data.classes}")
     if ckpt["channels"] != settings.data.channels:
         raise ValueError(f"--init {path}: {ckpt['channels']} channels, data.channels is {settings.data.channels}")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(grow_head(ckpt["model"], len(new_classes)) if new_classes else ckpt["model"])
     except RuntimeError as err:
         raise ValueError(f"--init {path}: weights do not fit model {settings.model.arch}/{settings.model.encoder}: {err}") from None
     return str(path)
 
 
-# An extra loss term for continual strategies: (images, student logits, masks) -> scalar.
-ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# An extra loss term for continual strategies: (images, student logits, masks, from_replay) -> scalar;
+# from_replay: (N,) bool, which samples of the batch came from the replay buffer.
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train(
     settings: Settings,
     data_dir: Path | Sequence[Path],
     out_dir: Path,
-    val_dir: Path | None = None,
+    val_dir: Path | Sequence[Path] | None = None,
     init: Path | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
@@ -108,18 +112,22 @@ def train(
     replay_ratio: float = 0.0,
     extra_loss: ExtraLoss | None = None,
     freeze_encoder: bool = False,
+    new_classes: Sequence[str] = (),
+    seg_loss: nn.Module | None = None,
     meta: dict | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     init_label: str | None = None,
 ) -> TrainResult:
     """Train on `data_dir` (several folders are concatenated), validate on `val_dir`
-    (the first training folder when None), write `out_dir`.
+    (the first training folder when None; several folders: the mean of their mIoUs,
+    e.g. every domain seen so far), write `out_dir`.
 
     Continual strategies use the keyword arguments: `replay_dir` mixes its samples
     into each batch at `replay_ratio`; `extra_loss` is added to the segmentation
     loss (distillation); `freeze_encoder` trains decoder and head only, the encoder
-    (BatchNorm statistics included) stays bit-identical. `meta` is stored in the
-    checkpoints (strategy, data hashes...).
+    (BatchNorm statistics included) stays bit-identical; `new_classes` grows the
+    head of `init` (class-incremental); `seg_loss` replaces Dice + CE (MiB's unbiased
+    loss). `meta` is stored in the checkpoints (strategy, data hashes...).
     `on_epoch(record)` sees each epoch's record as it ends (MLflow logs them live).
     `init_label` names the parent in the checkpoint when `init` is a downloaded copy
     (e.g. `models:/segloop/3` rather than a temporary path).
@@ -128,23 +136,24 @@ def train(
     device = device_for(world)
     with process_group(world, device) as control:
         return _train(settings, data_dir, out_dir, val_dir, init, resume, log if world.primary else _silent,
-                      replay_dir, replay_ratio, extra_loss, freeze_encoder, meta, on_epoch if world.primary else None,
-                      init_label, world.rank, world.size, device, control)
+                      replay_dir, replay_ratio, extra_loss, freeze_encoder, new_classes, seg_loss, meta,
+                      on_epoch if world.primary else None, init_label, world.rank, world.size, device, control)
 
 
 def _silent(line: str) -> None:
     pass
 
 
-def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, replay_ratio, extra_loss,
-           freeze_encoder, meta, on_epoch, init_label, rank: int, world: int, device: torch.device, control) -> TrainResult:
+def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, replay_ratio, extra_loss, freeze_encoder,
+           new_classes, seg_loss, meta, on_epoch, init_label, rank: int, world: int, device: torch.device, control) -> TrainResult:
     cfg, started = settings.train, time.monotonic()
     cuda, primary = device.type == "cuda", rank == 0
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels once
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
-    val_dir = val_dir or data_dirs[0]
+    val_dir = data_dirs[0] if val_dir is None else val_dir
+    val_dirs = [Path(val_dir)] if isinstance(val_dir, (str, Path)) else [Path(d) for d in val_dir]
     transform = train_transform(settings.data.crop_size, cfg.augment)
     parts = [SegmentationDataset(d, settings.data.channels, transform) for d in data_dirs]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
@@ -155,7 +164,7 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
 
     torch.manual_seed(cfg.seed)  # weight init too: a run depends on its seed, not on what ran before
     model = build_model(settings.model, settings.data.channels, settings.num_classes)
-    parent = init_from(model, init, settings) if init else None
+    parent = init_from(model, init, settings, new_classes) if init else None
     if freeze_encoder:
         model.encoder.requires_grad_(False)
     if parent and init_label:
@@ -164,7 +173,7 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if cuda else None)
-    loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
+    loss_fn = seg_loss or SegLoss(cfg.dice_weight, cfg.ce_weight)
     state = {"epoch": 0, "step": 0, "best_miou": -1.0, "bad_epochs": 0, "history": [], "images_seen": 0}
     if resume:
         ckpt = load_checkpoint(out_dir / LAST)
@@ -201,6 +210,7 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
         torch.manual_seed(cfg.seed * SEED_STRIDE + epoch + 1_000_003 * rank)  # anything else random (dropout)
         loader.batch_sampler.set_epoch(epoch)
         net.train()
+        n_replayed = loader.batch_sampler.batches.k if replay is not None else 0  # the last rows of each batch
         if freeze_encoder:
             model.encoder.eval()  # frozen means BatchNorm running statistics too
         loss_sum, n_batches, epoch_start = torch.zeros((), device=device), 0, time.monotonic()
@@ -215,7 +225,8 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
                 logits = forward(images)
                 loss = loss_fn(logits, masks)
                 if extra_loss is not None:
-                    loss = loss + extra_loss(images, logits, masks)
+                    from_replay = torch.arange(images.shape[0], device=device) >= images.shape[0] - n_replayed
+                    loss = loss + extra_loss(images, logits, masks, from_replay)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -232,7 +243,7 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
         train_s = time.monotonic() - epoch_start
         loss_mean = mean_over_ranks(float(loss_sum) / max(1, n_batches), control)
         model.eval()
-        val_miou, val_iou = miou_on(model, val_dir, settings, device) if primary else (0.0, [])
+        val_miou, val_iou = _validate(model, val_dirs, settings, device) if primary else (0.0, [])
         val_miou = from_primary([val_miou], control)[0]  # every rank takes the same early-stopping decision
         state["epoch"] = epoch + 1
         record = {
@@ -281,6 +292,15 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
         (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
         (out_dir / "train_metrics.json").write_text(json.dumps(asdict(result), indent=1))
     return result
+
+
+def _validate(model: nn.Module, val_dirs: list[Path], settings: Settings, device: torch.device) -> tuple[float, list[float]]:
+    """(mIoU, per-class IoU) on one folder, or their means over several (each folder weighs the same)."""
+    scores = [miou_on(model, d, settings, device) for d in val_dirs]
+    if len(scores) == 1:
+        return scores[0]
+    per_class = torch.tensor([iou for _, iou in scores], dtype=torch.float64).nanmean(0)
+    return sum(m for m, _ in scores) / len(scores), per_class.tolist()
 
 
 def _mean_rate(history: list[dict]) -> float:

@@ -2,7 +2,9 @@
 
 A buffer is an ordinary dataset folder (`images/`, `masks/`) plus
 `manifest.json`: which sample came from which batch, and how many samples the
-buffer has seen in total (reservoir sampling needs it). Updating never edits a
+buffer has seen in total (reservoir sampling needs it). It is filled by
+reservoir sampling (every sample ever offered equally likely to be kept) or
+balanced (every source batch keeps an equal share). Updating never edits a
 buffer in place: it writes a new folder, so every version can be kept by DVC.
 """
 from __future__ import annotations
@@ -30,14 +32,22 @@ def read_manifest(buffer: Path) -> dict:
     return manifest
 
 
-def update_buffer(
-    buffer: Path | None, batch_dir: Path, batch_id: str, size: int, seed: int, out: Path
-) -> dict:
-    """Write `out`: `buffer` (None = empty) updated with the samples of `batch_dir` by reservoir sampling.
+SAMPLINGS = ("reservoir", "balanced")
 
-    Every sample ever offered has the same chance size / seen of being in the
-    buffer, whatever batch it came from.
+
+def update_buffer(
+    buffer: Path | None, batch_dir: Path, batch_id: str, size: int, seed: int, out: Path,
+    sampling: str = "reservoir",
+) -> dict:
+    """Write `out`: `buffer` (None = empty) updated with the samples of `batch_dir`.
+
+    `reservoir`: every sample ever offered has the same chance size / seen of
+    being in the buffer, whatever batch it came from (so a batch's share varies).
+    `balanced`: every source batch keeps the same number of samples (a seeded
+    random subset; a batch with fewer leaves its share to the others).
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"continual.replay.sampling: unknown {sampling!r}; valid: {list(SAMPLINGS)}")
     if out.exists():
         raise FileExistsError(f"{out}: exists; a buffer version is never overwritten")
     if buffer is not None:
@@ -47,8 +57,10 @@ def update_buffer(
     else:
         items, seen = [], 0
     rng = np.random.default_rng([seed, seen])
-    for sample in list_samples(batch_dir):
-        candidate = {"stem": sample.stem, "source_batch": batch_id, "root": str(batch_dir)}
+    candidates = [{"stem": s.stem, "source_batch": batch_id, "root": str(batch_dir)} for s in list_samples(batch_dir)]
+    if sampling == "balanced":
+        items, seen = _balanced(items + candidates, size, rng), seen + len(candidates)
+    for candidate in candidates if sampling == "reservoir" else []:
         seen += 1
         if len(items) < size:
             items.append(candidate)
@@ -68,8 +80,23 @@ def update_buffer(
     return manifest
 
 
+def _balanced(items: list[dict], size: int, rng: np.random.Generator) -> list[dict]:
+    """At most `size` of `items`, an equal share per source batch (water-filling: smaller batches first)."""
+    groups: dict[str, list[dict]] = {}
+    for item in items:
+        groups.setdefault(item["source_batch"], []).append(item)
+    kept, left = [], size
+    ordered = sorted(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    for i, (_, group) in enumerate(ordered):
+        quota = min(len(group), left // (len(ordered) - i))
+        kept += [group[j] for j in sorted(rng.choice(len(group), quota, replace=False))]
+        left -= quota
+    return kept
+
+
 class MixedBatchSampler(Sampler[list[int]]):
-    """Batches of a ConcatDataset([new, replay]) holding round(ratio * batch) replay samples each.
+    """Batches of a ConcatDataset([new, replay]) holding round(ratio * batch) replay samples each,
+    the last `k` of every batch.
 
     An epoch is one pass over the new data; replay samples are drawn without
     replacement while they last, then reshuffled.
