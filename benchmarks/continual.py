@@ -99,7 +99,8 @@ def main() -> None:
                "val": args.val, "data": [n_train, n_test, list(size)], "base": str(base_ckpt)}
         cache = args.work / strategy / "result.json"
         if args.resume and cache.is_file() and json.loads(cache.read_text())["key"] == key:
-            results[strategy] = json.loads(cache.read_text())["result"]
+            cached = json.loads(cache.read_text())["result"]
+            results[strategy] = {**cached, **continual_metrics(np.array(cached["R"]), baseline=np.array(first_row))}
             print(f"{strategy}: reused {cache}", flush=True)
             save_accuracy_matrix(args.out / f"continual_R_{strategy}.png", np.array(results[strategy]["R"]), STREAM, strategy)
             continue
@@ -138,13 +139,16 @@ def main() -> None:
               "base_epochs": base_epochs, "update_epochs": upd_epochs, "base_row": np.round(first_row, 4).tolist(),
               "settings": {"continual": settings.continual.model_dump(), "overrides": args.set},
               "torch_threads": torch.get_num_threads(), "val": args.val,
-              "total_wall_s": round(time.monotonic() - started, 1), "strategies": results}
+              "total_wall_s": round(time.monotonic() - started, 1),  # this run's; with --resume, cached results took
+              "strategies_wall_s": round(sum(r["wall_s"] for r in results.values()), 1),  # their own wall_s
+              "strategies": results}
     (args.out / "continual.json").write_text(json.dumps(report, indent=1))
     save_domain_curves(args.out / "continual_curves.png", {k: np.array(v["R"]) for k, v in results.items()}, STREAM)
-    print(f"\n| strategy | ACC | vs joint | BWT | forgetting | FWT | train images | vs joint | wall s |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| strategy | ACC | vs joint | BWT | forgetting | LA | FWT | train images | vs joint | wall s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for name, res in results.items():
         print(f"| {name} | {res['acc']:.3f} | {res.get('acc_vs_joint', '-')} | {res['bwt']:+.3f} | {res['forgetting']:.3f} | "
-              f"{res['fwt']:+.3f} | {res['train_images']} | {res.get('compute_vs_joint', '-')} | {res['wall_s']} |")
+              f"{res['la']:.3f} | {res['fwt']:+.3f} | {res['train_images']} | {res.get('compute_vs_joint', '-')} | {res['wall_s']} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def test_metrics_against_hand_built_matrix():
     # forgetting: best earlier score minus final, per old domain
     assert m["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.8 - 0.9)) / 2)
     assert m["fwt"] == pytest.approx(((0.2 - 0.1) + (0.3 - 0.2)) / 2)
+    assert m["la"] == pytest.approx((0.9 + 0.8 + 0.85) / 3)
     assert continual_metrics(np.array([[0.5]]))["forgetting"] == 0.0
 
 

@@ -163,7 +163,7 @@ class LwFSettings(_Strict):
 
 
 class ContinualSettings(_Strict):
-    strategy: str = "replay_lwf"
+    strategy: str = "replay"
     epochs: int = Field(10, gt=0)  # per update step (joint uses train.epochs)
     lr: float = Field(5e-4, gt=0.0)
     replay: ReplaySettings = ReplaySettings()

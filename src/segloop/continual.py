@@ -144,7 +144,8 @@ def update(
 
 
 def continual_metrics(r: np.ndarray, baseline: np.ndarray | None = None) -> dict:
-    """Standard continual-learning summaries of an accuracy matrix.
+    """Standard continual-learning summaries of an accuracy matrix: ACC (final average),
+    BWT, forgetting, learning accuracy (LA: each domain right after its step) and FWT.
 
     r: (T, T) with r[i, j] = mIoU on domain j's held-out set after step i
     (domain j is the one introduced at step j). baseline: (T,) mIoU of a model
@@ -157,6 +158,7 @@ def continual_metrics(r: np.ndarray, baseline: np.ndarray | None = None) -> dict
         "acc": float(r[-1].mean()),
         "bwt": float(np.mean([r[-1, j] - r[j, j] for j in old])) if t > 1 else 0.0,
         "forgetting": float(np.mean([r[j : t - 1, j].max() - r[-1, j] for j in old])) if t > 1 else 0.0,
+        "la": float(np.mean(np.diag(r))),
         "fwt": None,
     }
     if baseline is not None and t > 1:
