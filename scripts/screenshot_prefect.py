@@ -12,32 +12,19 @@ import argparse
 import json
 import os
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from screenshot_ui import ScreenshotError, find_browser, free_port, shoot, start_server, stop_ui  # noqa: E402
+from screenshot_ui import (  # noqa: E402
+    ScreenshotError, find_browser, free_port, shoot_pages, start_server, stop_ui, wait_until_up,
+)
 
 
 def post_json(url: str, payload: dict) -> list | dict:
     req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
-
-
-def wait_for_api(api: str, proc, timeout_s: float, log: Path) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if proc.poll() is not None:
-            raise ScreenshotError(f"prefect server exited with status {proc.returncode}; its log: {log}\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2):
-                return time.monotonic() - started
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise ScreenshotError(f"prefect server did not answer on {api} within {timeout_s:g}s; its log: {log}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         proc = start_server(cmd, env, log)
         try:
-            up_s = wait_for_api(api, proc, args.timeout, log)
+            up_s = wait_until_up(f"{api}/health", proc, args.timeout, log, "prefect server")
             runs = post_json(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 50})
             continual = [r for r in runs if r["name"].startswith("continual-") and r["state_type"] == "COMPLETED"]
             if not continual:
@@ -75,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 (f"{base}/runs/flow-run/{newest['id']}", [newest["name"], f"gate-{newest['name'].removeprefix('continual-')}"],
                  args.out / "prefect_flow_run.png"),
             ]
-            for url, expect, png in pages:
-                t0 = time.monotonic()
-                used = shoot(browser, url, expect, png, args.budget_ms, size)
-                print(f"{png}  <- {url}  ({time.monotonic() - t0:.1f} s, virtual time {used} ms)")
+            shoot_pages(browser, pages, args.budget_ms, size)
             print(f"Prefect API answered after {up_s:.1f} s; {len(runs)} flow runs, newest continual run {newest['name']}")
         finally:
             stop_ui(proc)

@@ -88,18 +88,18 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
-def wait_until_up(base: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> float:
-    """Seconds until /health answered; ScreenshotError if the server died or never answered."""
+def wait_until_up(health_url: str, proc: subprocess.Popen, timeout_s: float, log: Path, what: str = "mlflow ui") -> float:
+    """Seconds until `health_url` answered; ScreenshotError if the server died or never answered."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         if proc.poll() is not None:
-            raise ScreenshotError(f"mlflow ui exited with status {proc.returncode}; its log: {log}\n{log.read_text()[-2000:]}")
+            raise ScreenshotError(f"{what} exited with status {proc.returncode}; its log: {log}\n{log.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2):
+            with urllib.request.urlopen(health_url, timeout=2):
                 return time.monotonic() - started
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
-    raise ScreenshotError(f"mlflow ui did not answer on {base} within {timeout_s:g}s; its log: {log}")
+    raise ScreenshotError(f"{what} did not answer on {health_url} within {timeout_s:g}s; its log: {log}")
 
 
 def registered_model(base: str, name: str) -> dict:
@@ -138,6 +138,14 @@ def shoot(browser: str, url: str, expect: list[str], png: Path, budget_ms: int, 
     return budget_ms
 
 
+def shoot_pages(browser: str, pages: list[tuple[str, list[str], Path]], budget_ms: int, size: tuple[int, int]) -> None:
+    """Screenshot each (url, expected strings, png), saying where each came from and how long it took."""
+    for url, expect, png in pages:
+        t0 = time.monotonic()
+        used = shoot(browser, url, expect, png, budget_ms, size)
+        print(f"{png}  <- {url}  ({time.monotonic() - t0:.1f} s, virtual time {used} ms)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, default=Path("mlruns/mlflow.db"), help="MLflow sqlite db (default mlruns/mlflow.db)")
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         log = args.out / "mlflow_ui.log"
         proc = start_ui(db, artifacts, port, log)
         try:
-            up_s = wait_until_up(base, proc, args.timeout, log)
+            up_s = wait_until_up(f"{base}/health", proc, args.timeout, log)
             model = registered_model(base, name)
             aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
             if "champion" not in aliases:
@@ -179,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 (f"{base}/#/models/{urllib.parse.quote(name)}/versions/{aliases['champion']}",
                  [f"Version {aliases['champion']}", "champion"], args.out / "mlflow_model_version.png"),
             ]
-            for url, expect, png in pages:
-                t0 = time.monotonic()
-                used = shoot(browser, url, expect, png, args.budget_ms, size)
-                print(f"{png}  <- {url}  ({time.monotonic() - t0:.1f} s, virtual time {used} ms)")
+            shoot_pages(browser, pages, args.budget_ms, size)
             print(f"UI answered after {up_s:.1f} s; champion is {name} v{aliases['champion']}")
         finally:
             stop_ui(proc)

@@ -235,30 +235,23 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    from segloop.drift.detect import DRIFT_HTML, DRIFT_JSON, detect_drift
+    from segloop.drift.detect import DRIFT_HTML, DRIFT_JSON
     from segloop.drift.features import load_champion
-    from segloop.tracking import drift_experiment, log_drift, tracked_run
+    from segloop.runs import drift_step
 
     s = _settings(args)
     model_path, label, mv = _model(args.model, s) if args.model is not None else (None, None, None)
     champion = load_champion(model_path) if model_path is not None else None
-    tags = {"segloop.model": label, "segloop.model_version": mv.version if mv else None,
-            "segloop.model_id": champion.model_id if champion else None}
-    inputs = {"reference": args.reference, "current": args.current}
-    with tracked_run(s, "drift", inputs, tags, run_name=f"drift:{args.current.name}", experiment=drift_experiment(s)) as run:
-        r = detect_drift(
-            args.reference, args.current, args.out, s.drift, s.data.channels, champion,
-            None if args.no_cache else args.cache, s.eval, args.champion_miou,
-        )
-        if run:
-            log_drift(run, r, args.out)
+    tags = {"segloop.model": label, "segloop.model_version": mv.version if mv else None}
+    r, run_id = drift_step(s, args.reference, args.current, args.out, champion,
+                           None if args.no_cache else args.cache, args.champion_miou, tags)
     verdict = "DRIFT" if r["drift"] else "no drift"
     print(f"{verdict}: data drift {r['data_drift']} (score {r['score']:.3g}, {len(r['drifted_features'])} drifted: "
           f"{', '.join(r['drifted_features'][:6]) or '-'}), performance drift {r['performance_drift']} ({r['quality']['reason']})")
     print(f"  method: {r['method']}")
     for w in r["warnings"]:
         print(f"  warning: {w}")
-    print(f"  wrote {args.out / DRIFT_JSON}, {args.out / DRIFT_HTML}" + (f"; MLflow run {run.run_id}" if run else ""))
+    print(f"  wrote {args.out / DRIFT_JSON}, {args.out / DRIFT_HTML}" + (f"; MLflow run {run_id}" if run_id else ""))
     return 0
 
 

@@ -16,9 +16,10 @@ The workspace is the loop's own git + DVC repository (`flows.workspace`):
     processed/<batch>.json     the step record; its presence means "done, never again"
     params.yaml, dvc.yaml, dvc.lock, state.json
 
-Each model-producing step is written to dvc.yaml as the `segloop` command that does the
-same thing and `dvc commit`ed, so `dvc repro` finds everything up to date and
-`git checkout <commit> && dvc checkout && dvc repro -f <stage>` rebuilds it. The git
+Training and updates are DVC stages (train-/update-<batch>) that the loop runs with
+`dvc repro -s`; the replay buffer step is written to dvc.yaml and `dvc commit`ted. So
+`dvc repro` finds everything up to date and `git checkout <commit> && dvc checkout &&
+dvc repro -s -f <stage>` rebuilds a step. The git
 commit made at the end of a step is the only thing that makes it count: a crash before
 it leaves the batch pending and the next run starts the batch again from that commit.
 """
@@ -76,10 +77,13 @@ class Workspace:
 
 # ---------------------------------------------------------------- workspace repo
 
+def _env() -> dict[str, str]:
+    """Stages DVC runs call `segloop` (and we call `dvc`): the ones installed beside this Python."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def _run(ws: Workspace, *cmd: str) -> str:
-    # Stages DVC runs call `segloop`: the one installed beside this Python.
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True, env=_env())
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} (in {ws.root}) failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip()
@@ -224,8 +228,7 @@ def _stage_add(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[
 def run_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
     """Write stage `name` to dvc.yaml and run it (`dvc repro -s`), its output shown as it comes."""
     _stage_add(ws, name, cmd, deps, outs, params)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.Popen(["dvc", "repro", "-s", name], cwd=ws.root, env=env, text=True,
+    proc = subprocess.Popen(["dvc", "repro", "-s", name], cwd=ws.root, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail: list[str] = []
     for line in proc.stdout:
@@ -313,25 +316,26 @@ def check_drift(ws: Workspace, batch: dict, champ: tuple[str, Path], settings: S
     Performance drift: the champion's mIoU on the batch vs its held-out mIoU on the
     batch's domain (the best of its domains for a domain it never saw).
     """
-    from segloop.drift.detect import detect_drift
     from segloop.drift.features import load_champion
+    from segloop.runs import drift_step
 
     state = read_state(ws)
-    version, path = champ
-    model = load_champion(path)
-    scores = state["scores"].get(version, {})
     trained = state["trained_domains"]
-    held_out = scores.get(batch["domain"]) if batch["domain"] in trained else max(scores.values(), default=None)
     if not trained:  # a champion made outside the loop: its training data is unknown here
         return {"drift": True, "data_drift": None, "performance_drift": None, "score": None, "closest_domain": None,
                 "drifted_features": [], "quality": "not checked", "report": None, "per_reference": {},
                 "reason": "no reference: the loop has not seen the champion's training data; updating on this batch"}
+    version, path = champ
+    model = load_champion(path)
+    scores = state["scores"].get(version, {})
+    held_out = scores.get(batch["domain"]) if batch["domain"] in trained else max(scores.values(), default=None)
     results = {}
     for domain in trained:
         ref = _reference(ws, state, version, domain, path, settings)
-        results[domain] = detect_drift(
-            ref, ws.batch(batch["batch"]) / "accepted", ws.root / "steps" / batch["batch"] / "drift" / domain,
-            settings.drift, settings.data.channels, model, ws.root / ".cache" / "drift", settings.eval, held_out,
+        results[domain], _ = drift_step(
+            settings, ref, ws.batch(batch["batch"]) / "accepted", ws.root / "steps" / batch["batch"] / "drift" / domain,
+            model, ws.root / ".cache" / "drift", held_out,
+            {"segloop.batch": batch["batch"], "segloop.reference_domain": domain, "segloop.model_version": version},
         )
     closest = max(results, key=lambda d: results[d]["score"])
     r = results[closest]

@@ -1,14 +1,15 @@
-"""Tracked training steps: `train` or `update` inside an MLflow run, the result registered.
+"""Tracked steps: `train` or `update` inside an MLflow run with the result registered, and
+drift checks as runs of their own.
 
-The CLI (`segloop train`, `segloop update`) and the continual loop call these, so a
-step run by hand, by DVC or by a Prefect flow is recorded the same way.
+The CLI (`segloop train|update|drift`) and the continual loop call these, so a step run
+by hand, by DVC or by a Prefect flow is recorded the same way.
 """
 from __future__ import annotations
 
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from segloop.config import Settings
 from segloop.train import TrainResult
@@ -73,3 +74,20 @@ def _register(run, result: TrainResult, out: Path, settings: Settings) -> str | 
     (out / REGISTERED).write_text(json.dumps({"model": settings.registry.model_name, "version": version, "run_id": run.run_id}) + "\n")
     print(f"MLflow run {run.run_id}; registered models:/{settings.registry.model_name}/{version}", flush=True)
     return version
+
+
+def drift_step(
+    settings: Settings, reference: Path, current: Path, out: Path, champion=None, cache: Path | None = None,
+    champion_miou: float | None = None, tags: Mapping[str, Any] = {},
+) -> tuple[dict, str | None]:
+    """`detect_drift` inside an MLflow run of `<experiment>-drift`; returns (drift.json payload, run id or None)."""
+    from segloop.drift.detect import detect_drift
+    from segloop.tracking import drift_experiment, log_drift, tracked_run
+
+    tags = {"segloop.model_id": champion.model_id if champion else None, **tags}
+    inputs = {"reference": reference, "current": current}
+    with tracked_run(settings, "drift", inputs, tags, run_name=f"drift:{current.name}", experiment=drift_experiment(settings)) as run:
+        r = detect_drift(reference, current, out, settings.drift, settings.data.channels, champion, cache, settings.eval, champion_miou)
+        if run:
+            log_drift(run, r, out)
+    return r, run.run_id if run else None
