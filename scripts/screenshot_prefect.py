@@ -1,5 +1,6 @@
 """Screenshot the Prefect UI on the project's Prefect database with headless Chromium
-(`make screenshot`): the flow runs list and one `continual-*` flow run with its task runs.
+(`make screenshot`): the flow runs list and the newest `continual-*` flow run that
+updated the model, with its task runs.
 
 Starts `prefect server start` on a free loopback port with PREFECT_HOME (default
 .prefect, where `make demo` keeps its runs), waits until the API answers, finds the flow
@@ -25,6 +26,18 @@ def post_json(url: str, payload: dict) -> list | dict:
     req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
+
+
+def updated_run(api: str, continual: list[dict]) -> dict:
+    """The newest continual run that updated the model (its page shows drift, update and gate
+    tasks), else the newest; with its task run names under "tasks"."""
+    with_tasks = []
+    for run in continual:
+        tasks = post_json(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 50})
+        with_tasks.append(run | {"tasks": [t["name"] for t in tasks]})
+        if any(t.startswith("gate-") for t in with_tasks[-1]["tasks"]):
+            return with_tasks[-1]
+    return with_tasks[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,15 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             continual = [r for r in runs if r["name"].startswith("continual-") and r["state_type"] == "COMPLETED"]
             if not continual:
                 raise ScreenshotError(f"no completed continual-* flow runs in {home / 'prefect.db'} (run `make demo`)")
-            newest = continual[0]
-            size = tuple(args.size)
+            newest, shown = continual[0], updated_run(api, continual)
+            tasks = [t for t in shown["tasks"] if t.startswith(("update-", "gate-"))]
             pages = [
                 (f"{base}/runs", [newest["name"], "monitor-"], args.out / "prefect_runs.png"),
-                (f"{base}/runs/flow-run/{newest['id']}", [newest["name"], f"gate-{newest['name'].removeprefix('continual-')}"],
-                 args.out / "prefect_flow_run.png"),
+                (f"{base}/runs/flow-run/{shown['id']}", [shown["name"], *tasks], args.out / "prefect_flow_run.png"),
             ]
-            shoot_pages(browser, pages, args.budget_ms, size)
-            print(f"Prefect API answered after {up_s:.1f} s; {len(runs)} flow runs, newest continual run {newest['name']}")
+            shoot_pages(browser, pages, args.budget_ms, tuple(args.size))
+            print(f"Prefect API answered after {up_s:.1f} s; {len(runs)} flow runs; flow run shown: {shown['name']}")
         finally:
             stop_ui(proc)
     except ScreenshotError as err:
