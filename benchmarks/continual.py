@@ -106,7 +106,7 @@ def main() -> None:
             continue
         r, parent, images, t0 = [first_row], base_ckpt, 0, time.monotonic()
         rs = s.continual.replay
-        buffer = args.work / strategy / f"buffer_{rs.sampling}_0"
+        buffer = args.work / strategy / f"buffer_{rs.sampling}{rs.size}_0"
         if not buffer.exists():
             update_buffer(None, dirs["base"]["train"], "base", rs.size, 0, buffer, rs.sampling)
         for k, domain in enumerate(STREAM[1:], start=1):
@@ -117,7 +117,7 @@ def main() -> None:
                          seen=[dirs[d]["train"] for d in STREAM[:k]], replay=buffer, log=lambda _: None)
             images += res.images_seen
             parent = out / "best.pt"
-            nxt = args.work / strategy / f"buffer_{rs.sampling}_{k}"
+            nxt = args.work / strategy / f"buffer_{rs.sampling}{rs.size}_{k}"  # a buffer per fill and size
             if not nxt.exists():
                 update_buffer(buffer, dirs[domain]["train"], domain, rs.size, 0, nxt, rs.sampling)
             buffer = nxt

@@ -46,7 +46,7 @@ def save_confusion(path: Path, cm: np.ndarray, classes: list[str]) -> None:
             ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -64,7 +64,7 @@ def save_accuracy_matrix(path: Path, r: np.ndarray, domains: list[str], title: s
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="mIoU")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -81,5 +81,5 @@ def save_domain_curves(path: Path, curves: dict[str, np.ndarray], domains: list[
     axes[0][0].set_ylabel("mIoU")
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
