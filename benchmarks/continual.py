@@ -7,7 +7,7 @@ same seeds, and is scored on the held-out set of every domain after every step
 Each step keeps its epoch with the best mean val mIoU over every domain seen so
 far, as the gate judges a challenger (`--val new`: the new domain's alone).
 
-    python benchmarks/continual.py [--quick] [--threads N] [--strategies ...] [--set key=value ...] [--base CKPT] [--resume]
+    python benchmarks/continual.py [--quick] [--threads N] [--test-images N] [--strategies ...] [--set key=value ...] [--base CKPT] [--resume]
 
 Writes reports/bench/continual.json, continual_R_<strategy>.png, continual_curves.png.
 """
@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--val", choices=["seen", "new"], default="seen",
                         help="keep the update's best epoch on every seen domain's val set, or on the new domain's")
     parser.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--test-images", type=int, default=32,
+                        help="held-out images per domain (val gets half): more resolves smaller forgetting")
     parser.add_argument("--resume", action="store_true",
                         help="reuse WORK's base model and every strategy result computed with the same settings")
     args = parser.parse_args()
@@ -71,7 +73,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     # 4 update epochs: replay with a balanced mix then costs 24% of joint (5 would cost 30.2%)
-    n_train, n_test, size, base_epochs, upd_epochs = (96, 32, (96, 96), 15, 4)
+    n_train, n_test, size, base_epochs, upd_epochs = (96, args.test_images, (96, 96), 15, 4)
     if args.quick:
         n_train, n_test, size, base_epochs, upd_epochs = (16, 8, (64, 64), 1, 1)
     settings = load_settings(ROOT / "params.yaml", [
