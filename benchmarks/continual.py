@@ -42,7 +42,8 @@ def miou(model_path: Path, data: Path, settings) -> float:
 
 
 def make_stream(root: Path, n_train: int, n_test: int, size: tuple[int, int]) -> dict:
-    dirs = {}
+    # one folder per set of sizes: a folder made for other counts is never reused
+    root, dirs = root / f"{n_train}-{n_test}-{size[0]}x{size[1]}", {}
     for k, domain in enumerate(STREAM):
         dirs[domain] = {}
         for split, n, seed in (("train", n_train, 100 + k), ("val", n_test // 2, 200 + k), ("test", n_test, 300 + k)):
@@ -119,7 +120,7 @@ def main() -> None:
                          seen=[dirs[d]["train"] for d in STREAM[:k]], replay=buffer, log=lambda _: None)
             images += res.images_seen
             parent = out / "best.pt"
-            nxt = args.work / strategy / f"buffer_{rs.sampling}{rs.size}_{k}"  # a buffer per fill and size
+            nxt = args.work / strategy / f"buffer_{rs.sampling}{rs.size}_{k}"  # per fill and size, as the data
             if not nxt.exists():
                 update_buffer(buffer, dirs[domain]["train"], domain, rs.size, 0, nxt, rs.sampling)
             buffer = nxt

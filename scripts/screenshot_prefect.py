@@ -31,13 +31,14 @@ def post_json(url: str, payload: dict) -> list | dict:
 def updated_run(api: str, continual: list[dict]) -> dict:
     """The newest continual run that updated the model (its page shows drift, update and gate
     tasks), else the newest; with its task run names under "tasks"."""
-    with_tasks = []
+    first = None
     for run in continual:
         tasks = post_json(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 50})
-        with_tasks.append(run | {"tasks": [t["name"] for t in tasks]})
-        if any(t.startswith("gate-") for t in with_tasks[-1]["tasks"]):
-            return with_tasks[-1]
-    return with_tasks[0]
+        run = run | {"tasks": [t["name"] for t in tasks]}
+        if any(t.startswith("gate-") for t in run["tasks"]):
+            return run
+        first = first or run
+    return first
 
 
 def main(argv: list[str] | None = None) -> int:
