@@ -13,6 +13,14 @@ from segloop.data.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on a 2-core box: one intra-op thread each
+    # (and in the `segloop`/`dvc` processes they start), so they do not fight for cores.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # The project's params.yaml shrunk to seconds: tiny images, tiny decoder, few epochs.
 TINY = {
     "data": {"crop_size": 64},

@@ -157,13 +157,13 @@ class ReplaySettings(_Strict):
 
 class LwFSettings(_Strict):
     temperature: float = Field(2.0, gt=0.0)
-    weight: float = Field(1.0, ge=0.0)
+    weight: float = Field(0.3, ge=0.0)
     # With a replay buffer: distil the replayed (old-domain) samples only, where the parent is right.
     replay_only: bool = False
 
 
 class ContinualSettings(_Strict):
-    strategy: str = "replay"
+    strategy: str = "replay_lwf"
     epochs: int = Field(10, gt=0)  # per update step (joint uses train.epochs)
     lr: float = Field(5e-4, gt=0.0)
     replay: ReplaySettings = ReplaySettings()
