@@ -111,7 +111,8 @@ def main() -> None:
     if args.quick:
         n_train, n_test, size, base_epochs, upd_epochs = (16, 8, (64, 64), 1, 1)
     common = ["data.crop_size=64", f"train.epochs={base_epochs}", "train.max_minutes=null", "train.patience=1000",
-              "train.batch_size=8", f"continual.epochs={upd_epochs}", *args.set]
+              # MiB distils at full weight (the domain-incremental default, 0.3, is tuned for replay_lwf)
+              "train.batch_size=8", f"continual.epochs={upd_epochs}", "continual.lwf.weight=1.0", *args.set]
     step1 = load_settings(ROOT / "params.yaml", [*common, f"data.classes={OLD}"])
     full = load_settings(ROOT / "params.yaml", [*common, f"data.classes={OLD + NEW}"])
     args.out.mkdir(parents=True, exist_ok=True)
