@@ -141,3 +141,13 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return env
+
+
+# Slowest files first: with `--dist loadfile --no-loadscope-reorder` (pyproject) the two
+# workers start on the two longest files at once, so neither ends alone on a long one.
+SLOWEST_FIRST = ("test_flows.py", "test_dvc_pipeline.py", "test_registry.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
