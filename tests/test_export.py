@@ -38,8 +38,13 @@ def test_round_trip_matches_eager_at_any_batch_and_size(tmp_path, tiny_settings,
     out = tmp_path / "m.onnx"
     report = export_model(ckpt, out, tiny_settings.export, tiny_settings.eval, log=lambda _: None)
 
-    graph_input = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    graph = onnx.load(str(out)).graph
+    graph_input = graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in graph_input] == ["batch", channels, "height", "width"]
+    # every decoder upsampling has constant scales (ORT's NCHWc layout), no size from Shape ops
+    resizes = [n for n in graph.node if n.op_type == "Resize"]
+    constants = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in graph.initializer}
+    assert len(resizes) == 5 and all(len(n.input) == 3 and constants[n.input[2]] == [1, 1, 2, 2] for n in resizes)
     backend = OnnxBackend(out)
     assert backend.channels == channels and backend.classes == list(tiny_settings.data.classes)
     model, _ = load_model(ckpt)

@@ -65,8 +65,64 @@ def export_onnx(model: nn.Module, channels: int, path: Path, opset: int, metadat
             model.eval(), (example,), str(path), dynamo=False, opset_version=opset,
             input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: axes, OUTPUT: axes},
         )
+    proto = onnx.load(str(path))
+    _constant_upsample_scales(proto, channels)
+    onnx.save(proto, str(path))
     _set_metadata(path, metadata)
     onnx.checker.check_model(str(path))
+
+
+def _constant_upsample_scales(proto, channels: int) -> int:
+    """Give each Resize that upsamples to a size computed by Shape ops its constant scales.
+
+    SMP decoders size every upsampling to the skip connection's shape, so the traced Resize
+    takes `sizes` from Shape/Gather/Concat nodes, and ORT's CPU NCHWc optimizer (which needs
+    constant scales) leaves the decoder in plain NCHW with a layout reorder around every
+    upsampling. For inputs padded to multiples of 32 (the contract above) the two are the
+    same: a node is rewritten only if shape inference finds the same integer scales at two
+    input sizes. About 7% faster on this CPU at 512x512. Returns the number rewritten.
+    """
+    from onnx import numpy_helper
+
+    probes = [_resize_shapes(proto, channels, h, w) for h, w in ((64, 96), (96, 64))]
+    rewritten = 0
+    for node in proto.graph.node:
+        if node.op_type != "Resize" or len(node.input) < 4 or not node.input[3]:
+            continue
+        scales = {_scale(*probe.get(node.output[0], ([], []))) for probe in probes}
+        if len(scales) != 1 or (scale := scales.pop()) is None or scale[:2] != (1.0, 1.0) or any(v % 1 for v in scale):
+            continue
+        name = f"{node.name or node.output[0]}/constant_scales"
+        proto.graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), name))
+        inputs = [node.input[0], node.input[1], name]
+        del node.input[:]
+        node.input.extend(inputs)
+        rewritten += 1
+    return rewritten
+
+
+def _scale(before: list[int], after: list[int]) -> tuple[float, ...] | None:
+    if len(before) != 4 or len(after) != 4 or 0 in before or 0 in after:  # 0: a dimension inference left unknown
+        return None
+    return tuple(o / i for i, o in zip(before, after))
+
+
+def _resize_shapes(proto, channels: int, h: int, w: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Resize output name -> (input shape, output shape) for a (1, channels, h, w) input,
+    by ONNX shape inference with data propagation (it follows the Shape ops)."""
+    import onnx
+    from onnx import shape_inference
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    for dim, value in zip(probe.graph.input[0].type.tensor_type.shape.dim, (1, channels, h, w)):
+        dim.Clear()
+        dim.dim_value = value
+    probe = shape_inference.infer_shapes(probe, data_prop=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*probe.graph.value_info, *probe.graph.output]}
+    return {n.output[0]: (shapes.get(n.input[0], []), shapes.get(n.output[0], []))
+            for n in probe.graph.node if n.op_type == "Resize"}
 
 
 def _set_metadata(path: Path, metadata: Mapping[str, str]) -> None:
@@ -150,7 +206,9 @@ def quantize_int8(fp32_path: Path, out_path: Path, reader: CalibrationImages, pe
     with tempfile.TemporaryDirectory(prefix="segloop-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # ORT's recommended pre-processing: graph optimisation (BN folding...) + shape inference.
-        quant_pre_process(str(fp32_path), str(prepared))
+        # ONNX's own shape inference: ORT's symbolic one cannot follow the constant-scale
+        # upsampling (export_onnx) to the skip connection's size.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         # uint8 activations, int8 weights, full range: ORT's advice for x86 CPUs (VNNI or AMX run
         # u8s8 without the saturation that reduce_range guards against on older cores).
         quantize_static(
