@@ -32,6 +32,9 @@ from segloop.plots import save_accuracy_matrix, save_domain_curves
 from segloop.train import train
 
 STREAM = ["base", "lowlight", "fog", "noise", "colorshift"]
+# The issue's bar: a replay strategy near joint, without forgetting, at a fraction of its compute;
+# finetune must forget enough to show the problem.
+GOALS = {"acc_vs_joint": 0.95, "max_forgetting": 0.02, "max_compute_vs_joint": 0.30, "finetune_min_forgetting": 0.05}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,6 +42,16 @@ def miou(model_path: Path, data: Path, settings) -> float:
     model, _ = load_model(model_path)
     device = pick_device()
     return miou_on(model.to(device), data, settings, device)[0]
+
+
+def goals(results: dict) -> dict:
+    """Goal name -> met (None where the strategies it needs did not run)."""
+    replays = [results[n] for n in ("replay", "replay_lwf") if n in results]
+    near = None if "joint" not in results or not replays else any(
+        r["acc_vs_joint"] >= GOALS["acc_vs_joint"] and r["forgetting"] <= GOALS["max_forgetting"]
+        and r["compute_vs_joint"] <= GOALS["max_compute_vs_joint"] for r in replays)
+    forgets = None if "finetune" not in results else results["finetune"]["forgetting"] >= GOALS["finetune_min_forgetting"]
+    return {"replay_near_joint_without_forgetting": near, "finetune_forgets": forgets}
 
 
 def make_stream(root: Path, n_train: int, n_test: int, size: tuple[int, int]) -> dict:
@@ -144,7 +157,7 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "val": args.val,
               "total_wall_s": round(time.monotonic() - started, 1),  # this run's; with --resume, cached results took
               "strategies_wall_s": round(sum(r["wall_s"] for r in results.values()), 1),  # their own wall_s
-              "strategies": results}
+              "goals": goals(results), "goal_thresholds": GOALS, "strategies": results}
     (args.out / "continual.json").write_text(json.dumps(report, indent=1))
     save_domain_curves(args.out / "continual_curves.png", {k: np.array(v["R"]) for k, v in results.items()}, STREAM)
     print("\n| strategy | ACC | vs joint | BWT | forgetting | LA | FWT | train images | vs joint | wall s |\n"
@@ -152,6 +165,7 @@ def main() -> None:
     for name, res in results.items():
         print(f"| {name} | {res['acc']:.3f} | {res.get('acc_vs_joint', '-')} | {res['bwt']:+.3f} | {res['forgetting']:.3f} | "
               f"{res['la']:.3f} | {res['fwt']:+.3f} | {res['train_images']} | {res.get('compute_vs_joint', '-')} | {res['wall_s']} |")
+    print(f"\ngoals {GOALS}: {report['goals']}")
 
 
 if __name__ == "__main__":

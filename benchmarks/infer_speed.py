@@ -176,6 +176,9 @@ def main() -> None:
         "eager_baseline": {"batch_1": base1, "batch_8": base8},
         "batch_1": b1, "batch_8": b8, "miou": miou, "int8_miou_drop": round(int8_drop, 4),
         "parity": {k: parity[k] for k in ("fp32", "int8")}, "goals": goals,
+        "headline": {f"{name} vs eager, batch {b}": f"{res[name]['speedup_vs_eager']:.2f}x"
+                     for name in ("ORT fp32", "ORT int8") for b, res in ((1, b1), (8, b8))}
+        | {"int8 mIoU drop": f"{100 * int8_drop:.2f} pts", "cpu": cpu_name()},
         "wall_s": round(time.monotonic() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

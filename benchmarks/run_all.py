@@ -66,8 +66,9 @@ def _fmt(value) -> str:
 
 
 def _continual(r: dict) -> dict:
-    return {name: f"ACC {s['acc']:.3f}" + (f" ({s['acc_vs_joint']:.0%} of joint at {s['compute_vs_joint']:.0%} of its compute)"
-                                           if "acc_vs_joint" in s and name != "joint" else "")
+    return {name: f"ACC {s['acc']:.3f}, forgetting {100 * s['forgetting']:.1f} pts"
+                  + (f" ({s['acc_vs_joint']:.0%} of joint at {s['compute_vs_joint']:.0%} of its compute)"
+                     if "acc_vs_joint" in s and name != "joint" else "")
             for name, s in r["strategies"].items()}
 
 
@@ -102,6 +103,8 @@ def headline(name: str, report: dict) -> dict:
 def goals_cell(goals) -> str:
     if not isinstance(goals, dict) or not goals:
         return "-"
+    # a goal is true / false / null (not measured), or a dict saying so in "met"
+    goals = {k: v.get("met") if isinstance(v, dict) else v for k, v in goals.items()}
     unmet = [k for k, v in goals.items() if v is False]
     unknown = [k for k, v in goals.items() if v is None]
     cell = f"NOT met: {', '.join(unmet)}" if unmet else "met"
