@@ -54,6 +54,14 @@ def goals(results: dict) -> dict:
     return {"replay_near_joint_without_forgetting": near, "finetune_forgets": forgets}
 
 
+def headline(results: dict) -> dict:
+    """Strategy -> its figures for `make bench`'s summary table."""
+    return {name: f"ACC {r['acc']:.3f}, forgetting {100 * r['forgetting']:.1f} pts"
+                  + (f" ({r['acc_vs_joint']:.0%} of joint at {r['compute_vs_joint']:.0%} of its compute)"
+                     if "acc_vs_joint" in r and name != "joint" else "")
+            for name, r in results.items()}
+
+
 def make_stream(root: Path, n_train: int, n_test: int, size: tuple[int, int]) -> dict:
     # one folder per set of sizes: a folder made for other counts is never reused
     root, dirs = root / f"{n_train}-{n_test}-{size[0]}x{size[1]}", {}
@@ -157,7 +165,7 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "val": args.val,
               "total_wall_s": round(time.monotonic() - started, 1),  # this run's; with --resume, cached results took
               "strategies_wall_s": round(sum(r["wall_s"] for r in results.values()), 1),  # their own wall_s
-              "goals": goals(results), "goal_thresholds": GOALS, "strategies": results}
+              "goals": goals(results), "goal_thresholds": GOALS, "headline": headline(results), "strategies": results}
     (args.out / "continual.json").write_text(json.dumps(report, indent=1))
     save_domain_curves(args.out / "continual_curves.png", {k: np.array(v["R"]) for k, v in results.items()}, STREAM)
     print("\n| strategy | ACC | vs joint | BWT | forgetting | LA | FWT | train images | vs joint | wall s |\n"

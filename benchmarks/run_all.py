@@ -65,13 +65,6 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _continual(r: dict) -> dict:
-    return {name: f"ACC {s['acc']:.3f}, forgetting {100 * s['forgetting']:.1f} pts"
-                  + (f" ({s['acc_vs_joint']:.0%} of joint at {s['compute_vs_joint']:.0%} of its compute)"
-                     if "acc_vs_joint" in s and name != "joint" else "")
-            for name, s in r["strategies"].items()}
-
-
 def _drift(r: dict) -> dict:
     full = [by["1.0"]["rate"] for by in r["detection"].values() if "1.0" in by]
     out = {"false alarms": f"{r['false_alarm']['rate']:.0%}"}
@@ -83,7 +76,7 @@ def _drift(r: dict) -> dict:
 
 
 # Benchmarks written before the `headline` convention: their figures, picked here.
-LEGACY = {"continual": _continual, "drift": _drift}
+LEGACY = {"drift": _drift}
 
 
 def headline(name: str, report: dict) -> dict:

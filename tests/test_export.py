@@ -80,7 +80,8 @@ def test_int8_export_is_smaller_and_mostly_agrees(tmp_path, tiny_settings, base_
     assert report["n_images"] == 24 and report["input_sizes"] == [[72, 80]] and report["labelled"]
     assert q["pixel_agreement"] > 0.9, q
     assert abs(q["miou_diff"]) < 0.05 and report["fp32"]["miou_diff"] == pytest.approx(0, abs=1e-6)
-    assert OnnxBackend(q["file"]).classes == list(tiny_settings.data.classes)
+    int8 = OnnxBackend(q["file"])
+    assert int8.classes == list(tiny_settings.data.classes) and int8.metadata["segloop.precision"] == "int8"
 
 
 def test_predict_onnx_backend_writes_the_torch_masks(tmp_path, tiny_settings, tiny_params, base_data, cli_env):
