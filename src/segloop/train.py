@@ -117,6 +117,7 @@ def train(
     meta: dict | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     init_label: str | None = None,
+    select: Callable[[list[float]], float] | None = None,
 ) -> TrainResult:
     """Train on `data_dir` (several folders are concatenated), validate on `val_dir`
     (the first training folder when None; several folders: the mean of their mIoUs,
@@ -131,13 +132,15 @@ def train(
     `on_epoch(record)` sees each epoch's record as it ends (MLflow logs them live).
     `init_label` names the parent in the checkpoint when `init` is a downloaded copy
     (e.g. `models:/segloop/3` rather than a temporary path).
+    `select(per_folder_miou) -> score` ranks epochs for `best.pt` (default: the mean over the
+    validation folders); a continual update ranks by the promotion gate's own rules.
     """
     world = world_from_env()
     device = device_for(world)
     with process_group(world, device) as control:
         return _train(settings, data_dir, out_dir, val_dir, init, resume, log if world.primary else _silent,
                       replay_dir, replay_ratio, extra_loss, freeze_encoder, new_classes, seg_loss, meta,
-                      on_epoch if world.primary else None, init_label, world.rank, world.size, device, control)
+                      on_epoch if world.primary else None, init_label, select, world.rank, world.size, device, control)
 
 
 def _silent(line: str) -> None:
@@ -145,7 +148,7 @@ def _silent(line: str) -> None:
 
 
 def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, replay_ratio, extra_loss, freeze_encoder,
-           new_classes, seg_loss, meta, on_epoch, init_label, rank: int, world: int, device: torch.device, control) -> TrainResult:
+           new_classes, seg_loss, meta, on_epoch, init_label, select, rank: int, world: int, device: torch.device, control) -> TrainResult:
     cfg, started = settings.train, time.monotonic()
     cuda, primary = device.type == "cuda", rank == 0
     if cuda:
@@ -243,13 +246,16 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
         train_s = time.monotonic() - epoch_start
         loss_mean = mean_over_ranks(float(loss_sum) / max(1, n_batches), control)
         model.eval()
-        val_miou, val_iou = _validate(model, val_dirs, settings, device) if primary else (0.0, [])
-        val_miou = from_primary([val_miou], control)[0]  # every rank takes the same early-stopping decision
+        per_dir, val_iou = _validate(model, val_dirs, settings, device) if primary else ([0.0] * len(val_dirs), [])
+        per_dir = from_primary(per_dir, control)  # every rank takes the same early-stopping decision
+        val_miou = sum(per_dir) / len(per_dir)
+        score = select(per_dir) if select is not None else val_miou
         state["epoch"] = epoch + 1
         record = {
             "epoch": epoch + 1,
             "loss": round(loss_mean, 5),
             "val_miou": round(val_miou, 5),
+            **({"val_per_folder": [round(m, 5) for m in per_dir], "val_score": round(score, 5)} if len(per_dir) > 1 or select else {}),
             "lr": optimizer.param_groups[0]["lr"],
             "img_per_s": round(n_batches * cfg.batch_size * world / max(train_s, 1e-9), 2),
             "seconds": round(time.monotonic() - started, 1),
@@ -257,9 +263,9 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
         state["history"].append(record)
         if on_epoch is not None:
             on_epoch(record)
-        improved = val_miou > state["best_miou"]
+        improved = score > state["best_miou"]
         if improved:
-            state["best_miou"], state["bad_epochs"] = val_miou, 0
+            state["best_miou"], state["bad_epochs"] = score, 0
             if primary:
                 save_checkpoint(out_dir / BEST, {**meta, "model": model.state_dict(), "epoch": epoch + 1, "val_miou": val_miou, "val_per_class_iou": val_iou})
         else:
@@ -294,13 +300,11 @@ def _train(settings, data_dir, out_dir, val_dir, init, resume, log, replay_dir, 
     return result
 
 
-def _validate(model: nn.Module, val_dirs: list[Path], settings: Settings, device: torch.device) -> tuple[float, list[float]]:
-    """(mIoU, per-class IoU) on one folder, or their means over several (each folder weighs the same)."""
+def _validate(model: nn.Module, val_dirs: list[Path], settings: Settings, device: torch.device) -> tuple[list[float], list[float]]:
+    """(mIoU of each folder, per-class IoU averaged over the folders, each folder weighing the same)."""
     scores = [miou_on(model, d, settings, device) for d in val_dirs]
-    if len(scores) == 1:
-        return scores[0]
     per_class = torch.tensor([iou for _, iou in scores], dtype=torch.float64).nanmean(0)
-    return sum(m for m, _ in scores) / len(scores), per_class.tolist()
+    return [m for m, _ in scores], per_class.tolist()
 
 
 def _mean_rate(history: list[dict]) -> float:
