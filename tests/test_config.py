@@ -24,7 +24,7 @@ def test_project_params_load():
         ("train.lr=-1e-3", "train.lr", "greater than 0"),
         ("data.channels=2", "data.channels", "1 or 3"),
         ("split.val_fraction=0.85", "split", "leave images for training"),
-        ("generate.domains=[base, rain]", "generate.domains", "unknown domain"),
+        ("generate.domains=[base, rain]", "generate.domains", "unknown value 'rain'"),
         ("train.schedule=step", "train.schedule", "cosine"),
         ("eval.max_size=500", "eval.max_size", "multiple of 32"),
     ],
