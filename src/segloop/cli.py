@@ -105,9 +105,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from segloop.registry import is_model_ref
 
     s = _settings(args)
-    check_predict_out(args.input, args.out, args.overwrite)  # before a model is downloaded or loaded
     if args.backend == "onnx" and is_model_ref(args.model):
         raise ValueError(f"--backend onnx --model {args.model}: needs an exported .onnx file (see `segloop export`)")
+    check_predict_out(args.input, args.out, args.overwrite)  # before a model is downloaded or loaded
     path = Path(args.model) if args.backend == "onnx" else _model(args.model, s)[0]
     n = predict_folder(path, args.input, args.out, s.eval, args.backend, overwrite=args.overwrite)
     print(f"wrote {n} masks to {args.out} ({args.backend} backend)")
