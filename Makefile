@@ -39,6 +39,7 @@ bench: setup
 # Served on 127.0.0.2 (loopback too): MLflow 3.17's UI opens its GenAI assistant panel over a
 # third of every page for localhost/127.0.0.1 only, and has no setting to turn it off.
 # The links open the model-training view (training runs, Models) instead of the GenAI one.
+# Host and origin allowed: MLflow's guards accept only localhost by default (runs pages fail).
 UI_HOST ?= 127.0.0.2
 UI_PORT ?= 5000
 ui: setup
@@ -47,7 +48,8 @@ ui: setup
 	@echo "(store: sqlite:///mlruns/mlflow.db, artifacts: mlruns/artifacts)"
 	@# Job execution (huey workers) serves MLflow's GenAI features, not segloop: off saves 7 processes.
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
-	  --artifacts-destination mlruns/artifacts --host $(UI_HOST) --port $(UI_PORT) --allowed-hosts $(UI_HOST):$(UI_PORT)
+	  --artifacts-destination mlruns/artifacts --host $(UI_HOST) --port $(UI_PORT) --allowed-hosts $(UI_HOST):$(UI_PORT) \
+	  --cors-allowed-origins http://$(UI_HOST):$(UI_PORT)
 
 # Headless-Chromium screenshots of the registered model's UI page and its champion's version
 # page (reports/ui/*.png), from the project store; needs Debian's chromium (see the script).

@@ -119,7 +119,7 @@ def test_shifted_batch_drifts_updates_and_is_promoted(copy):
     assert rec["miou_after"]["fog"] >= rec["miou_before"]["fog"]
     # the version points at the workspace commit holding its DVC stage; the tree is clean
     client, _ = registry.registry_client(settings)
-    tags = client.get_model_version("loop", "2").tags
+    tags = registry.version_tags(client.get_model_version("loop", "2"))
     assert tags["segloop.loop.commit"] == loop.git(ws, "rev-parse", "HEAD") == rec["commit"]
     assert tags["segloop.batch"] == "01-fog"  # the rest of the loop's record is on the version's run
     assert client.get_run(client.get_model_version("loop", "2").run_id).data.tags["segloop.loop.stage"] == "update-01-fog"

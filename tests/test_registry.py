@@ -86,10 +86,11 @@ def test_train_run_records_params_epochs_tags_artifacts_and_model(store):
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"settings.yaml", "history.json", "train_metrics.json"} <= files
     # the version shows its lineage and integrity in a few tags; the run keeps the provenance (data md5s, code)
-    assert set(mv.tags) <= registry.VERSION_TAGS and mv.run_id == run.info.run_id
-    assert json.loads(mv.tags["segloop.classes"]) == list(store["settings"].data.classes)
-    assert mv.tags["segloop.sha256"] == registry.file_sha256(root / "strong" / "best.pt")
-    assert "segloop.data.train.md5" not in mv.tags and "data `train`" in mv.description
+    assert set(mv.tags) <= {registry.RECORD_TAG, "segloop.champion", "segloop.challenger"} and mv.run_id == run.info.run_id
+    vt = registry.version_tags(mv)
+    assert json.loads(vt["segloop.classes"]) == list(store["settings"].data.classes) and vt["segloop.channels"] == "3"
+    assert vt["segloop.sha256"] == registry.file_sha256(root / "strong" / "best.pt") and vt["segloop.domain"] == "base"
+    assert "segloop.data.train.md5" not in vt and "data `train`" in mv.description
 
     # A real MLflow model (pt2): loads without segloop and matches the checkpoint's logits,
     # at a size other than the input example's.
@@ -141,8 +142,9 @@ def test_transfer_from_a_registered_model_records_its_parent(store, tmp_path):
                    "--domain", "fog", "--register", NAME, "--set", "train.epochs=1", "--set", "train.batch_size=4") == 0
     assert load_checkpoint(out / "best.pt")["parent"] == f"models:/{NAME}/1 (version 1)"
     child = max(client.search_model_versions(f"name = '{NAME}'"), key=lambda mv: int(mv.version))
-    assert child.tags["segloop.parent_version"] == "1" and child.tags["segloop.strategy"] == "transfer"
-    assert child.tags["segloop.domain"] == "fog" and client.get_run(child.run_id).data.tags["segloop.data.train.md5"] == dir_md5(store["fog"])
+    vt = registry.version_tags(child)
+    assert vt["segloop.parent_version"] == "1" and vt["segloop.strategy"] == "transfer"
+    assert vt["segloop.domain"] == "fog" and client.get_run(child.run_id).data.tags["segloop.data.train.md5"] == dir_md5(store["fog"])
     assert client.get_run(child.run_id).data.tags["segloop.parent"] == f"models:/{NAME}/1"
 
 
@@ -185,7 +187,7 @@ def test_gate_history_manual_promotion_and_rollback(store, tmp_path, capsys):
     assert d["promoted"] is False and _champion(store) == "1"
     forgot = [r for r in d["reasons"] if r.startswith("FAIL base")]
     assert forgot and "registry.gate.max_forgetting" in forgot[0] and f"{d['metrics']['base']['candidate']:.4f}" in forgot[0]
-    assert client.get_model_version(NAME, "2").tags["segloop.gate.promoted"] == "false"
+    assert registry.version_tags(client.get_model_version(NAME, "2"))["segloop.gate.promoted"] == "false"
     run_files = client.list_artifacts(client.get_model_version(NAME, "2").run_id, "gate")
     assert len(run_files) == 3  # g0, g1, g3: every decision, promoted or not, is on the candidate's run
 
@@ -360,8 +362,8 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(tmp_path, bas
     assert registry._alias_version(client, NAME, registry.CHAMPION) == "1"
     assert [(e["from"], e["to"], e["kind"]) for e in registry.history(settings)] == [(None, "1", "gate")]
     v2 = client.get_model_version(NAME, "2")
-    assert v2.tags["segloop.gate.promoted"] == "false" and v2.tags["segloop.parent_version"] == "1"
-    assert v2.tags["segloop.strategy"] == "finetune"
+    vt = registry.version_tags(v2)
+    assert vt["segloop.gate.promoted"] == "false" and vt["segloop.parent_version"] == "1" and vt["segloop.strategy"] == "finetune"
     # ...and readable in the UI: the version description states lineage and the gate's verdict.
     assert v2.description.startswith("lowlight model: finetune, parent v1; gate: NOT promoted")
     assert f"- parent: `models:/{NAME}@champion`" in v2.description

@@ -186,14 +186,14 @@ def undo_unfinished_promotion(ws: Workspace, settings: Settings, batch: str) -> 
     """A crash after the gate moved `champion` but before the step was committed: put the
     alias back to the champion state.json knows (recorded as a rollback), so the redo
     starts from the same champion as the crashed attempt."""
-    from segloop.registry import CHAMPION, _alias_version, move_alias, registry_client
+    from segloop.registry import CHAMPION, _alias_version, move_alias, registry_client, version_tags
 
     client, _ = registry_client(settings)
     name, known = settings.registry.model_name, read_state(ws)["champion"]
     current = _alias_version(client, name, CHAMPION)
     if current is None or current == known:
         return
-    if client.get_model_version(name, current).tags.get("segloop.batch") != batch:
+    if version_tags(client.get_model_version(name, current)).get("segloop.batch") != batch:
         return  # moved by a person or another tool: the loop takes it as the champion
     reason = f"step on batch {batch} crashed after promoting v{current}; back to v{known} to redo the step"
     if known is None:

@@ -44,15 +44,15 @@ MODEL_DESCRIPTION = (
     "(manual, recorded) or `segloop models rollback`; `segloop models history` lists every change. "
     "Each version's description states its parent, data, code and gate result."
 )
-# The few tags a reviewer reads on the model page, one row per version (short values):
-# lineage, quality, the alias record, integrity. Everything else a step records (data md5s
-# and paths, git commit, segloop version, loop stage, gate decision file and reasons) goes
-# to the version's run, and the version's description restates both.
-VERSION_TAGS = frozenset({
-    "segloop.domain", "segloop.strategy", "segloop.parent_version", "segloop.batch", "segloop.val_miou",
-    "segloop.classes", "segloop.channels", "segloop.sha256", "segloop.gate.promoted", "segloop.loop.commit",
-    "segloop.export", "segloop.miou",  # segloop.miou: JSON {domain: held-out mIoU} of the latest gates
-})
+# MLflow's model page lists every tag of every version on its own line, so a version keeps
+# one JSON tag, `segloop`, with what segloop reads back (lineage, quality, interface,
+# integrity), plus one JSON record per alias it held (`segloop.champion`): every version and
+# its alias fit on a screen. Everything else a step records (data md5s and paths, git commit,
+# segloop version, loop stage, gate decision file and reasons) goes to the version's run; the
+# version's description restates both in words. `version_tags` reads them back flat.
+RECORD_TAG = "segloop"
+RECORD_KEYS = frozenset({"domain", "strategy", "parent_version", "batch", "val_miou", "classes", "channels", "sha256",
+                         "gate.promoted", "loop.commit", "miou"})  # miou: {domain: held-out mIoU} of the latest gates
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
 
@@ -75,16 +75,25 @@ def registry_client(settings: Settings) -> tuple[Any, Store]:
 
 
 def set_version_tags(client, name: str, version: str, tags: Mapping[str, Any]) -> None:
-    """Tags about a version: VERSION_TAGS and alias records on the version, the rest on its run."""
-    run_id = None
+    """Record `segloop.<key>` tags about a version: RECORD_KEYS into its `segloop` JSON tag, the rest on its run."""
+    mv = client.get_model_version(name, str(version))
+    record = {k.removeprefix("segloop."): v for k, v in tags.items() if v is not None and k.removeprefix("segloop.") in RECORD_KEYS}
+    if record:
+        merged = json.loads((mv.tags or {}).get(RECORD_TAG) or "{}") | record
+        client.set_model_version_tag(name, str(version), RECORD_TAG, json.dumps(merged, separators=(",", ":")))
     for k, v in tags.items():
-        if v is None:
-            continue
-        if k in VERSION_TAGS:
-            client.set_model_version_tag(name, str(version), k, str(v))
-        else:
-            run_id = run_id or client.get_model_version(name, str(version)).run_id
-            client.set_tag(run_id, k, str(v))
+        if v is not None and k.removeprefix("segloop.") not in RECORD_KEYS:
+            client.set_tag(mv.run_id, k, str(v))
+
+
+def version_tags(mv) -> dict[str, str]:
+    """A version's tags with its `segloop` record spread out as `segloop.<key>` strings
+    (lists, dicts as JSON; booleans as true/false), as the run's tags look."""
+    tags = dict(mv.tags or {})
+    for k, v in json.loads(tags.pop(RECORD_TAG, None) or "{}").items():
+        tags[f"segloop.{k}"] = (str(v).lower() if isinstance(v, bool) else
+                                json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+    return tags
 
 
 def file_sha256(path: Path) -> str:
@@ -159,8 +168,8 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: 
     # The version shows its lineage at a glance (the run keeps the rest: data md5s, code...);
     # sha256 is the registered checkpoint file's, so a copy anywhere can be checked against it.
     run_tags = run.client.get_run(run.run_id).data.tags
-    tags = {k: v for k, v in run_tags.items() if k in VERSION_TAGS}
-    tags |= {"segloop.classes": json.dumps(classes), "segloop.channels": channels, "segloop.val_miou": ckpt.get("val_miou"),
+    tags = {k: v for k, v in run_tags.items() if k.removeprefix("segloop.") in RECORD_KEYS}
+    tags |= {"segloop.classes": classes, "segloop.channels": channels, "segloop.val_miou": ckpt.get("val_miou"),
              "segloop.sha256": file_sha256(checkpoint), **version_tags}
     set_version_tags(run.client, model_name, version, tags)
     describe_version(run.client, model_name, version)
@@ -174,7 +183,7 @@ def describe_version(client, name: str, version: str) -> str:
     Called whenever segloop changes those tags, so the UI alone tells the lineage.
     """
     mv = client.get_model_version(name, str(version))
-    tags = {**client.get_run(mv.run_id).data.tags, **(mv.tags or {}), "segloop.run_id": mv.run_id}
+    tags = {**client.get_run(mv.run_id).data.tags, **version_tags(mv), "segloop.run_id": mv.run_id}
     parent_ref, parent_version = tags.get("segloop.parent"), tags.get("segloop.parent_version")
     parent = f"v{parent_version}" if parent_version else parent_ref or "none"
     gate = {"true": "promoted", "false": "NOT promoted"}.get(tags.get("segloop.gate.promoted", ""), "not gated yet")
@@ -352,7 +361,7 @@ def interface(client, store: Store, name: str, version: str) -> dict:
     import mlflow
 
     mv = client.get_model_version(name, str(version))
-    tags = mv.tags or {}
+    tags = version_tags(mv)
     if "segloop.classes" in tags and "segloop.channels" in tags:
         classes, channels = json.loads(tags["segloop.classes"]), int(tags["segloop.channels"])
     else:  # registered without segloop's tags: its checkpoint says
@@ -465,7 +474,7 @@ def list_versions(settings: Settings) -> list[dict]:
     except MlflowException:
         return []
     for mv in client.search_model_versions(f"name = '{name}'"):
-        tags = dict(mv.tags or {})
+        tags = version_tags(mv)
         rows.append({
             "version": int(mv.version),
             "aliases": sorted(aliases.get(str(mv.version), [])),
@@ -616,10 +625,10 @@ def gate(
     run.log_metrics({f"gate.{role}.{d}.miou": v for role, s in scores.items() for d, v in s.items()})
     decision_uri = f"{client.get_run(run_id).info.artifact_uri}/{folder}/{DECISION_FILE}"
     for role, mv in models.items():
-        miou = version_miou(client.get_model_version(name, mv.version).tags or {}) | {d: round(v, 5) for d, v in scores[role].items()}
-        client.set_model_version_tag(name, mv.version, "segloop.miou", json.dumps(miou))
+        miou = version_miou(version_tags(client.get_model_version(name, mv.version))) | {d: round(v, 5) for d, v in scores[role].items()}
+        set_version_tags(client, name, mv.version, {"segloop.miou": miou})
     set_version_tags(client, name, candidate.version, {
-        "segloop.gate.promoted": str(decision["promoted"]).lower(),
+        "segloop.gate.promoted": decision["promoted"],
         "segloop.gate.decision": decision_uri, "segloop.gate.reasons": "\n".join(decision["reasons"]),  # to the run
     })
     for mv in models.values():
