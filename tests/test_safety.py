@@ -166,6 +166,21 @@ def test_promote_refuses_a_version_that_does_not_fit_the_champion(env, capsys):
 
 
 @pytest.mark.slow
+def test_models_list_and_history_read_sqlite_as_mlflow_does(env):
+    """The sqlite read path of `models list|history` (no MLflow import) sees what MLflow's client sees."""
+    from segloop import registry_sqlite
+
+    settings = env["settings"]
+    aliases, fast = registry_sqlite.versions(resolve_store(settings.tracking), LOOP_MODEL)
+    mlflow_aliases, slow = registry._versions_mlflow(settings, LOOP_MODEL)
+    as_set = lambda mvs: {(str(v.version), v.creation_timestamp, v.run_id, json.dumps(dict(v.tags), sort_keys=True)) for v in mvs}  # noqa: E731
+    assert len(fast) == 2 and as_set(fast) == as_set(slow)
+    assert {k: sorted(v) for k, v in aliases.items()} == {k: sorted(v) for k, v in mlflow_aliases.items()} == {"2": ["champion"]}
+    moves = registry.history(settings)
+    assert [(e["from"], e["to"]) for e in moves] == [(None, "1"), ("1", "2")] and moves == registry._history_mlflow(settings)
+
+
+@pytest.mark.slow
 def test_everyday_commands_import_no_torch(env):
     """`models history|list`, `report` and a settings error against a real store: no torch, no SMP."""
     evals = env["root"] / "eval" / "base"

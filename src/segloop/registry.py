@@ -51,7 +51,7 @@ MODEL_DESCRIPTION = (
 # segloop version, loop stage, gate decision file and reasons) goes to the version's run; the
 # version's description restates both in words. `version_tags` reads them back flat.
 RECORD_TAG = "segloop"
-RECORD_KEYS = frozenset({"domain", "strategy", "parent_version", "batch", "val_miou", "classes", "channels", "sha256",
+RECORD_KEYS = frozenset({"domain", "strategy", "parent", "parent_version", "batch", "val_miou", "classes", "channels", "sha256",
                          "gate.promoted", "loop.commit", "miou"})  # miou: {domain: held-out mIoU} of the latest gates
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
@@ -418,6 +418,17 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 
 def history(settings: Settings) -> list[dict]:
     """Every recorded alias change of registry.model_name, oldest first."""
+    from segloop import registry_sqlite
+
+    try:  # a local sqlite store answers without importing MLflow
+        files = registry_sqlite.history_files(resolve_store(settings.tracking), settings.tracking.experiment,
+                                              settings.registry.model_name, HISTORY_FOLDER)
+        return [json.loads(f.read_text()) for f in files]
+    except registry_sqlite.Unsupported:
+        return _history_mlflow(settings)
+
+
+def _history_mlflow(settings: Settings) -> list[dict]:
     client, store = registry_client(settings)
     import mlflow
 
@@ -461,19 +472,18 @@ def rollback(settings: Settings, reason: str | None = None) -> dict:
 
 def list_versions(settings: Settings) -> list[dict]:
     """One row per registered version: aliases, domain metrics, parent, created."""
-    from mlflow.exceptions import MlflowException
+    from segloop import registry_sqlite
 
-    client, _ = registry_client(settings)
     name = settings.registry.model_name
-    rows = []
-    # search results leave `aliases` empty; the registered model has the alias map.
-    aliases: dict[str, list[str]] = {}
-    try:
-        for alias, version in client.get_registered_model(name).aliases.items():
-            aliases.setdefault(str(version), []).append(alias)
-    except MlflowException:
+    try:  # a local sqlite store answers without importing MLflow
+        found = registry_sqlite.versions(resolve_store(settings.tracking), name)
+    except registry_sqlite.Unsupported:
+        found = _versions_mlflow(settings, name)
+    if found is None:
         return []
-    for mv in client.search_model_versions(f"name = '{name}'"):
+    aliases, mvs = found
+    rows = []
+    for mv in mvs:
         tags = version_tags(mv)
         rows.append({
             "version": int(mv.version),
@@ -487,6 +497,20 @@ def list_versions(settings: Settings) -> list[dict]:
             "run_id": mv.run_id,
         })
     return sorted(rows, key=lambda r: r["version"])
+
+
+def _versions_mlflow(settings: Settings, name: str) -> tuple[dict[str, list[str]], list] | None:
+    from mlflow.exceptions import MlflowException
+
+    client, _ = registry_client(settings)
+    # search results leave `aliases` empty; the registered model has the alias map.
+    aliases: dict[str, list[str]] = {}
+    try:
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+    except MlflowException:
+        return None
+    return aliases, client.search_model_versions(f"name = '{name}'")
 
 
 # ---------------------------------------------------------------- promotion gate
