@@ -51,8 +51,9 @@ ui: setup
 	  --artifacts-destination mlruns/artifacts --host $(UI_HOST) --port $(UI_PORT) --allowed-hosts $(UI_HOST):$(UI_PORT) \
 	  --cors-allowed-origins http://$(UI_HOST):$(UI_PORT)
 
-# Headless-Chromium screenshots of the registered model's UI page and its champion's version
-# page (reports/ui/*.png), from the project store; needs Debian's chromium (see the script).
+# Headless-Chromium screenshots of the MLflow UI as `make ui` serves it: landing page, the
+# experiment's runs, the registered model and its champion's version (reports/ui/*.png),
+# from the project store; needs Debian's chromium (see the script).
 # ... and of the Prefect UI on the demo's flow runs (reports/ui/prefect_*.png).
 screenshot: setup
 	$(BIN)/python scripts/screenshot_ui.py --store mlruns/mlflow.db --out reports/ui
