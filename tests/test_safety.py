@@ -195,3 +195,17 @@ def test_everyday_commands_import_no_torch(env):
         assert proc.returncode == rc, proc.stderr[-2000:]
         heavy = re.findall(r"\|\s+(torch|torchvision|segmentation_models_pytorch)$", proc.stderr, re.M)
         assert not heavy, f"segloop {' '.join(args)} imported {heavy}"
+
+
+def test_the_loops_stage_output_leaves_out_dvcs_advice(tmp_path, capsys):
+    """`loop.run_stage` shows what the stage prints, without DVC's git-add/autostage/push hints."""
+    from segloop import loop
+
+    ws = loop.Workspace(tmp_path, tmp_path / "incoming")
+    loop.git(ws, "init", "-q")
+    loop.dvc(ws, "init", "-q")
+    loop.run_stage(ws, "hello", "echo stage says hello > out.txt && echo printed by the stage", [], [tmp_path / "out.txt"], [])
+    out = capsys.readouterr().out
+    assert "printed by the stage" in out and "Running stage 'hello'" in out
+    for advice in ("git add", "autostage", "dvc push", "To track the changes"):
+        assert advice not in out, out
