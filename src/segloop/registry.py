@@ -82,7 +82,7 @@ def set_version_tags(client, name: str, version: str, tags: Mapping[str, Any]) -
         merged = json.loads((mv.tags or {}).get(RECORD_TAG) or "{}") | record
         client.set_model_version_tag(name, str(version), RECORD_TAG, json.dumps(merged, separators=(",", ":")))
     for k, v in tags.items():
-        if v is not None and k.removeprefix("segloop.") not in RECORD_KEYS:
+        if v is not None and k.removeprefix("segloop.") not in RECORD_KEYS and mv.run_id:  # no run: registered by hand
             client.set_tag(mv.run_id, k, str(v))
 
 
@@ -118,7 +118,7 @@ def _pip_requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("torch", "segmentation-models-pytorch", "numpy", "timm")]
 
 
-def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: Mapping[str, Any] = {}) -> str:
+def log_model(run: TrackedRun, checkpoint: Path, model_name: str, extra_tags: Mapping[str, Any] = {}) -> str:
     """Log `checkpoint` as an MLflow PyTorch model in `run`, register it; return the version.
 
     Input: images (N, C, H, W) float32 in [0, 1], H and W multiples of 32;
@@ -170,7 +170,7 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: 
     run_tags = run.client.get_run(run.run_id).data.tags
     tags = {k: v for k, v in run_tags.items() if k.removeprefix("segloop.") in RECORD_KEYS}
     tags |= {"segloop.classes": classes, "segloop.channels": channels, "segloop.val_miou": ckpt.get("val_miou"),
-             "segloop.sha256": file_sha256(checkpoint), **version_tags}
+             "segloop.sha256": file_sha256(checkpoint), **extra_tags}
     set_version_tags(run.client, model_name, version, tags)
     describe_version(run.client, model_name, version)
     return version
@@ -183,7 +183,8 @@ def describe_version(client, name: str, version: str) -> str:
     Called whenever segloop changes those tags, so the UI alone tells the lineage.
     """
     mv = client.get_model_version(name, str(version))
-    tags = {**client.get_run(mv.run_id).data.tags, **version_tags(mv), "segloop.run_id": mv.run_id}
+    run_tags = client.get_run(mv.run_id).data.tags if mv.run_id else {}
+    tags = {**run_tags, **version_tags(mv), "segloop.run_id": mv.run_id}
     parent_ref, parent_version = tags.get("segloop.parent"), tags.get("segloop.parent_version")
     parent = f"v{parent_version}" if parent_version else parent_ref or "none"
     gate = {"true": "promoted", "false": "NOT promoted"}.get(tags.get("segloop.gate.promoted", ""), "not gated yet")
