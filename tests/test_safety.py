@@ -209,3 +209,23 @@ def test_the_loops_stage_output_leaves_out_dvcs_advice(tmp_path, capsys):
     assert "printed by the stage" in out and "Running stage 'hello'" in out
     for advice in ("git add", "autostage", "dvc push", "To track the changes"):
         assert advice not in out, out
+
+
+@pytest.mark.slow
+def test_a_changed_registered_file_is_refused(env, tmp_path, monkeypatch, capsys):
+    """The version's sha256 (of its registered checkpoint) is checked when a `models:/` ref is downloaded."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # no cached copy from earlier tests
+    client = env["client"]
+    mv = client.get_model_version(LOOP_MODEL, "1")
+    model_id = mv.model_id or mv.source.removeprefix("models:/")
+    stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://")) / "extra_files" / "best.pt"
+    original = stored.read_bytes()
+    try:
+        _flip_weight_bytes(stored)
+        assert segloop(env, "evaluate", "--model", f"models:/{LOOP_MODEL}/1", "--data", str(env["data"]),
+                       "--out", str(tmp_path / "e"), "--set", "tracking.enabled=false") == 2
+        one_line_error(capsys, f"models:/{LOOP_MODEL}/1", "does not match the version's sha256")
+    finally:
+        stored.write_bytes(original)

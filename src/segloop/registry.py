@@ -282,6 +282,10 @@ def download_checkpoint(client, store: Store, mv) -> Path:
         path = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{location}/extra_files/{CHECKPOINT_FILE}", dst_path=tmp, tracking_uri=store.uri,
         )
+        expected = version_tags(mv).get("segloop.sha256")  # the registered file's hash (versions registered with one)
+        if expected and file_sha256(Path(path)) != expected:
+            raise ValueError(f"models:/{mv.name}/{mv.version}: downloaded {CHECKPOINT_FILE} does not match the version's "
+                             f"sha256 {expected[:12]}...: the registered file was changed; refusing to use it")
         load_checkpoint(path)  # a torn or foreign file must not enter the cache
         os.replace(path, cached)
     return cached
