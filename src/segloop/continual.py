@@ -11,7 +11,7 @@ but `joint`: the head grows, and with `continual.unbiased` the losses follow MiB
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, get_args
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 
 from segloop.checkpoint import load_checkpoint, load_model
 from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
-from segloop.config import Settings
+from segloop.config import Settings, Strategy
 from segloop.data.dataset import IGNORE_INDEX
 from segloop.data.replay import read_manifest
 from segloop.inference import pick_device
@@ -124,6 +124,8 @@ STRATEGIES: dict[str, dict] = {
     "replay_lwf": {"use_replay": True, "distill": True},
     "freeze_encoder": {"freeze": True},
 }
+# config validates continual.strategy against its Literal (without importing torch): one list of names.
+assert set(STRATEGIES) == set(get_args(Strategy)), f"segloop.config.Strategy {get_args(Strategy)} != STRATEGIES {list(STRATEGIES)}"
 
 
 def update(
