@@ -354,7 +354,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # an auto (null) section: the override makes it explicit
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise SettingsError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
