@@ -16,7 +16,7 @@ from tqdm import tqdm
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.config import EvalSettings, Settings, save_settings
 from segloop.data.dataset import Sample, list_samples, read_image, read_mask, to_tensor
-from segloop.inference import Backend, pick_device, predict_logits
+from segloop.inference import Backend, OnnxBackend, pick_device, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou, summarize
 from segloop.plots import palette, save_confusion, save_overlay
 
@@ -92,8 +92,6 @@ def load_backend(model_path: Path, backend: str = "torch") -> tuple[Backend, int
         device = pick_device()
         return model.to(device), ckpt["channels"], device, list(ckpt["classes"])
     if backend == "onnx":
-        from segloop.export import OnnxBackend
-
         onnx_model = OnnxBackend(model_path)
         return onnx_model, onnx_model.channels, torch.device("cpu"), onnx_model.classes
     raise ValueError(f"--backend {backend!r}: unknown backend; valid: {list(BACKENDS)}")
