@@ -74,7 +74,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from segloop.plan import describe, fingerprint, recipe, resolve, write_plan
 
     s = _settings(args)
-    fp = fingerprint(args.data)
+    fp = fingerprint(args.data, s.data.channels)
     full = recipe(fp, s.data.channels, s.num_classes, s.train.memory_mb, s.model.encoder_weights is not None)
     _, applied, _ = resolve(s, args.data, fp)
     print(describe(fp, full))
