@@ -167,10 +167,10 @@ def recipe(fp: Fingerprint, channels: int, num_classes: int, memory_mb: float, p
     budget_px = memory_mb * 2**20 / BYTES_PER_PIXEL
     side = min(fp.median_size)
     context = max(4 * fp.structure_px, 64)
-    cap = min(_down32(side), _down32(math.sqrt(budget_px / 2)))
-    crop = min(_up32(context), cap)
+    memory_cap = _down32(math.sqrt(budget_px / 2))
+    crop = min(_up32(context), _down32(side), memory_cap)
     r.set("data.crop_size", crop, f"4 structure widths ({fp.structure_px:.0f} px) of context, a multiple of 32, "
-          f"capped by the median image side ({side}) and memory at batch 2 ({cap})")
+          f"at most the median image side ({side}) and what memory holds at batch 2 ({memory_cap})")
     batch = int(max(2, min(MAX_BATCH, budget_px // (crop * crop))))
     r.set("train.batch_size", batch, f"{crop}x{crop} crops in {memory_mb:g} MB at ~{BYTES_PER_PIXEL} B/px, 2..{MAX_BATCH}")
     r.set("train.iters_per_epoch", max(MIN_ITERS, math.ceil(fp.images / batch)),
