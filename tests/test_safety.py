@@ -117,7 +117,9 @@ def _flip_weight_bytes(path: Path, n: int = 64) -> None:
     """Flip `n` bytes inside the largest tensor's data in the file (the zip stays readable)."""
     state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     key = max(state, key=lambda k: state[k].numel())
-    blob, raw = path.read_bytes(), state[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    # The storage's bytes as saved (a channels_last tensor is stored in NHWC order).
+    raw = torch.empty(0, dtype=torch.uint8).set_(state[key].untyped_storage()).numpy().tobytes()
+    blob = path.read_bytes()
     at = blob.find(raw[:256])
     assert at > 0, "tensor bytes not found in the file"
     start = at + len(raw) // 2
