@@ -51,7 +51,7 @@ GOALS = {"first_arrival_promoted": 0.90, "second_arrival_learnt": 1.0, "max_audi
 # replay at a fixed half of each batch (a balanced mix costs (b + 1)x the new data for b
 # buffered batches), one data-loading process.
 BENCH = ["generate.image_size=[96,96]", "data.crop_size=64", "train.max_minutes=null", "train.num_workers=0",
-         "train.epochs=20", "train.patience=1000", "continual.epochs=4", "continual.replay.mix=ratio",
+         "train.epochs=15", "train.patience=1000", "continual.epochs=4", "continual.replay.mix=ratio",
          "continual.replay.ratio=0.5", "drift.model_crop=64", "tracking.experiment=loop-stream", "registry.model_name=loopbench"]
 QUICK = ["data.crop_size=64", "generate.image_size=[72,80]", "model.decoder_channels=[32,16,16,8,8]",
          "train.epochs=3", "train.batch_size=4", "continual.epochs=2", "train.max_minutes=null", "train.num_workers=0",
@@ -237,7 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--stream", help=f"DOMAIN:N,... in arrival order (default {STREAM})")
-    parser.add_argument("--audit-images", type=int, default=96, help="audit images per domain")
+    parser.add_argument("--audit-images", type=int, default=64, help="audit images per domain")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny images and model, 3 batches, 1 seed")
     parser.add_argument("--set", action="append", default=[], help="extra key.path=value overrides")
     parser.add_argument("--work", type=Path, default=ROOT / "reports/bench/loop_stream_work")
