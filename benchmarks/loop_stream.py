@@ -156,7 +156,12 @@ def partial_seed(root: Path, seed: int, overrides: list[str], n_audit: int) -> d
             learnt = list(dict.fromkeys([*learnt, rec.domain]))
         steps.append({**rec.to_dict(), "audit_before": before, "audit_after": champion_audit, "learnt_after": learnt,
                       "seconds": None})
-    return {"seed": seed, "steps": steps, "final_audit": champion_audit, "joint_audit": None, "joint_images": None,
+    # What joint would process on these batches (train.epochs passes over whole batches of their
+    # training splits: the loader drops the last partial batch); computed, not trained.
+    n_train = sum(len(list((ws.split(s["batch"], "train") / "images").iterdir())) for s in steps)
+    bs = settings.train.batch_size
+    return {"seed": seed, "steps": steps, "final_audit": champion_audit, "joint_audit": None,
+            "joint_images": settings.train.epochs * (n_train // bs) * bs, "joint_images_computed": True,
             "loop_images": sum(s["images_seen"] or 0 for s in steps), "loop_s": None, "joint_s": None,
             "audit_dirs": {d: str(p) for d, p in audit.items()}, "partial": True}
 
@@ -199,7 +204,7 @@ def seed_metrics(result: dict) -> dict:
         "second_arrival_learnt": round(sum(second.values()) / len(second), 4) if second else None,
         "worst_audit_change_on_learnt": round(min(audit_changes), 4) if audit_changes else None,
         "final_audit_mean": round(mean, 4), "joint_audit_mean": None if result["joint_audit"] is None else round(joint_mean, 4),
-        "mean_vs_joint": None if result["joint_images"] is None else round(mean / joint_mean, 4),
+        "mean_vs_joint": None if result["joint_audit"] is None else round(mean / joint_mean, 4),
         "images_vs_joint": round(result["loop_images"] / result["joint_images"], 4) if result["joint_images"] else None,
         "loop_images": result["loop_images"],
     }
@@ -217,16 +222,16 @@ def summarise(metrics: list[dict]) -> dict:
 
 def goals(metrics: list[dict]) -> dict:
     """Goal name -> met over every seed (each seed must meet it)."""
-    def every(check, joint: bool = False):
-        judged = [m for m in metrics if m["images_vs_joint"] is not None] if joint else metrics
+    def every(check, key: str | None = None):
+        judged = [m for m in metrics if m[key] is not None] if key else metrics
         return all(check(m) for m in judged) if judged else None  # None: no seed has a joint model
 
     return {
         "first_arrival_promoted>=90%": every(lambda m: m["first_arrival_promoted"] >= GOALS["first_arrival_promoted"]),
         "second_arrival_learnt=100%": every(lambda m: m["second_arrival_learnt"] in (None, 1.0)),
         "audit_forgetting<=2pts": every(lambda m: (m["worst_audit_change_on_learnt"] or 0.0) >= -GOALS["max_audit_forgetting"]),
-        "mean>=95%_of_joint": every(lambda m: m["mean_vs_joint"] >= GOALS["mean_vs_joint"], joint=True),
-        "images<=30%_of_joint": every(lambda m: m["images_vs_joint"] <= GOALS["max_images_vs_joint"], joint=True),
+        "mean>=95%_of_joint": every(lambda m: m["mean_vs_joint"] >= GOALS["mean_vs_joint"], "mean_vs_joint"),
+        "images<=30%_of_joint": every(lambda m: m["images_vs_joint"] <= GOALS["max_images_vs_joint"], "images_vs_joint"),
     }
 
 
@@ -309,7 +314,8 @@ def main() -> None:
                                         + ("" if m["mean_vs_joint"] is None else
                                            f", {m['mean_vs_joint']:.0%} of joint at {m['images_vs_joint']:.0%} of its images"))
                      for m_seed, m in zip(seeds, metrics)},
-        "per_seed": [{**m, "partial": r.get("partial", False), "final_audit": r["final_audit"], "joint_audit": r["joint_audit"], "loop_images": r["loop_images"],
+        "per_seed": [{**m, "partial": r.get("partial", False), "joint_images_computed": r.get("joint_images_computed", False),
+                      "final_audit": r["final_audit"], "joint_audit": r["joint_audit"], "loop_images": r["loop_images"],
                       "joint_images": r["joint_images"], "loop_s": r["loop_s"], "joint_s": r["joint_s"]}
                      for m, r in zip(metrics, results)],
     }
