@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 from segloop.checkpoint import load_model  # noqa: E402
 from segloop.config import Settings, load_settings  # noqa: E402
+from segloop.plan import resolve  # noqa: E402
 from segloop.data.dataset import SegmentationDataset, train_transform  # noqa: E402
 from segloop.data.synthetic import generate  # noqa: E402
 from segloop.evaluate import miou_on  # noqa: E402
@@ -85,6 +86,9 @@ def bare_rate(settings: Settings, steps: int, warmup: int = 2) -> float:
     loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
     crop = settings.data.crop_size
     images = torch.rand(cfg.batch_size, settings.data.channels, crop, crop, device=device)
+    if cfg.channels_last:  # the same memory layout as segloop's step
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     masks = torch.randint(0, settings.num_classes, (cfg.batch_size, crop, crop), device=device)
     for i in range(warmup + steps):
         if i == warmup:
@@ -274,6 +278,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         n_val, n_test = max(8, args.n_train // 10), max(8, args.n_train * 3 // 8)
         dirs = make_data(work, args.n_train, n_val, n_test, args.size)
+        settings = resolve(settings, dirs["train"])[0]  # crop, batch, augmentation as training plans them
         log(f"data: {args.n_train} train / {n_val} val / {n_test} test images of {args.size}px; "
             f"device {pick_device()}, {torch.get_num_threads()} torch threads, {settings.train.num_workers} loader workers")
         tp = throughput(settings, dirs, work, args.rounds, args.epochs)

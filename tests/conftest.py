@@ -26,7 +26,8 @@ TINY = {
     "data": {"crop_size": 64},
     "generate": {"n": 24, "image_size": [72, 80], "domains": ["base", "fog"]},
     "model": {"decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"epochs": 12, "batch_size": 4, "lr": 0.003, "max_minutes": None, "num_workers": 0, "patience": 50},
+    "train": {"epochs": 12, "batch_size": 4, "iters_per_epoch": 4, "lr": 0.003, "max_minutes": None, "num_workers": 0,
+              "patience": 50},
     "eval": {"n_overlays": 2},
     # Tiny tests and the DVC pipeline test need no store; tracking tests point at a temp one.
     "tracking": {"enabled": False},

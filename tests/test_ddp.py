@@ -24,17 +24,18 @@ def test_torchrun_trains_once_and_writes_a_single_process_checkpoint(base_data, 
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("epoch")] == [f"{e}/{epochs}" for e in range(1, epochs + 1)]
     assert proc.stdout.count('"best_miou"') == 1
     # One set of files, no leftovers from a second writer.
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "history.json", "last.pt", "settings.yaml", "train_metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "history.json", "last.pt", "plan.yaml", "settings.yaml",
+                                                     "train_metrics.json"]
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1, 2]
 
-    # Each rank took every other batch: half the steps per epoch, all the images.
+    # An epoch is iters_per_epoch synchronised steps; each rank took every other batch of it.
     last = load_checkpoint(out / "last.pt")
-    steps_per_rank = len(list((base_data / "images").iterdir())) // (batch * world)
+    steps_per_rank = tiny_settings.train.iters_per_epoch
     assert last["step"] == epochs * steps_per_rank
     assert last["images_seen"] == epochs * steps_per_rank * batch * world
 
     model, settings = load_model(out / "best.pt")
-    assert settings.model == tiny_settings.model
+    assert settings.model.model_copy(update={"norm": None}) == tiny_settings.model  # norm: planned from the data
     single = train(tiny_settings.model_copy(update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}),
                    base_data, tmp_path / "single", log=lambda _: None)
     reference = load_checkpoint(single.checkpoint)

@@ -69,6 +69,22 @@ def _model(ref: str, settings: Settings) -> tuple[Path, str, object]:
     return resolve_model(ref, settings)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from segloop.plan import describe, fingerprint, recipe, resolve, write_plan
+
+    s = _settings(args)
+    fp = fingerprint(args.data)
+    full = recipe(fp, s.data.channels, s.num_classes, s.train.memory_mb, s.model.encoder_weights is not None)
+    _, applied, _ = resolve(s, args.data, fp)
+    print(describe(fp, full))
+    kept = [k for k in full.settings if k not in applied.settings]
+    if kept:
+        print(f"set explicitly in {args.params}{' / --set' if args.set else ''}, so kept: {', '.join(kept)}")
+    write_plan(args.out, args.data, fp, full)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from segloop.distributed import world_from_env
     from segloop.runs import train_step
@@ -280,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("plan", parents=[common], help="dataset fingerprint and the training recipe derived from it")
+    p.add_argument("data", type=Path, help="a dataset folder (images/, masks/)")
+    p.add_argument("--out", type=Path, default=Path("plan.yaml"), help="where to write the plan (default: plan.yaml)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", parents=[common], help="train a segmentation model")
     p.add_argument("--data", type=Path, required=True)

@@ -29,12 +29,12 @@ class _Strict(BaseModel):
 class DataSettings(_Strict):
     classes: list[str] = Field(min_length=2)
     channels: Literal[1, 3] = 3
-    crop_size: int = Field(128, gt=0)
+    crop_size: int | None = Field(None, gt=0)  # null: planned from the training data (segloop.plan)
 
     @field_validator("crop_size")
     @classmethod
-    def _multiple_of_32(cls, v: int) -> int:
-        if v % 32:
+    def _multiple_of_32(cls, v: int | None) -> int | None:
+        if v is not None and v % 32:
             raise ValueError(f"must be a multiple of 32 (the encoder downsamples 5 times), got {v}")
         return v
 
@@ -85,17 +85,37 @@ class SplitSettings(_Strict):
         return self
 
 
+class NormSettings(_Strict):
+    """Input normalisation inside the model: x in [0, 1] -> (clip(x, *clip) - mean) / std per channel."""
+
+    kind: Literal["none", "zscore"] = "zscore"
+    mean: list[float] = [0.0]
+    std: list[float] = [1.0]
+    clip: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "NormSettings":
+        if len(self.mean) != len(self.std) or min(self.std) <= 0:
+            raise ValueError("mean and std need one value per channel, std > 0")
+        if self.clip is not None and not self.clip[0] < self.clip[1]:
+            raise ValueError(f"clip must be [low, high] with low < high, got {list(self.clip)}")
+        return self
+
+
 class ModelSettings(_Strict):
     arch: str = "Unet"
     encoder: str = "resnet18"
     # None (random init) or the path of a local encoder state_dict; never a hub name.
     encoder_weights: str | None = None
     decoder_channels: list[int] | None = None
+    # null: planned from the training data; a transfer/update keeps its parent's.
+    norm: NormSettings | None = None
 
 
 class AugmentSettings(_Strict):
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     vflip: float = Field(0.5, ge=0.0, le=1.0)
+    rot90: float = Field(0.0, ge=0.0, le=1.0)  # probability of a random quarter turn (square crops)
     rotate_degrees: float = Field(0.0, ge=0.0, le=180.0)
     brightness: float = Field(0.1, ge=0.0, lt=1.0)
     contrast: float = Field(0.1, ge=0.0, lt=1.0)
@@ -103,9 +123,21 @@ class AugmentSettings(_Strict):
     noise_sigma: float = Field(0.0, ge=0.0, le=1.0)
 
 
+class ForegroundSettings(_Strict):
+    """Crops centred on a pixel of a rare class, `share` of the time (nnU-Net's oversampling)."""
+
+    classes: list[int] = []
+    share: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class TrainSettings(_Strict):
+    # Cap on epochs; `max_minutes` is the budget that normally ends training, and the lr
+    # schedule ends with whichever comes first.
     epochs: int = Field(40, gt=0)
-    batch_size: int = Field(16, gt=0)
+    batch_size: int | None = Field(None, gt=0)  # null: planned (memory budget)
+    iters_per_epoch: int | None = Field(None, gt=0)  # optimiser steps per epoch; null: planned
+    memory_mb: float = Field(1536.0, gt=0.0)  # training memory the plan may use for one batch
+    ema: float | None = Field(0.99, gt=0.0, lt=1.0)  # decay of the weight average validated and kept; null: off
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     schedule: Literal["cosine", "poly"] = "cosine"
@@ -119,10 +151,11 @@ class TrainSettings(_Strict):
     seed: int = 0
     num_workers: int = Field(1, ge=0)
     bf16: bool = True  # CUDA only; CPU always trains in fp32
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC tensors: faster on GPUs and on CPUs (oneDNN)
     # torch.compile the training forward (pays off on CUDA for long runs; the first steps compile).
     compile: bool = False
-    augment: AugmentSettings = AugmentSettings()
+    augment: AugmentSettings | None = None  # null: planned (modality, layout)
+    foreground: ForegroundSettings | None = None  # null: planned (rare classes)
 
     @model_validator(mode="after")
     def _loss_weights(self) -> "TrainSettings":

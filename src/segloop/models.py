@@ -11,7 +11,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from segloop.config import ModelSettings
+from segloop.config import ModelSettings, NormSettings
 
 ARCHS: dict[str, type[nn.Module]] = {
     "Unet": smp.Unet,
@@ -27,9 +27,47 @@ ARCHS: dict[str, type[nn.Module]] = {
 _LIST_DECODERS = {"Unet", "UnetPlusPlus"}
 
 
+class InputNorm(nn.Module):
+    """(N, C, H, W) float in [0, 1] -> clipped and z-scored per channel (`model.norm`).
+
+    Part of the model, so export, serving and drift features see the same input contract
+    ([0, 1] images) whatever the recipe chose. The statistics live in the settings, not the
+    state_dict (non-persistent buffers): checkpoints keep their keys."""
+
+    def __init__(self, norm: NormSettings | None, channels: int):
+        super().__init__()
+        self.kind = "none" if norm is None else norm.kind
+        if norm is not None and norm.kind != "none" and len(norm.mean) not in (1, channels):
+            raise ValueError(f"model.norm: {len(norm.mean)} mean/std values for {channels} input channels")
+        mean, std = (norm.mean, norm.std) if norm is not None else ([0.0], [1.0])
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.clip = None if norm is None or norm.clip is None else tuple(norm.clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return x
+        if self.clip is not None:
+            x = x.clamp(*self.clip)
+        return (x - self.mean) / self.std
+
+
+_NORMALIZED: dict[type, type] = {}
+
+
+def _normalized(cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` whose forward first applies `self.input_norm` (an SMP model otherwise unchanged)."""
+    if cls not in _NORMALIZED:
+        def forward(self, x):
+            return cls.forward(self, self.input_norm(x))
+
+        _NORMALIZED[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__})
+    return _NORMALIZED[cls]
+
+
 def build_model(settings: ModelSettings, in_channels: int, num_classes: int) -> nn.Module:
     """Model mapping (N, in_channels, H, W) float in [0, 1], H and W multiples of 32,
-    to logits (N, num_classes, H, W)."""
+    to logits (N, num_classes, H, W). `model.input_norm` is its first step (see InputNorm)."""
     if settings.arch not in ARCHS:
         raise ValueError(f"model.arch: unknown architecture {settings.arch!r}; valid: {sorted(ARCHS)}")
     encoders = smp.encoders.get_encoder_names()
@@ -44,13 +82,14 @@ def build_model(settings: ModelSettings, in_channels: int, num_classes: int) -> 
         if settings.arch not in _LIST_DECODERS:
             raise ValueError(f"model.decoder_channels applies only to {sorted(_LIST_DECODERS)}")
         kwargs["decoder_channels"] = tuple(settings.decoder_channels)
-    model = ARCHS[settings.arch](
+    model = _normalized(ARCHS[settings.arch])(
         encoder_name=settings.encoder,
         encoder_weights=None,
         in_channels=in_channels,
         classes=num_classes,
         **kwargs,
     )
+    model.input_norm = InputNorm(settings.norm, in_channels)
     if settings.encoder_weights is not None:
         load_encoder_weights(model, Path(settings.encoder_weights))
     return model

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from segloop.config import AugmentSettings
+from segloop.config import AugmentSettings, ForegroundSettings
 
 IMAGES, MASKS = "images", "masks"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -90,10 +90,51 @@ class _RandomGamma(v2.Transform):
         return inpt
 
 
-def train_transform(crop: int, aug: AugmentSettings) -> v2.Compose:
+class _ForegroundCrop(v2.RandomCrop):
+    """RandomCrop that, `share` of the time, centres the crop on a random pixel of one of
+    `classes` present in the mask (rare classes would otherwise be in few crops)."""
+
+    def __init__(self, crop: int, fill, fg: ForegroundSettings):
+        super().__init__(crop, pad_if_needed=True, fill=fill)
+        self.classes, self.share = torch.tensor(fg.classes, dtype=torch.int64), fg.share
+
+    def make_params(self, flat_inputs):
+        params = super().make_params(flat_inputs)
+        if not self.share or params["needs_pad"] or float(torch.rand(())) >= self.share:
+            return params
+        mask = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask)), None)
+        hits = torch.isin(mask, self.classes).nonzero() if mask is not None else torch.empty(0, 2)
+        if len(hits):
+            y, x = hits[int(torch.randint(len(hits), ()))].tolist()[-2:]
+            h, w = mask.shape[-2:]
+            params["top"] = min(max(0, y - params["height"] // 2), h - params["height"])
+            params["left"] = min(max(0, x - params["width"] // 2), w - params["width"])
+            params["needs_crop"] = True
+        return params
+
+
+class _RandomRot90(v2.Transform):
+    """A quarter turn (1-3 times) with probability p, of image and mask alike (square crops)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def make_params(self, flat_inputs):
+        return {"k": int(torch.randint(1, 4, ())) if float(torch.rand(())) < self.p else 0}
+
+    def transform(self, inpt, params):
+        if not params["k"] or not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return inpt
+        return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], dims=(-2, -1)), like=inpt)
+
+
+def train_transform(crop: int, aug: AugmentSettings, fg: ForegroundSettings | None = None) -> v2.Compose:
     """Joint image+mask augmentation: geometry hits both, photometry only the image."""
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-    steps: list[v2.Transform] = [v2.RandomCrop(crop, pad_if_needed=True, fill=fill)]
+    steps: list[v2.Transform] = [_ForegroundCrop(crop, fill, fg or ForegroundSettings())]
+    if aug.rot90:
+        steps.append(_RandomRot90(aug.rot90))
     if aug.hflip:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
     if aug.vflip:

@@ -65,17 +65,21 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 def training_loader(
     dataset: Dataset, replay: Dataset | None, ratio: float, batch_size: int, seed: int,
-    num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1,
+    num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1, iters: int | None = None,
 ) -> DataLoader:
     """One loader for the whole run (workers persist); call `loader.batch_sampler.set_epoch(e)` per epoch.
 
-    With `replay`, each batch mixes round(ratio * batch_size) buffer samples into the new data.
+    An epoch is `iters` batches per process (reshuffling the data as often as that takes), or
+    one pass over the data when None. With `replay`, each batch mixes round(ratio * batch_size)
+    buffer samples into the new data.
     """
     generator = torch.Generator()
+    total = None if iters is None else iters * world
     if replay is None:
-        batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
+        n = len(dataset) // batch_size * batch_size if total is None else total * batch_size
+        batches = BatchSampler(RandomSampler(dataset, num_samples=n, generator=generator), batch_size, drop_last=True)
     else:
-        batches = MixedBatchSampler(len(dataset), len(replay), batch_size, ratio, generator)
+        batches = MixedBatchSampler(len(dataset), len(replay), batch_size, ratio, generator, total)
         dataset = ConcatDataset([dataset, replay])
     return DataLoader(
         SeededSamples(dataset),

@@ -98,24 +98,30 @@ class MixedBatchSampler(Sampler[list[int]]):
     """Batches of a ConcatDataset([new, replay]) holding round(ratio * batch) replay samples each,
     the last `k` of every batch.
 
-    An epoch is one pass over the new data; replay samples are drawn without
-    replacement while they last, then reshuffled.
+    An epoch is `batches` batches (default: one pass over the new data); new and replay
+    samples are each drawn without replacement while they last, then reshuffled.
     """
 
-    def __init__(self, n_new: int, n_replay: int, batch_size: int, ratio: float, generator: torch.Generator):
+    def __init__(self, n_new: int, n_replay: int, batch_size: int, ratio: float, generator: torch.Generator,
+                 batches: int | None = None):
         self.n_new, self.n_replay = n_new, n_replay
         self.k = min(batch_size - 1, round(ratio * batch_size)) if n_replay else 0
         self.per_batch_new = batch_size - self.k
         self.generator = generator
+        self.batches = batches if batches is not None else n_new // self.per_batch_new
 
     def __len__(self) -> int:
-        return self.n_new // self.per_batch_new
+        return self.batches
 
     def __iter__(self):
-        new = torch.randperm(self.n_new, generator=self.generator).tolist()
+        new: list[int] = []
         replay: list[int] = []
         for b in range(len(self)):
-            batch = new[b * self.per_batch_new : (b + 1) * self.per_batch_new]
+            batch = []
+            for _ in range(self.per_batch_new):
+                if not new:
+                    new = torch.randperm(self.n_new, generator=self.generator).tolist()
+                batch.append(new.pop())
             for _ in range(self.k):
                 if not replay:
                     replay = (torch.randperm(self.n_replay, generator=self.generator) + self.n_new).tolist()

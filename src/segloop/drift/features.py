@@ -185,8 +185,8 @@ def champion_view(champion: Champion, images: np.ndarray, crop: int | None) -> t
     # champion's weights are converted once, in load_champion); same values up to rounding.
     x = u8.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
     # Calling encoder, decoder and head ourselves (every SMP model has the three) gives the
-    # pooled embedding and the logits from one forward pass.
-    features = model.encoder(_pad_to_stride(x))
+    # pooled embedding and the logits from one forward pass (input_norm: the model's first step).
+    features = model.encoder(_pad_to_stride(model.input_norm(x)))
     embeddings = features[-1].mean(dim=(2, 3))
     logits = model.segmentation_head(model.decoder(features))[..., :h, :w].float()
     probs = logits.softmax(1)
