@@ -50,7 +50,7 @@ GOALS = {"first_arrival_promoted": 0.90, "second_arrival_learnt": 1.0, "max_audi
 # epoch counts (no wall-clock budget: a loaded machine must not change what is measured),
 # replay at a fixed half of each batch (a balanced mix costs (b + 1)x the new data for b
 # buffered batches), one data-loading process.
-BENCH = ["generate.image_size=[96,96]", "data.crop_size=64", "train.max_minutes=null", "train.num_workers=0",
+BENCH = ["generate.image_size=[96,96]", "data.crop_size=64", "train.batch_size=8", "train.max_minutes=null", "train.num_workers=0",
          "train.epochs=15", "train.patience=1000", "continual.epochs=4", "continual.replay.mix=ratio",
          "continual.replay.ratio=0.5", "drift.model_crop=64", "tracking.experiment=loop-stream", "registry.model_name=loopbench"]
 QUICK = ["data.crop_size=64", "generate.image_size=[72,80]", "model.decoder_channels=[32,16,16,8,8]",
