@@ -36,15 +36,24 @@ bench: setup
 
 # The project's own store (tracking.uri: null): runs and registry in mlruns/mlflow.db,
 # files in mlruns/artifacts. Loopback only; see README for a shared tracking server.
+# Served on 127.0.0.2 (loopback too): MLflow 3.17's UI opens its GenAI assistant panel over a
+# third of every page for localhost/127.0.0.1 only, and has no setting to turn it off.
+# The links open the model-training view (training runs, Models) instead of the GenAI one.
+# Host and origin allowed: MLflow's guards accept only localhost by default (runs pages fail).
+UI_HOST ?= 127.0.0.2
 UI_PORT ?= 5000
 ui: setup
 	@mkdir -p mlruns/artifacts
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///mlruns/mlflow.db, artifacts: mlruns/artifacts)"
+	@$(BIN)/python scripts/ui_links.py --store mlruns/mlflow.db --base http://$(UI_HOST):$(UI_PORT)
+	@echo "(store: sqlite:///mlruns/mlflow.db, artifacts: mlruns/artifacts)"
 	@# Job execution (huey workers) serves MLflow's GenAI features, not segloop: off saves 7 processes.
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port $(UI_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+	  --artifacts-destination mlruns/artifacts --host $(UI_HOST) --port $(UI_PORT) --allowed-hosts $(UI_HOST):$(UI_PORT) \
+	  --cors-allowed-origins http://$(UI_HOST):$(UI_PORT)
 
-# Headless-Chromium screenshots of the registered model's UI page and its champion's version
-# page (reports/ui/*.png), from the project store; needs Debian's chromium (see the script).
+# Headless-Chromium screenshots of the MLflow UI as `make ui` serves it: landing page, the
+# experiment's runs, the registered model and its champion's version (reports/ui/*.png),
+# from the project store; needs Debian's chromium (see the script).
 # ... and of the Prefect UI on the demo's flow runs (reports/ui/prefect_*.png).
 screenshot: setup
 	$(BIN)/python scripts/screenshot_ui.py --store mlruns/mlflow.db --out reports/ui

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     write_reports(records, args.out, time.monotonic() - started)
     print("\n" + table(records))
     print(f"\n{len(records)} batches in {(time.monotonic() - started) / 60:.1f} min; reports: {args.out}/summary.md, summary.json")
-    print("Look at it:  make ui          (MLflow: runs, models, champion history at http://127.0.0.1:5000)")
+    print("Look at it:  make ui          (MLflow: runs, models, champion history at http://127.0.0.2:5000; it prints the links)")
     print("             make prefect-ui  (Prefect: the monitor and continual flow runs at http://127.0.0.1:4200)")
     return 0
 

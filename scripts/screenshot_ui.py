@@ -1,12 +1,13 @@
-"""Screenshot the MLflow UI's registered-model page and its champion's version page
-with headless Chromium (`make screenshot`).
+"""Screenshot the MLflow UI's landing page, the experiment's runs, the registered-model page
+and its champion's version page with headless Chromium (`make screenshot`), as `make ui`
+serves them (127.0.0.2, model-training view).
 
 Starts `mlflow ui` on a store (as `make ui` does) on a free loopback port, waits until
 it answers and the model is registered, then renders each page in headless Chromium.
 The UI is a React app that fetches its data after the first paint, so Chromium gets a
 virtual-time budget, and the page's DOM is dumped first and checked for the model name
 and the `champion` alias: a spinner or an error page is never saved as a screenshot.
-Writes <out>/mlflow_model.png and <out>/mlflow_model_version.png.
+Writes <out>/mlflow_home.png, mlflow_runs.png, mlflow_model.png and mlflow_model_version.png.
 
 Needs Debian's chromium (chromium-driver too if you drive it with Selenium):
     apt-get install -y chromium chromium-driver
@@ -48,6 +49,8 @@ def find_browser() -> str:
 # A loopback address other than 127.0.0.1: the MLflow 3 UI opens its GenAI assistant
 # side panel (a third of the page) only for localhost / 127.0.0.1 / ::1 hostnames.
 HOST = "127.0.0.2"
+# The UI's GenAI / model-training switch as a URL parameter (the links `make ui` prints).
+VIEW = "workflowType=machine_learning"
 
 
 def free_port() -> int:
@@ -61,7 +64,8 @@ def start_ui(db: Path, artifacts: Path, port: int, log: Path) -> subprocess.Pope
     mlflow = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
            "--artifacts-destination", str(artifacts), "--host", HOST, "--port", str(port),
-           "--allowed-hosts", f"{HOST}:{port}"]
+           "--allowed-hosts", f"{HOST}:{port}", "--cors-allowed-origins", f"http://{HOST}:{port}"]
+    # (without the origin, MLflow's CORS guard refuses the UI's own POSTs: runs pages show "Request error")
     # Job execution (huey workers) serves MLflow's GenAI features, not segloop (as in `make ui`).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     return start_server(cmd, env, log)
@@ -152,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", type=Path, help="artifact folder (default: artifacts/ beside the db)")
     ap.add_argument("--model", help="registered model name (default registry.model_name of --params)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--experiment", default="segloop", help="experiment whose runs page is shot (default segloop)")
     ap.add_argument("--out", type=Path, default=Path("reports/ui"))
-    # Tall: a version row lists every segloop tag, so two versions need about 1,500 pixels.
-    ap.add_argument("--size", type=int, nargs=2, default=[1400, 1500], metavar=("WIDTH", "HEIGHT"))
+    # A laptop screen: what a reviewer sees without scrolling.
+    ap.add_argument("--size", type=int, nargs=2, default=[1400, 900], metavar=("WIDTH", "HEIGHT"))
     ap.add_argument("--budget-ms", type=int, default=8000, help="virtual time Chromium gives the app to load (doubled on retry)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the UI server")
     args = ap.parse_args(argv)
@@ -182,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             if "champion" not in aliases:
                 raise ScreenshotError(f"{name} has no champion alias yet (aliases: {aliases or 'none'}); run `segloop gate` first")
             size = tuple(args.size)
+            exp = get_json(f"{base}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name="
+                           f"{urllib.parse.quote(args.experiment)}")["experiment"]
             pages = [
-                (f"{base}/#/models/{urllib.parse.quote(name)}", [name, "champion"], args.out / "mlflow_model.png"),
-                (f"{base}/#/models/{urllib.parse.quote(name)}/versions/{aliases['champion']}",
+                (f"{base}/#/?{VIEW}", [args.experiment], args.out / "mlflow_home.png"),
+                (f"{base}/#/experiments/{exp['experiment_id']}/runs?{VIEW}", ["train:"], args.out / "mlflow_runs.png"),
+                (f"{base}/#/models/{urllib.parse.quote(name)}?{VIEW}", [name, "champion"], args.out / "mlflow_model.png"),
+                (f"{base}/#/models/{urllib.parse.quote(name)}/versions/{aliases['champion']}?{VIEW}",
                  [f"Version {aliases['champion']}", "champion"], args.out / "mlflow_model_version.png"),
             ]
             shoot_pages(browser, pages, args.budget_ms, size)

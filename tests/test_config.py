@@ -10,7 +10,7 @@ from conftest import ROOT
 
 def test_project_params_load():
     s = load_settings(ROOT / "params.yaml")
-    assert s.data.crop_size % 32 == 0
+    assert s.data.crop_size is None and s.train.augment is None  # planned from the data (segloop.plan)
     assert s.num_classes == len(s.data.classes) >= 4
 
 
@@ -24,7 +24,7 @@ def test_project_params_load():
         ("train.lr=-1e-3", "train.lr", "greater than 0"),
         ("data.channels=2", "data.channels", "1 or 3"),
         ("split.val_fraction=0.85", "split", "leave images for training"),
-        ("generate.domains=[base, rain]", "generate.domains", "unknown domain"),
+        ("generate.domains=[base, rain]", "generate.domains", "unknown value 'rain'"),
         ("train.schedule=step", "train.schedule", "cosine"),
         ("eval.max_size=500", "eval.max_size", "multiple of 32"),
     ],
@@ -73,3 +73,9 @@ def test_cli_reports_bad_setting_and_exits_2(tmp_path, capsys, base_data):
     assert code == 2
     assert "train.lr" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line(capsys):
+    assert main(["report", str(ROOT), "--params", str(ROOT / "params.yaml"), "--set", "train.lr=[1,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --set 'train.lr=[1,2': the value is not valid YAML"), err

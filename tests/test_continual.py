@@ -158,7 +158,7 @@ def test_replay_strategy_without_buffer_is_an_error(stream):
 
 def test_unknown_strategy_lists_valid(tiny_raw):
     tiny_raw["continual"] = {"strategy": "ewc"}
-    with pytest.raises(Exception, match=r"continual.strategy: .*unknown strategy 'ewc'.*replay_lwf"):
+    with pytest.raises(Exception, match=r"continual.strategy: unknown value 'ewc'; valid: .*replay_lwf"):
         settings_from_dict(tiny_raw)
 
 

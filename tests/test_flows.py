@@ -119,13 +119,17 @@ def test_shifted_batch_drifts_updates_and_is_promoted(copy):
     assert rec["miou_after"]["fog"] >= rec["miou_before"]["fog"]
     # the version points at the workspace commit holding its DVC stage; the tree is clean
     client, _ = registry.registry_client(settings)
-    tags = client.get_model_version("loop", "2").tags
+    tags = registry.version_tags(client.get_model_version("loop", "2"))
     assert tags["segloop.loop.commit"] == loop.git(ws, "rev-parse", "HEAD") == rec["commit"]
-    assert tags["segloop.loop.stage"] == "update-01-fog" and tags["segloop.batch"] == "01-fog"
+    assert tags["segloop.batch"] == "01-fog"  # the rest of the loop's record is on the version's run
+    assert client.get_run(client.get_model_version("loop", "2").run_id).data.tags["segloop.loop.stage"] == "update-01-fog"
     # the drift check is an MLflow run of its own, with its report
     drift_exp = client.get_experiment_by_name("loop-drift")
     runs = client.search_runs([drift_exp.experiment_id], "tags.`segloop.batch` = '01-fog'")
     assert len(runs) == 1 and runs[0].data.tags["segloop.drift"] == "true"
+    # runs are named as the README says: drift:<batch> (vs the reference domain), update:<out>
+    assert runs[0].info.run_name == "drift:01-fog vs base"
+    assert client.get_run(client.get_model_version("loop", "2").run_id).info.run_name == "update:01-fog"
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"drift.json", "drift.html"}
     assert loop.git(ws, "status", "--porcelain") == ""
     # every model step is a committed DVC stage: a repro on the unchanged tree runs nothing

@@ -51,7 +51,7 @@ def store(tmp_path_factory, base_data, migrated_store):
     for out, extra in (("strong", []), ("weak", ["--set", "train.epochs=1", "--set", "train.lr=1e-9"])):
         data = base_data if out == "strong" else small
         assert main(["train", "--params", str(params), "--data", str(data), "--val", str(small),
-                     "--out", str(root / out), "--domain", "base", *extra]) == 0
+                     "--out", str(root / out), "--domain", "base", "--register", NAME, *extra]) == 0
     settings = settings_from_dict(raw)
     client = open_store(resolve_store(settings.tracking))
     # held-out sets for the gate: 8 images each (the validation set stands in for base's test set)
@@ -85,9 +85,12 @@ def test_train_run_records_params_epochs_tags_artifacts_and_model(store):
     assert {f"val_iou.{c}" for c in store["settings"].data.classes} & set(run.data.metrics)
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"settings.yaml", "history.json", "train_metrics.json"} <= files
-    # the version carries the run's provenance too
-    assert mv.tags["segloop.data.train.md5"] == tags["segloop.data.train.md5"] and mv.tags["segloop.run_id"] == run.info.run_id
-    assert json.loads(mv.tags["segloop.classes"]) == list(store["settings"].data.classes)
+    # the version shows its lineage and integrity in a few tags; the run keeps the provenance (data md5s, code)
+    assert set(mv.tags) <= {registry.RECORD_TAG, "segloop.champion", "segloop.challenger"} and mv.run_id == run.info.run_id
+    vt = registry.version_tags(mv)
+    assert json.loads(vt["segloop.classes"]) == list(store["settings"].data.classes) and vt["segloop.channels"] == "3"
+    assert vt["segloop.sha256"] == registry.file_sha256(root / "strong" / "best.pt") and vt["segloop.domain"] == "base"
+    assert "segloop.data.train.md5" not in vt and "data `train`" in mv.description
 
     # A real MLflow model (pt2): loads without segloop and matches the checkpoint's logits,
     # at a size other than the input example's.
@@ -136,11 +139,12 @@ def test_transfer_from_a_registered_model_records_its_parent(store, tmp_path):
     client = store["client"]
     out = tmp_path / "child"
     assert segloop(store, "train", "--init", f"models:/{NAME}/1", "--data", str(store["fog"]), "--out", str(out),
-                   "--domain", "fog", "--set", "train.epochs=1", "--set", "train.batch_size=4") == 0
+                   "--domain", "fog", "--register", NAME, "--set", "train.epochs=1", "--set", "train.batch_size=4") == 0
     assert load_checkpoint(out / "best.pt")["parent"] == f"models:/{NAME}/1 (version 1)"
     child = max(client.search_model_versions(f"name = '{NAME}'"), key=lambda mv: int(mv.version))
-    assert child.tags["segloop.parent_version"] == "1" and child.tags["segloop.strategy"] == "transfer"
-    assert child.tags["segloop.domain"] == "fog" and child.tags["segloop.data.train.md5"] == dir_md5(store["fog"])
+    vt = registry.version_tags(child)
+    assert vt["segloop.parent_version"] == "1" and vt["segloop.strategy"] == "transfer"
+    assert vt["segloop.domain"] == "fog" and client.get_run(child.run_id).data.tags["segloop.data.train.md5"] == dir_md5(store["fog"])
     assert client.get_run(child.run_id).data.tags["segloop.parent"] == f"models:/{NAME}/1"
 
 
@@ -183,7 +187,7 @@ def test_gate_history_manual_promotion_and_rollback(store, tmp_path, capsys):
     assert d["promoted"] is False and _champion(store) == "1"
     forgot = [r for r in d["reasons"] if r.startswith("FAIL base")]
     assert forgot and "registry.gate.max_forgetting" in forgot[0] and f"{d['metrics']['base']['candidate']:.4f}" in forgot[0]
-    assert client.get_model_version(NAME, "2").tags["segloop.gate.promoted"] == "false"
+    assert registry.version_tags(client.get_model_version(NAME, "2"))["segloop.gate.promoted"] == "false"
     run_files = client.list_artifacts(client.get_model_version(NAME, "2").run_id, "gate")
     assert len(run_files) == 3  # g0, g1, g3: every decision, promoted or not, is on the candidate's run
 
@@ -204,7 +208,8 @@ def test_gate_history_manual_promotion_and_rollback(store, tmp_path, capsys):
     assert champion_moves[1]["decision"].endswith("promotion_decision.json")
     assert json.loads(Path(champion_moves[1]["decision"]).read_text())["candidate_version"] == "1"
     v2 = client.get_model_version(NAME, "2").tags
-    assert v2["segloop.champion.kind"] == "rollback" and v2["segloop.champion.replaced"] == "1"
+    record = registry.alias_record(v2, "champion")
+    assert record["kind"] == "rollback" and record["replaced"] == "1"
 
     assert segloop(store, "models", "history") == 0
     assert "champion: v1 -> v2  [manual] ops override for a test" in capsys.readouterr().out
@@ -339,14 +344,14 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(tmp_path, bas
         return segloop(own, *args)
 
     assert run("train", "--data", str(sets["base"]["train"]), "--val", str(sets["base"]["val"]),
-               "--out", str(tmp_path / "champion"), "--domain", "base") == 0
+               "--out", str(tmp_path / "champion"), "--domain", "base", "--register", NAME) == 0
     assert run("gate", "--candidate", "1", "--target", "base", "--data", f"base={sets['base']['test']}",
                "--out", str(tmp_path / "g1"), "--set", "registry.gate.floor_miou=0.1") == 0
     settings = settings_from_dict(tracked_raw)
     client = open_store(resolve_store(settings.tracking))
     assert registry._alias_version(client, NAME, registry.CHAMPION) == "1"
     assert run("update", "--parent", f"models:/{NAME}@champion", "--data", str(sets["lowlight"]["train"]),
-               "--val", str(sets["lowlight"]["val"]), "--out", str(tmp_path / "candidate"), "--domain", "lowlight",
+               "--val", str(sets["lowlight"]["val"]), "--out", str(tmp_path / "candidate"), "--domain", "lowlight", "--register", NAME,
                "--set", "continual.strategy=finetune", "--set", "continual.epochs=8", "--set", "continual.lr=0.01") == 0
     capsys.readouterr()
 
@@ -376,8 +381,8 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(tmp_path, bas
     assert registry._alias_version(client, NAME, registry.CHAMPION) == "1"
     assert [(e["from"], e["to"], e["kind"]) for e in registry.history(settings)] == [(None, "1", "gate")]
     v2 = client.get_model_version(NAME, "2")
-    assert v2.tags["segloop.gate.promoted"] == "false" and v2.tags["segloop.parent_version"] == "1"
-    assert v2.tags["segloop.strategy"] == "finetune"
+    vt = registry.version_tags(v2)
+    assert vt["segloop.gate.promoted"] == "false" and vt["segloop.parent_version"] == "1" and vt["segloop.strategy"] == "finetune"
     # ...and readable in the UI: the version description states lineage and the gate's verdict.
     assert v2.description.startswith("lowlight model: finetune, parent v1; gate: NOT promoted")
     assert f"- parent: `models:/{NAME}@champion`" in v2.description

@@ -87,7 +87,9 @@ def test_predict_writes_the_masks_evaluate_scores(trained, base_data, tmp_path):
     assert n == 24
     cm = 0
     for sample in list_samples(base_data):
-        pred = np.asarray(Image.open(tmp_path / "pred" / f"{sample.stem}.png"))
+        png = Image.open(tmp_path / "pred" / f"{sample.stem}.png")
+        assert png.mode == "P"  # palette PNG: class ids as values, visible colours in any viewer
+        pred = np.asarray(png)
         assert pred.shape == read_mask(sample.mask).shape
         cm = cm + confusion_matrix(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(read_mask(sample.mask).astype(np.int64)), 4)
     ref = evaluate(out / "best.pt", base_data, tmp_path / "ref", settings.eval)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from segloop.plan import describe, fingerprint, recipe, resolve, write_plan
 
     s = _settings(args)
-    fp = fingerprint(args.data)
+    fp = fingerprint(args.data, s.data.channels)
     full = recipe(fp, s.data.channels, s.num_classes, s.train.memory_mb, s.model.encoder_weights is not None)
     _, applied, _ = resolve(s, args.data, fp)
     print(describe(fp, full))
@@ -89,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from segloop.distributed import world_from_env
     from segloop.runs import train_step
 
-    result, _ = train_step(_settings(args), args.data, args.out, args.val, args.init, args.resume, args.domain)
+    result, _ = train_step(_settings(args), args.data, args.out, args.val, args.init, args.resume, args.domain,
+                           register=args.register, overwrite=args.overwrite)
     if world_from_env().primary:  # under torchrun only rank 0 prints (and tracks, see runs.train_step)
         print(json.dumps(result.__dict__, indent=1))
     return 0
@@ -115,14 +117,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from segloop.evaluate import predict_folder
+    from segloop.evaluate import check_predict_out, predict_folder
     from segloop.registry import is_model_ref
 
     s = _settings(args)
     if args.backend == "onnx" and is_model_ref(args.model):
         raise ValueError(f"--backend onnx --model {args.model}: needs an exported .onnx file (see `segloop export`)")
+    check_predict_out(args.input, args.out, args.overwrite)  # before a model is downloaded or loaded
     path = Path(args.model) if args.backend == "onnx" else _model(args.model, s)[0]
-    n = predict_folder(path, args.input, args.out, s.eval, args.backend)
+    n = predict_folder(path, args.input, args.out, s.eval, args.backend, overwrite=args.overwrite)
     print(f"wrote {n} masks to {args.out} ({args.backend} backend)")
     return 0
 
@@ -151,7 +154,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     from segloop.runs import update_step
 
     s = _settings(args)
-    result, _ = update_step(s, args.parent, args.data, args.out, args.val, args.seen, args.replay, args.domain)
+    result, _ = update_step(s, args.parent, args.data, args.out, args.val, args.seen, args.replay, args.domain,
+                            register=args.register, overwrite=args.overwrite)
     print(json.dumps({"strategy": s.continual.strategy, **result.__dict__}, indent=1))
     return 0
 
@@ -217,10 +221,11 @@ def cmd_models(args: argparse.Namespace) -> int:
             return 0
         for e in entries:
             print(f"{e['time']}  {e['alias']}: {'v' + e['from'] if e['from'] else 'none'} -> v{e['to']}  [{e['kind']}] {e['reason']}"
-                  + (f"  decision: {e['decision']}" if e.get("decision") else ""))
+                  + (f"  decision: {e['decision']}" if e.get("decision") else "")
+                  + (f"  FORCED over: {'; '.join(e['forced'])}" if e.get("forced") else ""))
         return 0
     if args.action == "promote":
-        e = registry.move_alias(s, args.alias, args.version, "manual", args.reason)
+        e = registry.promote(s, args.alias, args.version, args.reason, force=args.force)
     else:
         e = registry.rollback(s, args.reason)
     print(f"{e['alias']}: {'v' + e['from'] if e['from'] else 'none'} -> v{e['to']} [{e['kind']}] {e['reason']}")
@@ -228,8 +233,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from segloop.evaluate import domain_table
+    from segloop.report import domain_table
 
+    _settings(args)  # reads no setting, but a bad --params/--set must not pass silently
     table = domain_table(args.eval_dir)
     (args.eval_dir / "summary.md").write_text(table + "\n")
     print(table)
@@ -271,6 +277,18 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+REGISTER_HELP = (
+    "register the trained model as a version of NAME in the MLflow registry (the continual loop passes "
+    "registry.model_name). Without it the run is tracked (metrics, settings, files) but no model is "
+    "registered, so an ad-hoc run never becomes a version of the loop's model")
+
+
+def _model_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a registered model name is letters, digits, '_', '.', '-'")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segloop", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -308,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--init", help="start from this checkpoint's weights (transfer learning): a path or models:/NAME@ALIAS|/VERSION")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="train into a non-empty OUT, replacing what an earlier train wrote there")
     p.add_argument("--domain", help="domain the training data belongs to (recorded on the run and model version)")
+    p.add_argument("--register", metavar="NAME", type=_model_name, help=REGISTER_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[common], help="metrics, confusion matrix and overlays")
@@ -321,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="write predicted masks for a folder of images")
     p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
     p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for <stem>.png palette masks (class ids); never inside INPUT; must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT (files of the same name are replaced)")
     p.add_argument("--backend", default="torch",
                    help="torch (a checkpoint or models:/ ref) or onnx (a `segloop export` file, ONNX Runtime CPU)")
     p.set_defaults(func=cmd_predict)
@@ -347,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", type=Path, help="replay buffer folder (replay strategies)")
     p.add_argument("--seen", type=Path, action="append", default=[], help="earlier training folders (joint)")
     p.add_argument("--domain", help="domain of the new batch (tag on the MLflow run)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing what an earlier run wrote there")
+    p.add_argument("--register", metavar="NAME", type=_model_name, help=REGISTER_HELP)
     p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("replay-update", parents=[common], help="write a new replay buffer version with a batch added")
@@ -377,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("version", metavar="VERSION")
     q.add_argument("--reason", required=True)
     q.add_argument("--alias", default="champion", help="default champion (or e.g. challenger)")
+    q.add_argument("--force", action="store_true",
+                   help="promote although classes, channels or signature differ from the champion's (recorded with --reason)")
     q = msub.add_parser("rollback", parents=[common], help="champion back to the champion it replaced (recorded)")
     q.add_argument("--reason")
     p.set_defaults(func=cmd_models)

@@ -17,6 +17,12 @@ DEFAULT_PARAMS = Path("params.yaml")
 # and mlruns/artifacts/ (files), relative to the folder segloop runs in (the project root).
 DEFAULT_MLRUNS = Path("mlruns")
 
+# Names validated here, implemented below (segloop.data.synthetic.DOMAINS,
+# segloop.continual.STRATEGIES). Declared as Literals so that loading settings never
+# imports torch; each lower layer asserts that its registry matches the names here.
+Domain = Literal["base", "lowlight", "fog", "noise", "colorshift"]
+Strategy = Literal["finetune", "joint", "replay", "lwf", "replay_lwf", "freeze_encoder"]
+
 
 class SettingsError(ValueError):
     """A params file or override is invalid; the message names file and key."""
@@ -53,23 +59,13 @@ class GenerateSettings(_Strict):
     image_size: tuple[int, int] = (144, 144)
     seed: int = 0
     strength: float = Field(1.0, ge=0.0, le=2.0)
-    domains: list[str] = ["base", "lowlight", "fog", "noise", "colorshift"]
+    domains: list[Domain] = ["base", "lowlight", "fog", "noise", "colorshift"]
 
     @field_validator("image_size")
     @classmethod
     def _min_size(cls, v: tuple[int, int]) -> tuple[int, int]:
         if min(v) < 32:
             raise ValueError(f"image sides must be >= 32 px, got {list(v)}")
-        return v
-
-    @field_validator("domains")
-    @classmethod
-    def _known_domains(cls, v: list[str]) -> list[str]:
-        from segloop.data.synthetic import DOMAINS
-
-        unknown = [d for d in v if d not in DOMAINS]
-        if unknown:
-            raise ValueError(f"unknown domain(s) {unknown}; valid: {sorted(DOMAINS)}")
         return v
 
 
@@ -196,7 +192,7 @@ class LwFSettings(_Strict):
 
 
 class ContinualSettings(_Strict):
-    strategy: str = "replay_lwf"
+    strategy: Strategy = "replay_lwf"
     epochs: int = Field(10, gt=0)  # per update step (joint uses train.epochs)
     lr: float = Field(5e-4, gt=0.0)
     replay: ReplaySettings = ReplaySettings()
@@ -212,15 +208,6 @@ class ContinualSettings(_Strict):
     select_margin: float = Field(0.0, ge=0.0, le=1.0)  # stricter than the gate by this on validation
     # With select gate: move the kept weights towards the parent's (WiSE-FT) as far as the rules need.
     interpolate: bool = False
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, v: str) -> str:
-        from segloop.continual import STRATEGIES
-
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; valid: {sorted(STRATEGIES)}")
-        return v
 
 
 class TrackingSettings(_Strict):
@@ -355,7 +342,12 @@ def _format_errors(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid settings"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":  # a name from a fixed set (domains, strategies, ...)
+            msg = f"unknown value {e['input']!r}; valid: {e['ctx']['expected']}"
+        else:
+            msg = e["msg"]
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 
@@ -368,11 +360,19 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # an auto (null) section: the override makes it explicit
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise SettingsError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        # One line: the parser's own message spans lines and points into a one-line "document".
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SettingsError(f"--set {assignment!r}: the value is not valid YAML ({problem}); "
+                            "quote it as a string or close its brackets") from None
 
 
 def settings_from_dict(raw: dict[str, Any], source: str = "<settings>") -> Settings:

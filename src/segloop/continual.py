@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Sequence, get_args
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from segloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
-from segloop.config import GateSettings, Settings
+from segloop.config import GateSettings, Settings, Strategy
 from segloop.data.dataset import IGNORE_INDEX
 from segloop.data.replay import read_manifest
 from segloop.inference import pick_device
@@ -125,6 +125,8 @@ STRATEGIES: dict[str, dict] = {
     "replay_lwf": {"use_replay": True, "distill": True},
     "freeze_encoder": {"freeze": True},
 }
+# config validates continual.strategy against its Literal (without importing torch): one list of names.
+assert set(STRATEGIES) == set(get_args(Strategy)), f"segloop.config.Strategy {get_args(Strategy)} != STRATEGIES {list(STRATEGIES)}"
 
 
 def update(

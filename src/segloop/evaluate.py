@@ -16,9 +16,9 @@ from tqdm import tqdm
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.config import EvalSettings, Settings, save_settings
 from segloop.data.dataset import Sample, list_samples, read_image, read_mask, to_tensor
-from segloop.inference import Backend, pick_device, predict_logits
+from segloop.inference import Backend, OnnxBackend, pick_device, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou, summarize
-from segloop.plots import save_confusion, save_overlay
+from segloop.plots import palette, save_confusion, save_overlay
 
 BACKENDS = ("torch", "onnx")
 
@@ -67,7 +67,7 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings,
 
     def overlay(i, image, truth, pred):
         if i < cfg.n_overlays:
-            save_overlay(out_dir / f"overlay_{i:02d}.png", image, truth, pred, len(classes))
+            save_overlay(out_dir / f"overlay_{i:02d}.png", image, truth, pred, len(classes), classes)
 
     samples = list_samples(data_dir)
     cm = confusion_over(model, samples, ckpt["channels"], len(classes), cfg, device, progress=True, on_image=overlay)
@@ -81,8 +81,8 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings,
     return metrics
 
 
-def load_backend(model_path: Path, backend: str = "torch") -> tuple[Backend, int, torch.device]:
-    """(model returning logits for a padded batch, image channels, device its inputs go to).
+def load_backend(model_path: Path, backend: str = "torch") -> tuple[Backend, int, torch.device, list[str]]:
+    """(model returning logits for a padded batch, image channels, device its inputs go to, class names).
 
     "torch": a segloop checkpoint, eager; "onnx": a `segloop export` file in ONNX Runtime (CPU).
     """
@@ -90,40 +90,42 @@ def load_backend(model_path: Path, backend: str = "torch") -> tuple[Backend, int
         ckpt = load_checkpoint(model_path)
         model, _ = model_from_checkpoint(ckpt, str(model_path))
         device = pick_device()
-        return model.to(device), ckpt["channels"], device
+        return model.to(device), ckpt["channels"], device, list(ckpt["classes"])
     if backend == "onnx":
-        from segloop.export import OnnxBackend
-
         onnx_model = OnnxBackend(model_path)
-        return onnx_model, onnx_model.channels, torch.device("cpu")
+        return onnx_model, onnx_model.channels, torch.device("cpu"), onnx_model.classes
     raise ValueError(f"--backend {backend!r}: unknown backend; valid: {list(BACKENDS)}")
 
 
-def predict_folder(model_path: Path, input_dir: Path, out_dir: Path, cfg: EvalSettings, backend: str = "torch") -> int:
-    """Write one mask PNG (class ids) per image of `input_dir` (or its images/ subfolder)."""
-    model, channels, device = load_backend(model_path, backend)
+def check_predict_out(input_dir: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse an output folder that could destroy data: the input itself or inside it (never
+    allowed: masks would replace or mix with the images), or a non-empty one (unless `overwrite`)."""
+    inp, out = Path(input_dir).resolve(), Path(out_dir).resolve()
+    if out == inp or inp in out.parents:
+        raise FileExistsError(f"--out {out_dir}: is {'the input folder' if out == inp else f'inside the input folder {input_dir}'}; "
+                              "masks would be written among the images; choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out_dir}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out_dir}: exists and is not empty; refusing to overwrite it (pass --overwrite, or choose a new folder)")
+
+
+def save_mask(path: Path, mask: np.ndarray, num_classes: int) -> None:
+    """A palette PNG: pixel values are the class ids (read back as such), shown in the class colours."""
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    img.putpalette(palette(num_classes).reshape(-1).tolist())
+    img.save(path)
+
+
+def predict_folder(model_path: Path, input_dir: Path, out_dir: Path, cfg: EvalSettings, backend: str = "torch",
+                   overwrite: bool = False) -> int:
+    """Write one palette mask PNG (class ids) per image of `input_dir` (or its images/ subfolder)."""
+    check_predict_out(input_dir, out_dir, overwrite)  # before the model loads: a refusal costs nothing
+    model, channels, device, classes = load_backend(model_path, backend)
     samples = list_samples(input_dir, require_masks=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     for sample in tqdm(samples, desc="predict"):
         _, pred = _predict(model, sample, channels, cfg, device)
-        Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(out_dir / f"{sample.stem}.png")
+        save_mask(out_dir / f"{sample.stem}.png", pred.numpy(), len(classes))
     return len(samples)
 
-
-def domain_table(eval_dir: Path, reference: str = "base") -> str:
-    """Markdown table of every `eval_dir/<domain>/metrics.json`, with the gap to `reference`."""
-    rows = {d.name: json.loads((d / "metrics.json").read_text()) for d in sorted(eval_dir.iterdir()) if (d / "metrics.json").is_file()}
-    if not rows:
-        raise FileNotFoundError(f"{eval_dir}: no <domain>/metrics.json inside")
-    ref = rows.get(reference, {}).get("miou")
-    classes = list(next(iter(rows.values()))["per_class_iou"])
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [
-        "| domain | mIoU | vs " + reference + " | Dice | pixel acc | " + " | ".join(classes) + " | images |",
-        "|---" * (6 + len(classes)) + "|",
-    ]
-    for name, m in rows.items():
-        gap = "" if ref is None or name == reference else f"{100 * (m['miou'] - ref):+.1f} pts"
-        per_class = " | ".join(fmt(m["per_class_iou"][c]) for c in classes)
-        lines.append(f"| {name} | {fmt(m['miou'])} | {gap} | {fmt(m['dice'])} | {fmt(m['pixel_accuracy'])} | {per_class} | {m['n_images']} |")
-    return "\n".join(lines)

@@ -25,14 +25,11 @@ from torch import nn
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.config import EvalSettings, ExportSettings
 from segloop.data.dataset import list_samples, read_image, read_mask, to_tensor
-from segloop.inference import Backend, pad_to_stride, predict_logits
+from segloop.inference import INPUT, META, OUTPUT, PROVIDER, Backend, OnnxBackend, pad_to_stride, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou
 
 FORMATS = ("onnx",)
 QUANTIZATIONS = ("int8",)
-INPUT, OUTPUT = "images", "logits"
-PROVIDER = "CPUExecutionProvider"
-META = "segloop."  # prefix of the metadata keys this module writes
 # Without --parity-data: seeded noise images at these (N, H, W), sides not multiples of 32.
 RANDOM_PARITY_SHAPES = ((1, 96, 128), (2, 72, 80))
 
@@ -129,44 +126,6 @@ def _set_metadata(proto, metadata: Mapping[str, str]) -> None:
     proto.metadata_props.extend(keep)
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
-
-
-class OnnxBackend:
-    """An exported segloop model in ONNX Runtime (CPU): logits for a padded batch.
-
-    Callable like the eager model, so `segloop.inference.predict_logits` pads and tiles
-    for it. `threads` defaults to torch's intra-op thread count, so both backends get
-    the same CPU budget in one process.
-    """
-
-    def __init__(self, path: Path | str, threads: int | None = None):
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: ONNX model not found")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.log_severity_level = 3  # errors only: the CPU provider's notes would drown the CLI's output
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=[PROVIDER])
-        except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
-            raise ValueError(f"{path}: not a loadable ONNX model ({type(err).__name__}: {str(err)[:200]})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if f"{META}classes" not in meta or f"{META}channels" not in meta:
-            raise ValueError(f"{path}: not a segloop ONNX export (no {META}classes / {META}channels metadata; "
-                             "write one with `segloop export`)")
-        self.path = path
-        self.classes: list[str] = json.loads(meta[f"{META}classes"])
-        self.channels = int(meta[f"{META}channels"])
-        self.metadata = dict(meta)
-        self.provider = self.session.get_providers()[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) float in [0, 1], H and W multiples of 32 -> logits (N, K, H, W) float32."""
-        feed = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: feed})[0])
 
 
 # ---------------------------------------------------------------- int8

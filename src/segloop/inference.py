@@ -1,18 +1,26 @@
 """Full-image inference: pad to a multiple of 32, sliding window above a size limit.
 
 The padding and tiling run the same for every backend: anything that maps a padded
-batch to logits (an eager `nn.Module`, or `segloop.export.OnnxBackend` for ONNX Runtime).
+batch to logits (an eager `nn.Module`, or `OnnxBackend`: a `segloop export` file in ONNX Runtime).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from segloop.distributed import device_for, world_from_env
 
 STRIDE = 32  # total downsampling of a depth-5 encoder
+
+# The exported graph's names and metadata (segloop.export writes them, OnnxBackend reads them).
+INPUT, OUTPUT = "images", "logits"
+PROVIDER = "CPUExecutionProvider"
+META = "segloop."  # prefix of segloop's metadata keys
 
 # Padded batch (N, C, H, W) float in [0, 1], H and W multiples of STRIDE -> logits (N, K, H, W).
 Backend = Callable[[torch.Tensor], torch.Tensor]
@@ -66,3 +74,41 @@ def predict_logits(model: Backend, x: torch.Tensor, max_size: int = 512, overlap
             total[..., top : top + tile.shape[-2], left : left + tile.shape[-1]] += logits
             counts[..., top : top + tile.shape[-2], left : left + tile.shape[-1]] += 1
     return total / counts
+
+
+class OnnxBackend:
+    """An exported segloop model in ONNX Runtime (CPU): logits for a padded batch.
+
+    Callable like the eager model, so `segloop.inference.predict_logits` pads and tiles
+    for it. `threads` defaults to torch's intra-op thread count, so both backends get
+    the same CPU budget in one process.
+    """
+
+    def __init__(self, path: Path | str, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ONNX model not found")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3  # errors only: the CPU provider's notes would drown the CLI's output
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[PROVIDER])
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ValueError(f"{path}: not a loadable ONNX model ({type(err).__name__}: {str(err)[:200]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if f"{META}classes" not in meta or f"{META}channels" not in meta:
+            raise ValueError(f"{path}: not a segloop ONNX export (no {META}classes / {META}channels metadata; "
+                             "write one with `segloop export`)")
+        self.path = path
+        self.classes: list[str] = json.loads(meta[f"{META}classes"])
+        self.channels = int(meta[f"{META}channels"])
+        self.metadata = dict(meta)
+        self.provider = self.session.get_providers()[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float in [0, 1], H and W multiples of 32 -> logits (N, K, H, W) float32."""
+        feed = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: feed})[0])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,14 +187,14 @@ def undo_unfinished_promotion(ws: Workspace, settings: Settings, batch: str) -> 
     """A crash after the gate moved `champion` but before the step was committed: put the
     alias back to the champion state.json knows (recorded as a rollback), so the redo
     starts from the same champion as the crashed attempt."""
-    from segloop.registry import CHAMPION, _alias_version, move_alias, registry_client
+    from segloop.registry import CHAMPION, _alias_version, move_alias, registry_client, version_tags
 
     client, _ = registry_client(settings)
     name, known = settings.registry.model_name, read_state(ws).champion
     current = _alias_version(client, name, CHAMPION)
     if current is None or current == known:
         return
-    if client.get_model_version(name, current).tags.get("segloop.batch") != batch:
+    if version_tags(client.get_model_version(name, current)).get("segloop.batch") != batch:
         return  # moved by a person or another tool: the loop takes it as the champion
     reason = f"step on batch {batch} crashed after promoting v{current}; back to v{known} to redo the step"
     if known is None:
@@ -226,6 +227,12 @@ def _stage_add(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[
     dvc(ws, *args, cmd)
 
 
+# DVC's hints after `repro` (git add, autostage, dvc push) do not apply here: the step's
+# commit adds everything, and pushing is the operator's choice (see the README).
+_DVC_ADVICE = re.compile(r"^\s*$|^To track the changes with git|^\s*git add |^To enable auto staging|"
+                         r"^\s*dvc config core.autostage|^Use `dvc push`")
+
+
 def run_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
     """Write stage `name` to dvc.yaml and run it (`dvc repro -s`), its output shown as it comes."""
     _stage_add(ws, name, cmd, deps, outs, params)
@@ -233,7 +240,8 @@ def run_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[P
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail: list[str] = []
     for line in proc.stdout:
-        print(line.rstrip(), flush=True)
+        if not _DVC_ADVICE.match(line):
+            print(line.rstrip(), flush=True)
         tail = (tail + [line])[-30:]
     if proc.wait():
         raise RuntimeError(f"stage {name} failed (dvc repro -s {name} in {ws.root}):\n{''.join(tail)}")
@@ -337,6 +345,7 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
             settings, ref, ws.batch(batch.batch) / "accepted", ws.root / "steps" / batch.batch / "drift" / domain,
             model, ws.root / ".cache" / "drift", held_out,
             {"segloop.batch": batch.batch, "segloop.reference_domain": domain, "segloop.model_version": version},
+            name=f"{batch.batch} vs {domain}",
         )
     closest = max(results, key=lambda d: results[d]["score"])
     r = results[closest]
@@ -379,7 +388,9 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
     state = read_state(ws)
     train, val, out = ws.split(b, "train"), ws.split(b, "val"), ws.root / "models" / b
     pooled = [ws.root / p for p in state.pool.get(domain, [])] if champ is not None else []
-    data = "".join(f"--data {ws.rel(x)} " for x in [train, *pooled]) + f"--val {ws.rel(val)} --out {ws.rel(out)} --domain {domain}"
+    # The loop's stages are the ones that register into the loop's model (ad-hoc runs register nowhere).
+    data = ("".join(f"--data {ws.rel(x)} " for x in [train, *pooled])
+            + f"--val {ws.rel(val)} --out {ws.rel(out)} --domain {domain} --register {settings.registry.model_name}")
     if champ is None:
         run_stage(ws, f"train-{b}", f"segloop train --params params.yaml {data}", [train, val], [out], STAGE_PARAMS)
         return Candidate(registered_version(ws, settings, out, {"segloop.batch": b}), [ws.rel(train)], [], _images_seen(out))
@@ -536,11 +547,11 @@ def now() -> str:
 
 
 def tag_version(settings: Settings, version: str, tags: dict[str, Any]) -> None:
-    from segloop.registry import registry_client
+    """Record `tags` about a version: the few a reviewer reads on the version, the rest on its run."""
+    from segloop.registry import registry_client, set_version_tags
 
     client, _ = registry_client(settings)
-    for k, v in tags.items():
-        client.set_model_version_tag(settings.registry.model_name, version, k, str(v))
+    set_version_tags(client, settings.registry.model_name, version, tags)
 
 
 # ---------------------------------------------------------------- one transactional step

@@ -71,8 +71,11 @@ def _dataset_files(folder: Path) -> list[tuple[Path, Path | None]]:
     return [(p, m if (m := masks / f"{p.stem}.png").is_file() else None) for p in files]
 
 
-def fingerprint(folder: Path, sample: int = SAMPLE_IMAGES, seed: int = 0) -> Fingerprint:
-    """Measure `folder` (a dataset folder: images/ and masks/); at most `sample` images are read."""
+def fingerprint(folder: Path, channels: int | None = None, sample: int = SAMPLE_IMAGES, seed: int = 0) -> Fingerprint:
+    """Measure `folder` (a dataset folder: images/ and masks/); at most `sample` images are read.
+
+    Intensities are measured as the model will see them: converted to `channels` (1: luminance,
+    as the loader converts), or as stored when None."""
     from scipy import ndimage
 
     files = _dataset_files(folder)
@@ -88,9 +91,10 @@ def fingerprint(folder: Path, sample: int = SAMPLE_IMAGES, seed: int = 0) -> Fin
     for image_path, mask_path in picked:
         with Image.open(image_path) as img:
             arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            gray = np.asarray(img.convert("L"), dtype=np.float32)[..., None] / 255.0 if channels == 1 else None
         sizes.append(arr.shape[:2])
         color |= bool(np.abs(arr[..., 0] - arr[..., 1]).max() > 0.02 or np.abs(arr[..., 1] - arr[..., 2]).max() > 0.02)
-        flat = arr.reshape(-1, 3)
+        flat = (arr if gray is None else gray).reshape(-1, 1 if gray is not None else 3)
         pixels.append(flat[rng.choice(len(flat), min(len(flat), 20000), replace=False)])
         if mask_path is None:
             continue
@@ -116,7 +120,7 @@ def fingerprint(folder: Path, sample: int = SAMPLE_IMAGES, seed: int = 0) -> Fin
             if ridge.size:
                 widths.setdefault(int(k), []).append(2 * float(np.median(ridge)))
     px = np.concatenate(pixels)
-    if not color:
+    if channels is None and not color:
         px = px[:, :1]
     total = max(1, sum(shares.values()))
     hw = np.array(sizes)
@@ -163,10 +167,10 @@ def recipe(fp: Fingerprint, channels: int, num_classes: int, memory_mb: float, p
     budget_px = memory_mb * 2**20 / BYTES_PER_PIXEL
     side = min(fp.median_size)
     context = max(4 * fp.structure_px, 64)
-    cap = min(_down32(side), _down32(math.sqrt(budget_px / 2)))
-    crop = min(_up32(context), cap)
+    memory_cap = _down32(math.sqrt(budget_px / 2))
+    crop = min(_up32(context), _down32(side), memory_cap)
     r.set("data.crop_size", crop, f"4 structure widths ({fp.structure_px:.0f} px) of context, a multiple of 32, "
-          f"capped by the median image side ({side}) and memory at batch 2 ({cap})")
+          f"at most the median image side ({side}) and what memory holds at batch 2 ({memory_cap})")
     batch = int(max(2, min(MAX_BATCH, budget_px // (crop * crop))))
     r.set("train.batch_size", batch, f"{crop}x{crop} crops in {memory_mb:g} MB at ~{BYTES_PER_PIXEL} B/px, 2..{MAX_BATCH}")
     r.set("train.iters_per_epoch", max(MIN_ITERS, math.ceil(fp.images / batch)),
@@ -224,7 +228,7 @@ def resolve(settings, folder: Path, fp: Fingerprint | None = None):
 
     raw = settings.model_dump(mode="json")
     auto = [k for k in PLANNED if _get(raw, k) is None]
-    fp = fp or fingerprint(folder)
+    fp = fp or fingerprint(folder, settings.data.channels)
     r = recipe(fp, settings.data.channels, settings.num_classes, settings.train.memory_mb,
                settings.model.encoder_weights is not None)
     applied = Recipe({k: r.settings[k] for k in auto}, {k: r.reasons[k] for k in auto})

@@ -22,12 +22,28 @@ def palette(num_classes: int) -> np.ndarray:
     return colours
 
 
-def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int) -> None:
-    """image (H, W, C) uint8 | truth | prediction, side by side."""
+def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int,
+                 classes: list[str] | None = None) -> None:
+    """image (H, W, C) uint8 | truth | prediction, side by side, titled, with a legend of the class colours."""
+    from matplotlib.patches import Patch
+
     colours = palette(num_classes)
     rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-    row = np.concatenate([rgb, colours[truth.astype(np.uint8)], colours[pred.astype(np.uint8)]], axis=1)
-    plt.imsave(path, row)
+    names = classes or [str(k) for k in range(num_classes)]
+    h, w = image.shape[:2]
+    scale = max(1.0, 160 / max(h, w))  # small images get room for the titles and legend text
+    fig, axes = plt.subplots(1, 3, figsize=(3 * w * scale / 100 + 0.4, h * scale / 100 + 0.9), dpi=100)
+    for ax, title, panel in zip(axes, ("image", "truth", "prediction"), (rgb, colours[truth.astype(np.uint8)], colours[pred.astype(np.uint8)])):
+        ax.imshow(panel, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    handles = [Patch(color=colours[k] / 255, label=name) for k, name in enumerate(names)]
+    if (truth == IGNORE_INDEX).any():
+        handles.append(Patch(facecolor="white", edgecolor="black", label="ignore"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.22, wspace=0.03)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def save_confusion(path: Path, cm: np.ndarray, classes: list[str]) -> None:

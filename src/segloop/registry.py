@@ -16,6 +16,7 @@ put back. Nothing here trains models or imports Prefect.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import re
 import tempfile
@@ -25,9 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
-import numpy as np
-
-from segloop.checkpoint import load_checkpoint, model_from_checkpoint
+# torch (through segloop.checkpoint) and numpy are imported where a model is touched:
+# `segloop models list|history` and ref resolution by path must answer in about a second.
 from segloop.config import GateSettings, Settings
 from segloop.tracking import (
     Store, TrackedRun, dir_md5, ensure_experiment, open_store, resolve_store,
@@ -44,6 +44,15 @@ MODEL_DESCRIPTION = (
     "(manual, recorded) or `segloop models rollback`; `segloop models history` lists every change. "
     "Each version's description states its parent, data, code and gate result."
 )
+# MLflow's model page lists every tag of every version on its own line, so a version keeps
+# one JSON tag, `segloop`, with what segloop reads back (lineage, quality, interface,
+# integrity), plus one JSON record per alias it held (`segloop.champion`): every version and
+# its alias fit on a screen. Everything else a step records (data md5s and paths, git commit,
+# segloop version, loop stage, gate decision file and reasons) goes to the version's run; the
+# version's description restates both in words. `version_tags` reads them back flat.
+RECORD_TAG = "segloop"
+RECORD_KEYS = frozenset({"domain", "strategy", "parent", "parent_version", "batch", "val_miou", "classes", "channels", "sha256",
+                         "gate.promoted", "loop.commit", "miou"})  # miou: {domain: held-out mIoU} of the latest gates
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
 
@@ -65,6 +74,36 @@ def registry_client(settings: Settings) -> tuple[Any, Store]:
     return open_store(store, settings.tracking.connect_timeout_s), store
 
 
+def set_version_tags(client, name: str, version: str, tags: Mapping[str, Any]) -> None:
+    """Record `segloop.<key>` tags about a version: RECORD_KEYS into its `segloop` JSON tag, the rest on its run."""
+    mv = client.get_model_version(name, str(version))
+    record = {k.removeprefix("segloop."): v for k, v in tags.items() if v is not None and k.removeprefix("segloop.") in RECORD_KEYS}
+    if record:
+        merged = json.loads((mv.tags or {}).get(RECORD_TAG) or "{}") | record
+        client.set_model_version_tag(name, str(version), RECORD_TAG, json.dumps(merged, separators=(",", ":")))
+    for k, v in tags.items():
+        if v is not None and k.removeprefix("segloop.") not in RECORD_KEYS and mv.run_id:  # no run: registered by hand
+            client.set_tag(mv.run_id, k, str(v))
+
+
+def version_tags(mv) -> dict[str, str]:
+    """A version's tags with its `segloop` record spread out as `segloop.<key>` strings
+    (lists, dicts as JSON; booleans as true/false), as the run's tags look."""
+    tags = dict(mv.tags or {})
+    for k, v in json.loads(tags.pop(RECORD_TAG, None) or "{}").items():
+        tags[f"segloop.{k}"] = (str(v).lower() if isinstance(v, bool) else
+                                json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+    return tags
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -79,15 +118,18 @@ def _pip_requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("torch", "segmentation-models-pytorch", "numpy", "timm")]
 
 
-def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: Mapping[str, Any] = {}) -> str:
+def log_model(run: TrackedRun, checkpoint: Path, model_name: str, extra_tags: Mapping[str, Any] = {}) -> str:
     """Log `checkpoint` as an MLflow PyTorch model in `run`, register it; return the version.
 
     Input: images (N, C, H, W) float32 in [0, 1], H and W multiples of 32;
     output: logits (N, K, H, W) float32.
     """
     import mlflow
+    import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+
+    from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     model, settings = model_from_checkpoint(ckpt, str(checkpoint))
@@ -123,15 +165,13 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, version_tags: 
     version = str(info.registered_model_version)
     if not run.client.get_registered_model(model_name).description:
         run.client.update_registered_model(model_name, MODEL_DESCRIPTION)
-    # The version carries what its run recorded (data md5s, git commit, parent, strategy...)
-    # so the registry page alone answers "which data, which parent, which code".
+    # The version shows its lineage at a glance (the run keeps the rest: data md5s, code...);
+    # sha256 is the registered checkpoint file's, so a copy anywhere can be checked against it.
     run_tags = run.client.get_run(run.run_id).data.tags
-    tags = {k: v for k, v in run_tags.items() if k.startswith("segloop.") and k != "segloop.command"}
-    tags |= {"segloop.run_id": run.run_id, "segloop.classes": json.dumps(classes), "segloop.channels": channels,
-            "segloop.val_miou": ckpt.get("val_miou"), **version_tags}
-    for k, v in tags.items():
-        if v is not None:
-            run.client.set_model_version_tag(model_name, version, k, str(v))
+    tags = {k: v for k, v in run_tags.items() if k.removeprefix("segloop.") in RECORD_KEYS}
+    tags |= {"segloop.classes": classes, "segloop.channels": channels, "segloop.val_miou": ckpt.get("val_miou"),
+             "segloop.sha256": file_sha256(checkpoint), **extra_tags}
+    set_version_tags(run.client, model_name, version, tags)
     describe_version(run.client, model_name, version)
     return version
 
@@ -142,7 +182,9 @@ def describe_version(client, name: str, version: str) -> str:
 
     Called whenever segloop changes those tags, so the UI alone tells the lineage.
     """
-    tags = dict(client.get_model_version(name, str(version)).tags or {})
+    mv = client.get_model_version(name, str(version))
+    run_tags = client.get_run(mv.run_id).data.tags if mv.run_id else {}
+    tags = {**run_tags, **version_tags(mv), "segloop.run_id": mv.run_id}
     parent_ref, parent_version = tags.get("segloop.parent"), tags.get("segloop.parent_version")
     parent = f"v{parent_version}" if parent_version else parent_ref or "none"
     gate = {"true": "promoted", "false": "NOT promoted"}.get(tags.get("segloop.gate.promoted", ""), "not gated yet")
@@ -157,24 +199,38 @@ def describe_version(client, name: str, version: str) -> str:
     lines.append(f"- code: {code}segloop {tags.get('segloop.version', '?')}; run `{tags.get('segloop.run_id', '?')}`")
     if tags.get("segloop.val_miou"):
         lines.append(f"- validation mIoU at training: {float(tags['segloop.val_miou']):.4f}")
-    miou = {k.removeprefix("segloop.miou."): v for k, v in sorted(tags.items()) if k.startswith("segloop.miou.")}
+    miou = version_miou(tags)
     if miou:  # set by every gate this version took part in, as candidate or as champion
         lines.append(f"- held-out mIoU (latest gate evaluations): {', '.join(f'{d} {float(v):.3f}' for d, v in miou.items())}")
     if "segloop.gate.promoted" in tags:
         lines.append(f"- its last gate as candidate: **{gate.upper()}**")
         lines += [f"  - {r}" for r in tags.get("segloop.gate.reasons", "").splitlines()]
         lines.append(f"  - decision: `{tags.get('segloop.gate.decision', '?')}`")
-    if tags.get(f"segloop.{CHAMPION}.since"):
-        since, until = tags[f"segloop.{CHAMPION}.since"], tags.get(f"segloop.{CHAMPION}.until")
-        lines.append(f"- champion since {since} ({tags.get(f'segloop.{CHAMPION}.kind')}: "
-                     f"{tags.get(f'segloop.{CHAMPION}.reason', '')[:300]})" + (f", replaced {until}" if until and until >= since else ""))
+    record = alias_record(tags, CHAMPION)
+    if record.get("since"):
+        since, until = record["since"], record.get("until")
+        lines.append(f"- champion since {since} ({record.get('kind')}: {(record.get('reason') or '')[:300]})"
+                     + (f", replaced {until}" if until and until >= since else ""))
     text = "\n".join(lines)
     client.update_model_version(name, str(version), description=text)
     return text
 
 
-def log_training(run: TrackedRun, result, out_dir: Path, model_name: str) -> str:
-    """Final metrics, files and the registered model of one finished `train` call."""
+def version_miou(tags: Mapping[str, str]) -> dict[str, float]:
+    """{domain: held-out mIoU} a version's gates recorded (tag segloop.miou, JSON)."""
+    return {d: float(v) for d, v in sorted(json.loads(tags.get("segloop.miou") or "{}").items())}
+
+
+def alias_record(tags: Mapping[str, str], alias: str) -> dict:
+    """The version's record of holding `alias` (tag segloop.<alias>, JSON: since, kind, reason, decision, replaced, until)."""
+    return json.loads(tags.get(f"segloop.{alias}") or "{}")
+
+
+def log_training(run: TrackedRun, result, out_dir: Path, model_name: str | None) -> str | None:
+    """Final metrics and files of one finished `train` call; with `model_name`, the model is
+    logged and registered as a new version of it (returned), else nothing is registered."""
+    from segloop.checkpoint import load_checkpoint
+
     run.log_metrics({f"train.{k}": v for k, v in asdict(result).items() if isinstance(v, (int, float))})
     best = load_checkpoint(out_dir / CHECKPOINT_FILE)
     # per-class validation IoU of the kept (best) epoch; NaN = class absent, not logged
@@ -182,7 +238,7 @@ def log_training(run: TrackedRun, result, out_dir: Path, model_name: str) -> str
     run.set_tags({"segloop.stopped": result.stopped})
     for name in ("settings.yaml", "history.json", "train_metrics.json"):
         run.log_file(out_dir / name)
-    return log_model(run, out_dir / CHECKPOINT_FILE, model_name)
+    return log_model(run, out_dir / CHECKPOINT_FILE, model_name) if model_name else None
 
 
 # ---------------------------------------------------------------- resolving refs
@@ -208,6 +264,8 @@ def download_checkpoint(client, store: Store, mv) -> Path:
 
     import mlflow
 
+    from segloop.checkpoint import load_checkpoint
+
     # The key includes what a recreated store would not repeat (run id, source, creation time),
     # so a fresh store's "version 1" never resolves to an old store's cached file.
     identity = f"{store.uri}|{mv.name}|{mv.version}|{mv.run_id}|{mv.source}|{mv.creation_timestamp}"
@@ -224,6 +282,10 @@ def download_checkpoint(client, store: Store, mv) -> Path:
         path = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{location}/extra_files/{CHECKPOINT_FILE}", dst_path=tmp, tracking_uri=store.uri,
         )
+        expected = version_tags(mv).get("segloop.sha256")  # the registered file's hash (versions registered with one)
+        if expected and file_sha256(Path(path)) != expected:
+            raise ValueError(f"models:/{mv.name}/{mv.version}: downloaded {CHECKPOINT_FILE} does not match the version's "
+                             f"sha256 {expected[:12]}...: the registered file was changed; refusing to use it")
         load_checkpoint(path)  # a torn or foreign file must not enter the cache
         os.replace(path, cached)
     return cached
@@ -259,8 +321,9 @@ def _history_run(client, settings: Settings, store: Store, name: str, create: bo
 
 def move_alias(
     settings: Settings, alias: str, version: str, kind: str, reason: str, decision: str | None = None,
+    extra: Mapping[str, Any] = {},
 ) -> dict:
-    """Point `alias` at `version` and record the change (time, from -> to, kind, reason, decision).
+    """Point `alias` at `version` and record the change (time, from -> to, kind, reason, decision, `extra`).
 
     kind: "gate" | "manual" | "rollback". Returns the history entry.
     """
@@ -269,7 +332,7 @@ def move_alias(
     get_version(client, f"models:/{name}/{version}")  # a ValueError naming the ref if absent
     previous = _alias_version(client, name, alias)
     entry = {"time": _now(), "model": name, "alias": alias, "from": previous, "to": str(version),
-             "kind": kind, "reason": reason, "decision": decision, "user": getpass.getuser()}
+             "kind": kind, "reason": reason, "decision": decision, "user": getpass.getuser(), **extra}
     client.set_registered_model_alias(name, alias, str(version))
     try:
         run_id = _history_run(client, settings, store, name)
@@ -279,11 +342,12 @@ def move_alias(
             path = Path(tmp) / f"{stamp}-{alias}-v{version}.json"
             path.write_text(json.dumps(entry, indent=1))
             client.log_artifact(run_id, str(path), HISTORY_FOLDER)
-        prefix = f"segloop.{alias}"
-        for k, v in {"since": entry["time"], "kind": kind, "reason": reason, "decision": decision, "replaced": previous}.items():
-            client.set_model_version_tag(name, str(version), f"{prefix}.{k}", "" if v is None else str(v))
+        # One JSON tag per alias on each version (the model page stays one row per version).
+        record = {"since": entry["time"], "kind": kind, "reason": reason, "decision": decision, "replaced": previous, **extra}
+        client.set_model_version_tag(name, str(version), f"segloop.{alias}", json.dumps(record))
         if previous and previous != str(version):
-            client.set_model_version_tag(name, previous, f"{prefix}.until", entry["time"])
+            old = alias_record(client.get_model_version(name, previous).tags or {}, alias)
+            client.set_model_version_tag(name, previous, f"segloop.{alias}", json.dumps({**old, "until": entry["time"]}))
     except BaseException:
         # An alias change without a record is worse than no change: put it back.
         if previous:
@@ -297,6 +361,57 @@ def move_alias(
     return entry
 
 
+def interface(client, store: Store, name: str, version: str) -> dict:
+    """What a consumer of `models:/name@alias` relies on: class names, input channels, MLflow signature."""
+    import mlflow
+
+    mv = client.get_model_version(name, str(version))
+    tags = version_tags(mv)
+    if "segloop.classes" in tags and "segloop.channels" in tags:
+        classes, channels = json.loads(tags["segloop.classes"]), int(tags["segloop.channels"])
+    else:  # registered without segloop's tags: its checkpoint says
+        from segloop.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(download_checkpoint(client, store, mv))
+        classes, channels = list(ckpt["classes"]), int(ckpt["channels"])
+    mlflow.set_tracking_uri(store.uri)
+    mlflow.set_registry_uri(store.uri)
+    try:
+        signature = mlflow.models.get_model_info(f"models:/{name}/{version}").signature
+    except Exception:  # no MLmodel (not an MLflow model): nothing to compare
+        signature = None
+    return {"classes": classes, "channels": channels, "signature": signature.to_dict() if signature else None}
+
+
+def incompatibilities(mine: dict, theirs: dict) -> list[str]:
+    """How interface `mine` differs from `theirs`, one phrase each (empty: compatible)."""
+    out = [f"{k} {mine[k]} vs {theirs[k]}" for k in ("classes", "channels") if mine[k] != theirs[k]]
+    if mine["signature"] != theirs["signature"]:  # the full specs are long: the MLmodel files show them
+        out.append("MLflow signature differs")
+    return out
+
+
+def promote(settings: Settings, alias: str, version: str, reason: str, force: bool = False) -> dict:
+    """`segloop models promote`: point `alias` at `version` by hand, recorded as manual.
+
+    Refused (ValueError) when the version's classes, channels or signature differ from the
+    current champion's: whoever loads `models:/<name>@<alias>` would get a model that answers
+    in other classes or wants other images. `force` does it anyway; the differences are
+    recorded in the history entry and the alias tag with `reason`.
+    """
+    client, store = registry_client(settings)
+    name = settings.registry.model_name
+    get_version(client, f"models:/{name}/{version}")  # a ValueError naming the ref if absent
+    champion = _alias_version(client, name, CHAMPION)
+    differences = []
+    if champion is not None and champion != str(version):
+        differences = incompatibilities(interface(client, store, name, version), interface(client, store, name, champion))
+    if differences and not force:
+        raise ValueError(f"models:/{name}/{version} does not fit champion v{champion} ({'; '.join(differences)}); "
+                         f"refusing to point {alias} at it (pass --force with a --reason for a deliberate change)")
+    return move_alias(settings, alias, str(version), "manual", reason, extra={"forced": differences} if differences else {})
+
+
 def _alias_version(client, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -308,6 +423,17 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 
 def history(settings: Settings) -> list[dict]:
     """Every recorded alias change of registry.model_name, oldest first."""
+    from segloop import registry_sqlite
+
+    try:  # a local sqlite store answers without importing MLflow
+        files = registry_sqlite.history_files(resolve_store(settings.tracking), settings.tracking.experiment,
+                                              settings.registry.model_name, HISTORY_FOLDER)
+        return [json.loads(f.read_text()) for f in files]
+    except registry_sqlite.Unsupported:
+        return _history_mlflow(settings)
+
+
+def _history_mlflow(settings: Settings) -> list[dict]:
     client, store = registry_client(settings)
     import mlflow
 
@@ -351,32 +477,45 @@ def rollback(settings: Settings, reason: str | None = None) -> dict:
 
 def list_versions(settings: Settings) -> list[dict]:
     """One row per registered version: aliases, domain metrics, parent, created."""
-    from mlflow.exceptions import MlflowException
+    from segloop import registry_sqlite
 
-    client, _ = registry_client(settings)
     name = settings.registry.model_name
-    rows = []
-    # search results leave `aliases` empty; the registered model has the alias map.
-    aliases: dict[str, list[str]] = {}
-    try:
-        for alias, version in client.get_registered_model(name).aliases.items():
-            aliases.setdefault(str(version), []).append(alias)
-    except MlflowException:
+    try:  # a local sqlite store answers without importing MLflow
+        found = registry_sqlite.versions(resolve_store(settings.tracking), name)
+    except registry_sqlite.Unsupported:
+        found = _versions_mlflow(settings, name)
+    if found is None:
         return []
-    for mv in client.search_model_versions(f"name = '{name}'"):
-        tags = dict(mv.tags or {})
+    aliases, mvs = found
+    rows = []
+    for mv in mvs:
+        tags = version_tags(mv)
         rows.append({
             "version": int(mv.version),
             "aliases": sorted(aliases.get(str(mv.version), [])),
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
             "domain": tags.get("segloop.domain"),
             "val_miou": float(tags["segloop.val_miou"]) if tags.get("segloop.val_miou") else None,
-            "miou": {k.removeprefix("segloop.miou."): float(v) for k, v in sorted(tags.items()) if k.startswith("segloop.miou.")},
+            "miou": version_miou(tags),
             "parent": tags.get("segloop.parent_version") or tags.get("segloop.parent"),
             "strategy": tags.get("segloop.strategy"),
             "run_id": mv.run_id,
         })
     return sorted(rows, key=lambda r: r["version"])
+
+
+def _versions_mlflow(settings: Settings, name: str) -> tuple[dict[str, list[str]], list] | None:
+    from mlflow.exceptions import MlflowException
+
+    client, _ = registry_client(settings)
+    # search results leave `aliases` empty; the registered model has the alias map.
+    aliases: dict[str, list[str]] = {}
+    try:
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+    except MlflowException:
+        return None
+    return aliases, client.search_model_versions(f"name = '{name}'")
 
 
 # ---------------------------------------------------------------- promotion gate
@@ -533,11 +672,12 @@ def gate(
     run.log_metrics({f"gate.{role}.{d}.miou": v for role, s in scores.items() for d, v in s.items()})
     decision_uri = f"{client.get_run(run_id).info.artifact_uri}/{folder}/{DECISION_FILE}"
     for role, mv in models.items():
-        for d, v in scores[role].items():
-            client.set_model_version_tag(name, mv.version, f"segloop.miou.{d}", f"{v:.5f}")
-    client.set_model_version_tag(name, candidate.version, "segloop.gate.promoted", str(decision["promoted"]).lower())
-    client.set_model_version_tag(name, candidate.version, "segloop.gate.decision", decision_uri)
-    client.set_model_version_tag(name, candidate.version, "segloop.gate.reasons", "\n".join(decision["reasons"]))
+        miou = version_miou(version_tags(client.get_model_version(name, mv.version))) | {d: round(v, 5) for d, v in scores[role].items()}
+        set_version_tags(client, name, mv.version, {"segloop.miou": miou})
+    set_version_tags(client, name, candidate.version, {
+        "segloop.gate.promoted": decision["promoted"],
+        "segloop.gate.decision": decision_uri, "segloop.gate.reasons": "\n".join(decision["reasons"]),  # to the run
+    })
     for mv in models.values():
         describe_version(client, name, mv.version)
     if decision["promoted"]:

@@ -94,13 +94,20 @@ def open_store(store: Store, timeout_s: float = 5.0):
     return client
 
 
+# MLflow 3's UI asks what an experiment is for (popup) and opens untagged ones on a GenAI
+# traces view; this tag makes it open segloop's experiments on their training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client, store: Store, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if "mlflow.experimentKind" not in (exp.tags or {}):  # made by an older segloop
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = f"{store.artifact_root}/{name}" if store.artifact_root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created meanwhile by a concurrent run
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import colorsys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from segloop.config import Domain
 from segloop.data.dataset import IMAGES, MASKS
 
 CLASSES = ("background", "stripes", "checker", "speckle")
@@ -158,6 +159,8 @@ DOMAINS: dict[str, Callable[[np.ndarray, np.random.Generator, float], np.ndarray
     "noise": _noise,
     "colorshift": _colorshift,
 }
+# config validates generate.domains against its Literal (without importing this module): one list of names.
+assert set(DOMAINS) == set(get_args(Domain)), f"segloop.config.Domain {get_args(Domain)} != DOMAINS {list(DOMAINS)}"
 
 
 def apply_domain(image: np.ndarray, domain: str, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
