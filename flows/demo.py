@@ -52,16 +52,28 @@ def fmt(miou: dict) -> str:
     return " ".join(f"{d}={v:.3f}" for d, v in miou.items()) or "-"
 
 
+def versus(r: dict) -> str:
+    """Each domain as champion -> candidate (held-out mIoU), so a refusal shows what the candidate
+    reached; domains the champion never learnt (reported, not protected by the gate) marked with *."""
+    cand, champ, learnt = r.get("candidate_miou") or {}, r["miou_before"], r.get("learnt") or []
+    if not cand or not champ:
+        return "-"
+    return " ".join(f"{d}{'' if d in learnt or d == r['domain'] or not learnt else '*'} {champ[d]:.3f}->{v:.3f}"
+                    for d, v in cand.items())
+
+
 def table(records: list[dict]) -> str:
-    lines = ["| batch | drift (score) | update | gate | champion | mIoU before | mIoU after |", "|---|---|---|---|---|---|---|"]
+    lines = ["| batch | drift (score) | update | gate | champion | mIoU before | champion -> candidate | mIoU after |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
         d = r["drift"]
         drift = ("bootstrap" if d is None else "yes (no reference)" if d["score"] is None else
                  f"{'yes' if d['drift'] else 'no'} ({d['score']:.2g}{', perf' if d['performance_drift'] else ''})")
         gate = ("promoted" if r["promoted"] else "rejected: " + next((x for x in r["reasons"] if x.startswith("FAIL")), "")) if r["updated"] else "-"
         update = f"v{r['candidate_version']}" if r["updated"] else "no"
-        lines.append(f"| {r['batch']} | {drift} | {update} | {gate} | v{r['champion_version']} | {fmt(r['miou_before'])} | {fmt(r['miou_after'])} |")
-    return "\n".join(lines)
+        lines.append(f"| {r['batch']} | {drift} | {update} | {gate} | v{r['champion_version']} | {fmt(r['miou_before'])} "
+                     f"| {versus(r)} | {fmt(r['miou_after'])} |")
+    return "\n".join(lines) + "\n\n*: a domain the champion never learnt, reported but not protected by the gate"
 
 
 def write_reports(records: list[dict], out: Path, seconds: float) -> None:

@@ -315,3 +315,51 @@ def test_class_incremental_refuses_mismatched_classes(class_stream, tiny_raw):
     tiny_raw["continual"] = {"new_classes": ["stripes"]}
     with pytest.raises(Exception, match="continual.new_classes .* last entries of data.classes"):
         settings_from_dict(tiny_raw)
+
+
+# ---------------------------------------------------------------- gate-constrained selection
+
+def test_gate_score_ranks_a_feasible_epoch_above_one_with_a_better_mean():
+    from segloop.config import GateSettings
+    from segloop.continual import gate_score
+
+    gate, parent = GateSettings(min_gain=0.01, max_forgetting=0.02), [0.20, 0.90]  # [new domain, learnt domain]
+    forgets = [0.85, 0.86]  # mean 0.855: the new domain learnt, the learnt one lost 4 pts
+    keeps = [0.60, 0.895]  # mean 0.7475: gains 40 pts, loses 0.5 pt (within 0.02 - margin 0.01)
+    assert sum(forgets) > sum(keeps)
+    assert gate_score(keeps, parent, gate, margin=0.01) > gate_score(forgets, parent, gate, margin=0.01)
+    assert 1.0 <= gate_score(keeps, parent, gate, 0.01) <= 2.0 and -1.0 < gate_score(forgets, parent, gate, 0.01) < 0.0
+    # the margin is stricter than the gate: 1.5 pts lost passes the gate, not the selection
+    assert gate_score([0.60, 0.885], parent, gate, margin=0.01) < 0 <= gate_score([0.60, 0.885], parent, gate, margin=0.0)
+    # among infeasible epochs the nearest to the rules wins
+    assert gate_score([0.205, 0.90], parent, gate, 0.0) > gate_score([0.20, 0.80], parent, gate, 0.0)
+
+
+@pytest.mark.slow
+def test_update_keeps_the_epoch_the_gate_rules_rank_first(stream, base_data):
+    """A real update with continual.select gate: best.pt is the epoch `gate_score` ranks first
+    on (new domain val, learnt domain val), measured against the parent on the same folders."""
+    from segloop.continual import gate_score, parent_scores
+
+    raw, root = stream
+    raw = json.loads(json.dumps(raw))
+    raw["continual"] |= {"strategy": "replay", "epochs": 3, "select": "gate", "select_margin": 0.0}
+    settings = settings_from_dict(raw)
+    vals = [root / "fog", base_data]
+    out = root / "update_gate"
+    update(settings, root / "parent" / "best.pt", root / "fog", out, vals, replay=root / "buffer", log=lambda _: None)
+    history = json.loads((out / "history.json").read_text())
+    parent = parent_scores(settings, root / "parent" / "best.pt", vals)
+    scores = [gate_score(h["val_per_folder"], parent, settings.registry.gate, 0.0) for h in history]
+    assert [h["val_score"] for h in history] == pytest.approx(scores, abs=1e-4)
+    assert load_checkpoint(out / "best.pt")["epoch"] == 1 + int(np.argmax(scores))
+
+
+def test_mix_weights_moves_floats_from_parent_to_child_and_keeps_counters():
+    from segloop.continual import mix_weights
+
+    parent = {"w": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(5)}
+    child = {"w": torch.ones(3), "bn.num_batches_tracked": torch.tensor(9)}
+    assert torch.equal(mix_weights(parent, child, 0.0)["w"], parent["w"])
+    assert torch.allclose(mix_weights(parent, child, 0.3)["w"], torch.full((3,), 0.3))
+    assert int(mix_weights(parent, child, 0.3)["bn.num_batches_tracked"]) == 9

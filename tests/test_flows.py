@@ -136,7 +136,7 @@ def test_shifted_batch_drifts_updates_and_is_promoted(copy):
     out = loop.dvc(ws, "repro")
     assert "Running stage" not in out and "update-01-fog" in yaml.safe_load((ws.root / "dvc.yaml").read_text())["stages"]
     state = loop.read_state(ws)
-    assert state["replay"] == "replay/01-fog" and set(state["trained_domains"]) == {"base", "fog"}
+    assert state.replay == "replay/01-fog" and set(state.trained_domains) == {"base", "fog"}
 
 
 def test_gate_rejection_keeps_the_champion(copy):
@@ -148,8 +148,8 @@ def test_gate_rejection_keeps_the_champion(copy):
     assert _champion(settings) == "1"
     assert rec["miou_after"] == rec["miou_before"]
     state = loop.read_state(ws)
-    assert state["replay"] == "replay/00-base" and set(state["trained_domains"]) == {"base"}
-    assert set(state["heldout"]) == {"base", "fog"}  # the new domain is checked from now on
+    assert state.replay == "replay/00-base" and set(state.trained_domains) == {"base"}
+    assert set(state.heldout) == {"base", "fog"}  # the new domain is checked from now on
 
 
 def test_monitor_processes_each_batch_once_and_never_overlaps(copy):
@@ -207,7 +207,7 @@ def test_a_crash_leaves_champion_and_batch_pending_and_the_next_run_completes_it
         monitor_flow(str(params))
     monkeypatch.undo()
     assert _champion(settings) == "1" and [p.name for p in loop.pending_batches(ws)] == ["01-fog"]
-    assert loop.read_state(ws)["champion"] == "1"
+    assert loop.read_state(ws).champion == "1"
     # 2. after the gate promoted, before the step was committed. DVC's run cache restores
     #    the model the first attempt trained and registered (same stage, same inputs): v2.
     monkeypatch.setattr(loop, "new_replay", crash("replay"))
@@ -225,3 +225,28 @@ def test_a_crash_leaves_champion_and_batch_pending_and_the_next_run_completes_it
     client, _ = registry.registry_client(settings)
     assert len(client.search_model_versions("name = 'loop'")) == 2  # trained once, never twice
     assert monitor_flow(str(params)) == [] and loop.git(ws, "status", "--porcelain") == ""
+
+
+def test_a_refused_batch_stays_in_its_domain_pool_and_the_next_update_trains_on_it(copy):
+    from segloop.checkpoint import load_checkpoint
+    from segloop.records import StepRecord
+
+    root, params, settings, ws = copy
+    first = continual_flow(str(arrive(root, "01-fog", "fog", 30, 3)), str(params), ["registry.gate.min_gain=1.0"])
+    assert first["updated"] and not first["promoted"] and first["kept_in_pool"]
+    assert "kept in the fog pool" in first["summary"]
+    assert loop.read_state(ws).pool == {"fog": ["batches/01-fog/split/train"]}
+    # the next fog batch, through the core step alone (no Prefect): it trains on both batches
+    rec = loop.process_batch(ws, arrive(root, "02-fog", "fog", 30, 4), settings)
+    assert rec.updated and rec.pooled == ["batches/01-fog/split/train"]
+    assert rec.trained_on == ["batches/02-fog/split/train", "batches/01-fog/split/train"]
+    stage = yaml.safe_load((ws.root / "dvc.yaml").read_text())["stages"]["update-02-fog"]
+    assert "--data batches/01-fog/split/train" in stage["cmd"] and "batches/01-fog/split/train" in stage["deps"]
+    assert set(load_checkpoint(ws.root / "models" / "02-fog" / "best.pt")["data_md5"]) == set(rec.trained_on)
+    assert StepRecord.read(ws.marker("02-fog")).pooled == rec.pooled  # the record on disk says so too
+    state = loop.read_state(ws)
+    if rec.promoted:  # learnt now: the pool is in the champion
+        assert state.pool == {} and "fog" in state.trained_domains
+    else:
+        assert state.pool == {"fog": ["batches/01-fog/split/train", "batches/02-fog/split/train"]}
+    assert loop.git(ws, "status", "--porcelain") == ""

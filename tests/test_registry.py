@@ -273,6 +273,25 @@ def test_decide_applies_min_gain_and_max_forgetting(cand, champ, promoted, faili
     assert d["metrics"]["new"]["delta"] == pytest.approx(cand["new"] - champ["new"])
 
 
+def test_decide_protects_only_learnt_domains():
+    """The demo's fog refusal: lowlight was never learnt (its update was refused), so the
+    champion's 0.205 there is no knowledge to lose; base, learnt, stays protected."""
+    cfg = GateSettings(min_gain=0.01, max_forgetting=0.02, floor_miou=0.3)
+    cand = {"base": 0.935, "lowlight": 0.180, "fog": 0.665}
+    champ = {"base": 0.944, "lowlight": 0.205, "fog": 0.174}
+    assert registry.decide(cand, champ, "fog", cfg)["promoted"] is False  # every domain protected: refused
+    d = registry.decide(cand, champ, "fog", cfg, learnt=["base"])
+    assert d["promoted"] is True and d["mlflow_validation"] == "passed" and d["learnt"] == ["base"]
+    info = next(r for r in d["reasons"] if "lowlight" in r)
+    assert info.startswith("INFO lowlight mIoU 0.1800 vs champion 0.2050 (-0.0250); not learnt") and "not protected" in info
+    assert d["metrics"]["lowlight"]["role"] == "not_learnt" and d["metrics"]["base"]["role"] == "old"
+    # a learnt domain that loses more than max_forgetting still refuses the candidate
+    d = registry.decide({**cand, "base": 0.90}, champ, "fog", cfg, learnt=["base"])
+    assert d["promoted"] is False and [c["domain"] for c in d["checks"] if not c["passed"]] == ["base"]
+    # the target is held to min_gain whether learnt or not
+    assert registry.decide({**cand, "fog": 0.175}, champ, "fog", cfg, learnt=["base"])["promoted"] is False
+
+
 def test_decide_without_champion_uses_floors():
     cfg = GateSettings(floor_miou=0.3)
     assert registry.decide({"a": 0.31, "b": 0.30}, None, "a", cfg)["promoted"] is True

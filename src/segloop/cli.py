@@ -360,9 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
     p.add_argument("--parent", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION to start from")
-    p.add_argument("--data", type=Path, required=True, help="training folder of the new batch")
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="training folder of the new batch, repeatable (earlier refused batches of its domain)")
     p.add_argument("--val", type=Path, action="append",
-                   help="validation folder, repeatable: the best checkpoint on their mean mIoU is kept (default: the new batch)")
+                   help="validation folder, repeatable: the new domain's first, then learnt domains' "
+                        "(continual.select picks the kept epoch on them; default: the new batch)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replay", type=Path, help="replay buffer folder (replay strategies)")
     p.add_argument("--seen", type=Path, action="append", default=[], help="earlier training folders (joint)")

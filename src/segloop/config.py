@@ -202,6 +202,12 @@ class ContinualSettings(_Strict):
     new_classes: list[str] = []
     # MiB's background-shift fix for those updates: unbiased cross-entropy and distillation.
     unbiased: bool = True
+    # Which epoch an update keeps: `mean` (best mean validation mIoU) or `gate` (the best that
+    # passes the promotion gate's rules on validation against the parent; segloop.continual.gate_score).
+    select: Literal["mean", "gate"] = "mean"
+    select_margin: float = Field(0.0, ge=0.0, le=1.0)  # stricter than the gate by this on validation
+    # With select gate: move the kept weights towards the parent's (WiSE-FT) as far as the rules need.
+    interpolate: bool = False
 
 
 class TrackingSettings(_Strict):

@@ -11,6 +11,7 @@ but `joint`: the head grows, and with `continual.unbiased` the losses follow MiB
 from __future__ import annotations
 
 from pathlib import Path
+from functools import partial
 from typing import Callable, Sequence, get_args
 
 import numpy as np
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segloop.checkpoint import load_checkpoint, load_model
+from segloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
-from segloop.config import Settings, Strategy
+from segloop.config import GateSettings, Settings, Strategy
 from segloop.data.dataset import IGNORE_INDEX
 from segloop.data.replay import read_manifest
 from segloop.inference import pick_device
@@ -86,7 +87,7 @@ def replay_ratio(settings: Settings, replay: Path) -> float:
     return len(sources) / (len(sources) + 1)
 
 
-def _run(settings: Settings, parent: Path, new: Path, out: Path, val, seen: Sequence[Path],
+def _run(settings: Settings, parent: Path, new: Sequence[Path], out: Path, val, seen: Sequence[Path],
          replay: Path | None, log, hooks: dict, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
     if use_replay and replay is None:
         raise ValueError(f"strategy {settings.continual.strategy!r} needs a replay buffer (--replay DIR)")
@@ -99,7 +100,7 @@ def _run(settings: Settings, parent: Path, new: Path, out: Path, val, seen: Sequ
         teacher, _ = load_model(parent)
         extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight, c.unbiased,
                              c.lwf.replay_only and use_replay)
-    data = [*seen, new] if joint else [new]
+    data = [*seen, *new] if joint else list(new)
     ratio = replay_ratio(settings, replay) if use_replay else 0.0
     meta = {
         "strategy": c.strategy,
@@ -129,20 +130,98 @@ assert set(STRATEGIES) == set(get_args(Strategy)), f"segloop.config.Strategy {ge
 
 
 def update(
-    settings: Settings, parent: Path, new: Path, out: Path, val: Path | Sequence[Path] | None = None,
+    settings: Settings, parent: Path, new: Path | Sequence[Path], out: Path, val: Path | Sequence[Path] | None = None,
     seen: Sequence[Path] = (), replay: Path | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     **hooks,
 ) -> TrainResult:
-    """Update `parent` with the batch `new` using `continual.strategy`.
+    """Update `parent` with the batch `new` (one folder, or several: the batch and earlier
+    refused batches of its domain) using `continual.strategy`.
 
-    `val`: validation folder(s), the checkpoint kept is the best on their mean mIoU
-    (pass every seen domain's to keep the best overall, not the best on the new one);
+    `val`: validation folder(s). With `continual.select: mean` the checkpoint kept is the
+    best on their mean mIoU; with `gate` the first folder is the new domain's and the
+    others are learnt domains', and the kept epoch is the best that passes the gate's
+    rules against the parent on them (`gate_score`); `continual.interpolate` then moves
+    the kept weights towards the parent's as far as those rules need (`interpolate_with_parent`).
     `seen`: training folders of earlier batches (used by `joint` only);
     `replay`: the replay buffer folder (used by the replay strategies);
     `hooks`: passed to `train` (`on_epoch`, `init_label`).
     """
-    return _run(settings, parent, new, out, val, seen, replay, log, hooks, **STRATEGIES[settings.continual.strategy])
+    new = [Path(new)] if isinstance(new, (str, Path)) else [Path(n) for n in new]
+    c = settings.continual
+    if c.select == "mean":
+        return _run(settings, parent, new, out, val, seen, replay, log, hooks, **STRATEGIES[c.strategy])
+    vals = [new[0]] if val is None else [Path(val)] if isinstance(val, (str, Path)) else [Path(v) for v in val]
+    base = parent_scores(settings, parent, vals)
+    log(f"parent val mIoU per folder: {' '.join(f'{m:.4f}' for m in base)} (gate-constrained selection)")
+    rule = partial(gate_score, parent=base, gate=settings.registry.gate, margin=c.select_margin)
+    result = _run(settings, parent, new, out, vals, seen, replay, log, {**hooks, "select": rule}, **STRATEGIES[c.strategy])
+    if c.interpolate:
+        interpolate_with_parent(settings, parent, out / "best.pt", vals, rule, log)
+    return result
+
+
+def parent_scores(settings: Settings, parent: Path, vals: Sequence[Path]) -> list[float]:
+    """The parent's mIoU on each validation folder: what the gate will compare against."""
+    from segloop.evaluate import miou_on
+
+    model, _ = load_model(parent)
+    device = pick_device()
+    model.to(device).eval()
+    return [miou_on(model, v, settings, device)[0] for v in vals]
+
+
+def gate_score(per_folder: Sequence[float], parent: Sequence[float], gate: GateSettings, margin: float) -> float:
+    """An epoch's rank by the promotion gate's own rules, applied on validation.
+
+    per_folder[0] is the new domain (must gain min_gain + margin over the parent),
+    per_folder[1:] are learnt domains (each may lose at most max_forgetting - margin).
+    The margin absorbs part of the gap between small validation and test sets.
+    Feasible epochs score 1 + mean mIoU (in [1, 2]); infeasible ones -v / (1 + v) for
+    their total shortfall v (in (-1, 0)): every feasible epoch ranks above every
+    infeasible one, and among infeasible ones the nearest to feasible wins.
+    """
+    need = [parent[0] + gate.min_gain + margin] + [p - max(0.0, gate.max_forgetting - margin) for p in parent[1:]]
+    shortfall = sum(max(0.0, n - v) for n, v in zip(need, per_folder))
+    if shortfall == 0.0:
+        return 1.0 + sum(per_folder) / len(per_folder)
+    return -shortfall / (1.0 + shortfall)
+
+
+ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+
+
+def interpolate_with_parent(settings: Settings, parent: Path, best: Path, vals: Sequence[Path],
+                            rule: Callable[[list[float]], float], log: Callable[[str], None]) -> float:
+    """WiSE-FT: rewrite `best` as parent + alpha * (best - parent) for the largest alpha in
+    ALPHAS whose weights pass `rule` on `vals` (else the alpha that comes nearest). Moving
+    back towards the parent trades new-domain gain for old-domain retention, which is
+    what a refused update lacked. Returns alpha (also stored in the checkpoint)."""
+    from segloop.evaluate import miou_on
+
+    ckpt, start = load_checkpoint(best), load_checkpoint(parent)["model"]
+    model, _ = load_model(best)
+    device = pick_device()
+    tried: list[tuple[float, float]] = []
+    for alpha in ALPHAS:
+        model.load_state_dict(mix_weights(start, ckpt["model"], alpha))
+        model.to(device).eval()
+        per = [miou_on(model, v, settings, device)[0] for v in vals]
+        tried.append((rule(per), alpha))
+        log(f"interpolation alpha {alpha:.1f}: val mIoU per folder {' '.join(f'{m:.4f}' for m in per)} score {tried[-1][0]:.4f}")
+        if tried[-1][0] >= 1.0:  # feasible: the largest such alpha keeps the most of the update
+            break
+    score, alpha = max(tried, key=lambda t: (t[0] >= 1.0, t[0] if t[0] < 1.0 else t[1]))
+    if alpha != 1.0:
+        save_checkpoint(best, {**ckpt, "model": mix_weights(start, ckpt["model"], alpha), "wise_alpha": alpha,
+                               "val_score": score})
+    return alpha
+
+
+def mix_weights(parent: dict, child: dict, alpha: float) -> dict:
+    """parent + alpha * (child - parent) for floating tensors (BatchNorm statistics too);
+    integer buffers (BatchNorm's batch counters) are the child's."""
+    return {k: parent[k] + alpha * (v - parent[k]) if v.is_floating_point() else v for k, v in child.items()}
 
 
 def continual_metrics(r: np.ndarray, baseline: np.ndarray | None = None) -> dict:

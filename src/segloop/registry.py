@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 # torch (through segloop.checkpoint) and numpy are imported where a model is touched:
 # `segloop models list|history` and ref resolution by path must answer in about a second.
@@ -525,7 +525,7 @@ class Check:
     """One explicit rule applied to one domain's mIoU."""
 
     domain: str
-    rule: str  # "min_gain" | "max_forgetting" | "floor_miou"
+    rule: str  # "min_gain" | "max_forgetting" | "floor_miou" | "not_learnt" (reported, never fails)
     candidate: float
     champion: float | None
     threshold: float  # the candidate's mIoU must be >= this
@@ -538,17 +538,26 @@ class Check:
             return (f"{verdict} {self.domain} mIoU {self.candidate:.4f} {'>=' if self.passed else '<'} floor {self.threshold:.4f} "
                     f"(registry.gate.floor_miou, no champion yet)")
         delta = self.candidate - self.champion
+        if self.rule == "not_learnt":
+            return (f"INFO {self.domain} mIoU {self.candidate:.4f} vs champion {self.champion:.4f} ({delta:+.4f}); "
+                    "not learnt by the champion (no promoted model trained on it): reported, not protected")
         what = "target domain must gain" if self.rule == "min_gain" else "old domain may lose at most"
         return (f"{verdict} {self.domain} mIoU {self.candidate:.4f} vs champion {self.champion:.4f} "
                 f"({delta:+.4f}); {what} {self.setting:.4f} (registry.gate.{self.rule}): "
                 f"needs >= {self.threshold:.4f}")
 
 
-def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None, target: str, cfg: GateSettings) -> dict:
+def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None, target: str, cfg: GateSettings,
+           learnt: Collection[str] | None = None) -> dict:
     """Promote or not, from per-domain mIoU of candidate and champion (None: no champion yet).
 
-    With a champion: target mIoU >= champion + min_gain, and every other domain
-    >= champion - max_forgetting. Without: every domain >= floor_miou. Each rule becomes
+    With a champion: target mIoU >= champion + min_gain, and every other domain the
+    champion has *learnt* >= champion - max_forgetting. `learnt`: the domains a promoted
+    champion was trained on (None: every domain counts as learnt). Forgetting is losing
+    what was learnt: on a domain the champion never learnt its score is what an untrained
+    model gets there, and holding a candidate to it would refuse updates that do not also
+    learn that domain; such domains are reported, not protected (their own update, with
+    its min_gain, is what lifts them). Without a champion: every domain >= floor_miou. Each rule becomes
     an absolute MetricThreshold checked by mlflow.validate_evaluation_results; the
     reasons list every threshold, passed or failed.
     """
@@ -566,10 +575,14 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
             continue
         if domain == target:
             rule, setting, threshold = "min_gain", cfg.min_gain, champion[domain] + cfg.min_gain
+        elif learnt is not None and domain not in learnt:
+            checks.append(Check(domain, "not_learnt", value, champion[domain], 0.0, 0.0, True))  # no bar
+            continue
         else:
             rule, setting, threshold = "max_forgetting", cfg.max_forgetting, champion[domain] - cfg.max_forgetting
         checks.append(Check(domain, rule, value, champion[domain], threshold, setting, value >= threshold))
-    thresholds = {f"{c.domain}/miou": MetricThreshold(threshold=float(c.threshold), greater_is_better=True) for c in checks}
+    thresholds = {f"{c.domain}/miou": MetricThreshold(threshold=float(c.threshold), greater_is_better=True)
+                  for c in checks if c.rule != "not_learnt"}
     try:
         mlflow.validate_evaluation_results(thresholds, EvaluationResult({f"{d}/miou": float(v) for d, v in candidate.items()}, {}))
         mlflow_passed, mlflow_message = True, "passed"
@@ -580,12 +593,14 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
         raise RuntimeError(f"gate checks disagree with mlflow.validate_evaluation_results: {mlflow_message}")
     table = {d: {"candidate": candidate[d], "champion": None if champion is None else champion[d],
                  "delta": None if champion is None else candidate[d] - champion[d],
-                 "role": "target" if d == target else "old"} for d in candidate}
+                 "role": "target" if d == target else "old" if learnt is None or d in learnt else "not_learnt"}
+             for d in candidate}
     return {
         "promoted": promoted,
         "reasons": [c.reason() for c in checks],
         "metrics": table,
         "checks": [asdict(c) for c in checks],
+        "learnt": None if learnt is None else sorted(learnt),
         "mlflow_validation": mlflow_message,
         "rules": cfg.model_dump(),
     }
@@ -597,9 +612,12 @@ class AlreadyChampion(ValueError):
 
 def gate(
     settings: Settings, candidate_version: str, data: Mapping[str, Path], target: str, out_dir: Path,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, learnt: Collection[str] | None = None,
 ) -> dict:
     """Evaluate candidate and champion on the same held-out sets, decide, log, then promote.
+
+    `learnt`: the domains the champion has learnt, the only ones protected from forgetting
+    (None: all of them; see `decide`).
 
     Writes `out_dir/promotion_decision.json` and per-model, per-domain reports; logs them
     to the candidate's run; moves `champion` only after all of that is logged.
@@ -631,7 +649,7 @@ def gate(
             m = evaluate(path, Path(folder), out_dir / role / domain, settings.eval, label=f"models:/{name}/{mv.version}")
             scores[role][domain] = m["miou"]
             log(f"{role} v{mv.version} {domain}: mIoU {m['miou']:.4f}")
-    decision = decide(scores["candidate"], scores.get("champion"), target, settings.registry.gate)
+    decision = decide(scores["candidate"], scores.get("champion"), target, settings.registry.gate, learnt)
     decision = {
         "promoted": decision["promoted"],
         "reasons": decision["reasons"],

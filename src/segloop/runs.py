@@ -75,10 +75,12 @@ def train_step(
 
 
 def update_step(
-    settings: Settings, parent: str, data: Path, out: Path, val: Path | Sequence[Path] | None = None, seen: Sequence[Path] = (),
-    replay: Path | None = None, domain: str | None = None, register: str | None = None, overwrite: bool = False,
+    settings: Settings, parent: str, data: Path | Sequence[Path], out: Path, val: Path | Sequence[Path] | None = None,
+    seen: Sequence[Path] = (), replay: Path | None = None, domain: str | None = None, register: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[TrainResult, str | None]:
-    """Update `parent` (a path or models:/ ref) with a new batch by `continual.strategy`; returns (result, version or None).
+    """Update `parent` (a path or models:/ ref) with a new batch (one folder or several) by
+    `continual.strategy`; returns (result, version or None).
 
     `register`: the registered model to add the result to as a new version; None registers nothing.
     """
@@ -89,9 +91,11 @@ def update_step(
     path, label, parent_tags = _parent(parent, settings)
     run_tags = {"segloop.strategy": settings.continual.strategy, "segloop.domain": domain, **parent_tags}
     vals = [val] if isinstance(val, (str, Path)) else list(val or [])
-    inputs = {"train": data, **{f"val{i}" if i else "val": v for i, v in enumerate(vals)}, **({"replay": replay} if replay else {})}
+    datas = [data] if isinstance(data, (str, Path)) else list(data)
+    inputs = {**{f"train{i}" if i else "train": d for i, d in enumerate(datas)},
+              **{f"val{i}" if i else "val": v for i, v in enumerate(vals)}, **({"replay": replay} if replay else {})}
     with tracked_run(settings, "update", inputs, run_tags, run_name=f"update:{out.name}") as run:
-        result = update(settings, path, data, out, val, seen, replay, on_epoch=run.log_epoch if run else None, init_label=label)
+        result = update(settings, path, datas, out, val, seen, replay, on_epoch=run.log_epoch if run else None, init_label=label)
         return result, _register(run, result, out, register)
 
 

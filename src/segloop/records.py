@@ -1,0 +1,108 @@
+"""Typed records of the continual loop that cross a boundary or hit the disk.
+
+`LoopState` is the workspace's state.json, `StepRecord` a batch's step record
+(processed/<batch>.json, also what `continual_flow` returns), `BatchInfo` what ingest
+found. Each file carries `schema`: a file of an unknown schema fails to load with its
+path and both versions instead of being half-read as a dict. Nothing here does I/O
+beyond reading and writing these files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+
+
+def _load(cls, path: Path, raw: dict[str, Any]):
+    schema = raw.get("schema", 0)  # 0: written before records were typed; same keys, fewer of them
+    if schema not in (0, SCHEMA):
+        raise ValueError(f"{path}: schema {schema}, this segloop reads schema {SCHEMA} (and 0)")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown} for a {cls.__name__} of schema {SCHEMA}")
+    return cls(**{**raw, "schema": SCHEMA})
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class BatchInfo:
+    batch: str
+    domain: str
+    accepted: int
+    quarantined: int
+    split: dict[str, int]
+
+
+@dataclass
+class LoopState:
+    """What the loop knows between steps.
+
+    `trained_domains`: the domains the loop has *learnt*: some promoted champion was
+    trained on them (domain -> the training split its drift reference is drawn from).
+    The gate protects these only. `heldout`: every domain's held-out set, learnt or not.
+    `pool`: labelled training splits of batches whose update was refused, per domain;
+    the next update on that domain trains on them too, so no labelled data is wasted.
+    """
+
+    schema: int = SCHEMA
+    champion: str | None = None
+    champion_batch: str | None = None
+    trained_domains: dict[str, str] = field(default_factory=dict)
+    heldout: dict[str, str] = field(default_factory=dict)
+    replay: str | None = None
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    pool: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> "LoopState":
+        return _load(cls, path, json.loads(path.read_text()))
+
+    def write(self, path: Path) -> None:
+        write_json(path, asdict(self))
+
+
+@dataclass
+class StepRecord:
+    """One batch's step: what was found, trained, decided and why."""
+
+    batch: str
+    domain: str
+    time: str
+    accepted: int
+    quarantined: int
+    schema: int = SCHEMA
+    drift: dict | None = None  # check_drift's report; None: bootstrap (no champion)
+    updated: bool = False
+    candidate_version: str | None = None
+    promoted: bool = False
+    reasons: list[str] = field(default_factory=list)
+    decision: str | None = None  # URI of the gate's promotion_decision.json
+    champion_version: str | None = None
+    miou_before: dict[str, float] = field(default_factory=dict)  # champion before the step, held-out sets
+    miou_after: dict[str, float] = field(default_factory=dict)  # champion after the step
+    candidate_miou: dict[str, float] = field(default_factory=dict)  # what the candidate reached, promoted or not
+    learnt: list[str] = field(default_factory=list)  # domains the gate protected (learnt by the champion)
+    trained_on: list[str] = field(default_factory=list)  # training folders of the update (pooled ones included)
+    pooled: list[str] = field(default_factory=list)  # of those, earlier refused batches' splits
+    kept_in_pool: bool = False  # refused: this batch's training split waits for the next update of its domain
+    images_seen: int | None = None  # training images the update processed (replayed ones included)
+    summary: str = ""
+    commit: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> "StepRecord":
+        return _load(cls, path, json.loads(path.read_text()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
