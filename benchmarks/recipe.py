@@ -120,15 +120,25 @@ def segloop_run(dirs: dict, kind: str, budget_s: float, seed: int, out: Path, cl
             at_two_thirds if at_two_thirds.exists() else None)
 
 
-def run_once(kind: str, dirs: dict, seed: int, budget_s: float, work: Path, clock) -> dict:
+def run_once(kind: str, dirs: dict, seed: int, budget_s: float, work: Path, clock, two_thirds: str) -> dict:
+    """Plain and segloop at the full budget; segloop at 2/3 of it as a snapshot of the full run, or
+    (`two_thirds="run"`) as a run of its own whose schedule ends at 2/3."""
     from segloop.checkpoint import load_model
 
     _, names, channels = KINDS[kind]
+    test = lambda ckpt: score(load_model(ckpt)[0], dirs["test"], channels, len(names))  # noqa: E731
     row: dict = {"seed": seed}
-    row["plain"] = score(plain_loop(dirs["train"], channels, len(names), budget_s, seed, clock), dirs["test"], channels, len(names))
-    info, early = segloop_run(dirs, kind, budget_s, seed, work / f"{kind}-{seed}", clock)
-    row["segloop"] = score(load_model(work / f"{kind}-{seed}" / "best.pt")[0], dirs["test"], channels, len(names)) | info
-    row["segloop_2_3"] = score(load_model(early)[0], dirs["test"], channels, len(names)) if early else {"miou": 0.0, "per_class_iou": []}
+    if two_thirds != "only":
+        row["plain"] = score(plain_loop(dirs["train"], channels, len(names), budget_s, seed, clock), dirs["test"], channels, len(names))
+        info, early = segloop_run(dirs, kind, budget_s, seed, work / f"{kind}-{seed}", clock)
+        row["segloop"] = test(work / f"{kind}-{seed}" / "best.pt") | info
+        row["segloop_2_3"] = test(early) if early else {"miou": 0.0, "per_class_iou": []}
+    if two_thirds in ("run", "only"):
+        info, _ = segloop_run(dirs, kind, budget_s * 2 / 3, seed, work / f"{kind}-{seed}-2-3", clock)
+        row["segloop_2_3"] = test(work / f"{kind}-{seed}-2-3" / "best.pt") | info
+    if two_thirds == "only":
+        log(f"    {kind} seed {seed}: segloop with 2/3 of the budget {row['segloop_2_3']['miou']:.3f}")
+        return row
     log(f"    {kind} seed {seed}: test mIoU plain {row['plain']['miou']:.3f}  segloop {row['segloop']['miou']:.3f}  "
         f"segloop's model at 2/3 of the budget {row['segloop_2_3']['miou']:.3f}")
     return row
@@ -173,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock budget of each full run")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --clock cpu, else 2)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what the budget counts (see above)")
+    ap.add_argument("--two-thirds", choices=("snapshot", "run", "only"), default="snapshot",
+                    help="segloop at 2/3 of the budget: the full run's best.pt then, a run of its own, or only that run")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     ap.add_argument("--quick", action="store_true", help="a smoke run: one seed, 0.1-minute budgets, 2 test images")
     args = ap.parse_args(argv)
@@ -194,9 +206,14 @@ def main(argv=None) -> int:
             f"budget {report['budget_s']:g} {args.clock} s per run")
         for seed in seeds:  # seeds outside: an interrupted run still has every dataset
             for kind in kinds:
-                runs[kind].append(run_once(kind, dirs[kind], seed, report["budget_s"], Path(tmp), clock))
-                report["datasets"][kind] = summarise(KINDS[kind][1], runs[kind])
-                write(report, args.out, started)
+                runs[kind].append(run_once(kind, dirs[kind], seed, report["budget_s"], Path(tmp), clock, args.two_thirds))
+                if args.two_thirds != "only":
+                    report["datasets"][kind] = summarise(KINDS[kind][1], runs[kind])
+                    write(report, args.out, started)
+        if args.two_thirds == "only":  # a supplement: one line per run, nothing to compare in here
+            (args.out).mkdir(parents=True, exist_ok=True)
+            (args.out / "recipe_two_thirds.json").write_text(json.dumps(runs, indent=1) + "\n")
+            return 0
     for k, v in report["headline"].items():
         log(f"{k}: {v}")
     log(f"goals: {report['goals']}\nwrote {args.out / 'recipe.json'} in {report['wall_s']} s")
