@@ -139,13 +139,15 @@ def test_each_strategy_runs_one_step(stream, base_data, strategy):
     else:
         assert changed(enc)
     if strategy == "joint":
-        assert ckpt["parent"] is None and result.images_seen == (24 + 16) // 4 * 4 * 2
+        t = raw["train"]  # epochs of iters_per_epoch fixed-size steps, over both folders
+        assert ckpt["parent"] is None and result.images_seen == t["epochs"] * t["iters_per_epoch"] * t["batch_size"]
     else:
         assert ckpt["parent"] == str(root / "parent" / "best.pt")
     if strategy in ("replay", "replay_lwf"):
-        # half of every batch came from the buffer: twice the steps of plain fine-tuning
-        assert result.images_seen == 16 // 2 * 4
-        assert "replay_md5" in ckpt
+        # the same number of steps as fine-tuning, half of every batch from the buffer
+        t = raw["train"]
+        assert result.images_seen == raw["continual"]["epochs"] * t["iters_per_epoch"] * t["batch_size"]
+        assert "replay_md5" in ckpt and ckpt["replay_ratio"] == 0.5
 
 
 def test_replay_strategy_without_buffer_is_an_error(stream):
