@@ -299,8 +299,10 @@ def test_class_incremental_step_grows_and_trains_the_new_class(class_stream):
     assert not torch.equal(ckpt["model"][f"{HEAD}.weight"][3], start[f"{HEAD}.weight"][3])  # new channel trained
     model, _ = load_model(out / "last.pt")  # the grown checkpoint rebuilds a 4-class head
     assert model(torch.rand(1, 3, 64, 64)).shape[1] == 4
+    model.load_state_dict(ckpt["ema"])  # what every epoch validates: the weights' moving average (train.ema)
     expected = np.mean([miou_on(model, v, settings, torch.device("cpu"))[0] for v in vals])
-    assert json.loads((out / "history.json").read_text())[-1]["val_miou"] == pytest.approx(expected, abs=1e-5)
+    # Validated in channels_last, recomputed here in NCHW: other conv kernels, a few pixels' argmax may differ.
+    assert json.loads((out / "history.json").read_text())[-1]["val_miou"] == pytest.approx(expected, abs=1e-3)
 
 
 def test_class_incremental_refuses_mismatched_classes(class_stream, tiny_raw):

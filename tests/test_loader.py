@@ -2,6 +2,7 @@
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
+from segloop.config import AugmentSettings
 from segloop.data.dataset import SegmentationDataset, train_transform
 from segloop.data.loader import EpochBatches, training_loader
 
@@ -26,7 +27,7 @@ def test_epochs_replay_and_ranks_share_one_sequence():
 
 
 def test_augmentations_do_not_depend_on_workers(base_data, tiny_settings):
-    aug = tiny_settings.train.augment.model_copy(update={"noise_sigma": 0.05, "rotate_degrees": 10})
+    aug = AugmentSettings(noise_sigma=0.05, rotate_degrees=10, rot90=0.5)
     dataset = SegmentationDataset(base_data, 3, train_transform(tiny_settings.data.crop_size, aug))
 
     def epochs(num_workers):
