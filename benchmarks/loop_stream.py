@@ -36,7 +36,7 @@ import yaml
 from segloop import loop
 from segloop.checkpoint import load_model
 from segloop.config import apply_override, settings_from_dict
-from segloop.data.synthetic import generate
+from segloop.data.synthetic import generate, parse_stream
 from segloop.evaluate import miou_on
 from segloop.inference import pick_device
 from segloop.train import train
@@ -58,16 +58,6 @@ QUICK = ["data.crop_size=64", "generate.image_size=[72,80]", "model.decoder_chan
          "drift.min_images=8", "drift.reference_size=32", "drift.model_crop=64", "drift.mmd_permutations=200",
          "drift.alpha=0.05", "registry.gate.floor_miou=0.0", "eval.n_overlays=0",
          "tracking.experiment=loop-stream", "registry.model_name=loopbench"]
-
-
-def parse_stream(text: str) -> list[tuple[str, int]]:
-    out = []
-    for item in text.split(","):
-        domain, _, n = item.partition(":")
-        if not n.isdigit():
-            raise ValueError(f"--stream {item!r}: expected DOMAIN:N (e.g. fog:120)")
-        out.append((domain, int(n)))
-    return out
 
 
 def seed_settings(root: Path, seed: int, overrides: list[str]):

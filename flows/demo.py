@@ -18,25 +18,15 @@ import numpy as np
 
 from flows.monitor import monitor_flow
 from segloop.config import load_settings
+from segloop.data.synthetic import generate, parse_stream
 from segloop.loop import BATCH_INFO, Workspace
 
 STREAM = "base:240,base:96,lowlight:120,fog:120,base:96"
 KEYS = ("batch", "drift", "updated", "promoted", "champion_version", "miou_before", "miou_after")
 
 
-def parse_stream(text: str) -> list[tuple[str, int]]:
-    out = []
-    for item in text.split(","):
-        domain, _, n = item.partition(":")
-        if not n.isdigit():
-            raise ValueError(f"--stream {item!r}: expected DOMAIN:N (e.g. fog:120)")
-        out.append((domain, int(n)))
-    return out
-
-
 def arrive(ws: Workspace, i: int, domain: str, n: int, settings) -> Path:
     """Batch i lands in incoming/ (once: an existing or processed batch is left as it is)."""
-    from segloop.data.synthetic import generate
 
     folder = ws.incoming / f"{i:02d}-{domain}"
     if not folder.exists() and not ws.marker(folder.name).exists():

@@ -191,3 +191,14 @@ def generate(
         Image.fromarray(mask, mode="L").save(out / MASKS / f"{stem}.png")
         stems.append(stem)
     return stems
+
+
+def parse_stream(text: str) -> list[tuple[str, int]]:
+    """A stream of synthetic batches, "DOMAIN:N,DOMAIN:N,..." -> [(domain, n), ...] (demo, benchmarks)."""
+    out = []
+    for item in text.split(","):
+        domain, _, n = item.partition(":")
+        if not n.isdigit():
+            raise ValueError(f"--stream {item!r}: expected DOMAIN:N (e.g. fog:120)")
+        out.append((domain, int(n)))
+    return out
