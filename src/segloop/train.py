@@ -83,10 +83,9 @@ def lr_factor(step: int, total: int, warmup: int, cfg: TrainSettings, time_progr
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def init_from(model: nn.Module, path: Path, settings: Settings, new_classes: Sequence[str] = ()) -> str:
-    """Load another model's weights for transfer learning; classes and channels must match,
-    except `new_classes` (class-incremental): the parent lacks them and its head grows."""
-    ckpt = load_checkpoint(path)
+def init_from(model: nn.Module, ckpt: dict, path: Path, settings: Settings, new_classes: Sequence[str] = ()) -> str:
+    """Load another model's weights (`ckpt`, read from `path`) for transfer learning; classes and
+    channels must match, except `new_classes` (class-incremental): the parent lacks them and its head grows."""
     if list(ckpt["classes"]) + list(new_classes) != list(settings.data.classes):
         grown = f" + continual.new_classes {list(new_classes)}" if new_classes else ""
         raise ValueError(f"--init {path}: classes {ckpt['classes']}{grown} differ from data.classes {settings.data.classes}")
@@ -177,13 +176,12 @@ def _silent(line: str) -> None:
     pass
 
 
-def planned_settings(settings: Settings, job: TrainJob, primary: bool = True) -> tuple[Settings, list[str]]:
+def planned_settings(settings: Settings, job: TrainJob, parent: dict | None, primary: bool = True) -> tuple[Settings, list[str]]:
     """Settings with the recipe filled in (see `train`), and log lines saying what was planned;
     the primary process writes the plan to `<out>/plan.yaml`."""
     from segloop.plan import describe, resolve, write_plan
 
     lines = []
-    parent = load_checkpoint(job.init) if job.init is not None else None
     if parent is not None and parent["channels"] == settings.data.channels:  # else init_from says why not
         parent_norm = parent["settings"]["model"].get("norm") or {"kind": "none"}
         if settings.model.norm is not None and settings.model.norm.model_dump(mode="json") != parent_norm:
@@ -228,7 +226,8 @@ class Ema:
 def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: torch.device, control) -> TrainResult:
     clock = job.clock
     started = clock()
-    settings, plan_lines = planned_settings(settings, job, rank == 0)
+    parent_ckpt = load_checkpoint(job.init) if job.init else None  # read once: plan and weights
+    settings, plan_lines = planned_settings(settings, job, parent_ckpt, rank == 0)
     for line in plan_lines:
         job.log(line)
     cfg, cuda, primary = settings.train, device.type == "cuda", rank == 0
@@ -245,7 +244,7 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
 
     torch.manual_seed(cfg.seed)  # weight init too: a run depends on its seed, not on what ran before
     model = build_model(settings.model, settings.data.channels, settings.num_classes)
-    parent = init_from(model, job.init, settings, job.new_classes) if job.init else None
+    parent = init_from(model, parent_ckpt, job.init, settings, job.new_classes) if parent_ckpt else None
     if job.freeze_encoder:
         model.encoder.requires_grad_(False)
     if parent and job.init_label:
