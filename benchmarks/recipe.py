@@ -132,7 +132,7 @@ def run_once(kind: str, dirs: dict, seed: int, budget_s: float, work: Path, cloc
         row["plain"] = score(plain_loop(dirs["train"], channels, len(names), budget_s, seed, clock), dirs["test"], channels, len(names))
         info, early = segloop_run(dirs, kind, budget_s, seed, work / f"{kind}-{seed}", clock)
         row["segloop"] = test(work / f"{kind}-{seed}" / "best.pt") | info
-        row["segloop_2_3"] = test(early) if early else {"miou": 0.0, "per_class_iou": []}
+        row["segloop_2_3"] = test(early) if early else None  # no epoch ended before 2/3 of the budget
     if two_thirds in ("run", "only"):
         info, _ = segloop_run(dirs, kind, budget_s * 2 / 3, seed, work / f"{kind}-{seed}-2-3", clock)
         row["segloop_2_3"] = test(work / f"{kind}-{seed}-2-3" / "best.pt") | info
@@ -140,15 +140,15 @@ def run_once(kind: str, dirs: dict, seed: int, budget_s: float, work: Path, cloc
         log(f"    {kind} seed {seed}: segloop with 2/3 of the budget {row['segloop_2_3']['miou']:.3f}")
         return row
     log(f"    {kind} seed {seed}: test mIoU plain {row['plain']['miou']:.3f}  segloop {row['segloop']['miou']:.3f}  "
-        f"segloop's model at 2/3 of the budget {row['segloop_2_3']['miou']:.3f}")
+        f"segloop's model at 2/3 of the budget {row['segloop_2_3']['miou'] if row['segloop_2_3'] else float('nan'):.3f}")
     return row
 
 
 def summarise(names: list[str], runs: list[dict]) -> dict:
     arms = ("plain", "segloop", "segloop_2_3")
-    mean = {arm: round(float(np.mean([r[arm]["miou"] for r in runs])), 4) for arm in arms}
-    spread = {arm: [round(float(min(r[arm]["miou"] for r in runs)), 4), round(float(max(r[arm]["miou"] for r in runs)), 4)]
-              for arm in arms}
+    scores = {arm: [r[arm]["miou"] for r in runs if r.get(arm)] or [0.0] for arm in arms}
+    mean = {arm: round(float(np.mean(v)), 4) for arm, v in scores.items()}
+    spread = {arm: [round(float(min(v)), 4), round(float(max(v)), 4)] for arm, v in scores.items()}
     per_class = {arm: [round(float(v), 4) for v in np.mean([r[arm]["per_class_iou"] for r in runs], 0)] for arm in arms[:2]}
     return {"classes": names, "runs": runs, "mean_miou": mean, "min_max_miou": spread, "mean_per_class_iou": per_class,
             "goals": {"segloop >= plain + 2 pts": mean["segloop"] >= mean["plain"] + GOAL_GAIN,
@@ -165,11 +165,11 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(report["datasets"]), figsize=(5 * len(report["datasets"]), 4), squeeze=False)
     for ax, (kind, d) in zip(axes[0], report["datasets"].items()):
         for i, arm in enumerate(arms):
-            vals = [r[arm]["miou"] for r in d["runs"]]
+            vals = [r[arm]["miou"] for r in d["runs"] if r.get(arm)]
             ax.bar(i, np.mean(vals), color=("#999999", "#1f77b4", "#9ecae1")[i])
             ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
         ax.set_xticks(range(len(arms)), ["plain SMP loop", "segloop", "segloop, 2/3 time"])
-        low = min(r[a]["miou"] for r in d["runs"] for a in arms)
+        low = min(r[a]["miou"] for r in d["runs"] for a in arms if r.get(a))
         ax.set_ylim(max(0.0, low - 0.05), 1)  # the gaps are a few points: start near the lowest seed
         ax.set_title(f"{kind}: test mIoU, {report['minutes']:g} min budget")
     fig.tight_layout()
