@@ -129,3 +129,25 @@ def test_training_uses_its_time_budget_and_writes_the_plan(thin, tiny_raw, tmp_p
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     # The schedule ends where the budget ends: the last epoch ran at (nearly) the final lr.
     assert history[-1]["lr"] <= 0.1 * tiny_raw["train"]["lr"]
+
+
+def test_foreground_crops_hold_the_rare_class_and_quarter_turns_keep_masks_aligned():
+    import torch
+    from torchvision import tv_tensors
+
+    from segloop.config import AugmentSettings, ForegroundSettings
+    from segloop.data.dataset import train_transform
+
+    mask = torch.zeros(256, 256, dtype=torch.int64)
+    mask[200:204, 10:14] = 2  # 16 rare pixels in a corner
+    image = mask.float().expand(3, -1, -1) / 2  # the image shows the mask: alignment is checkable
+    still = AugmentSettings(hflip=0, vflip=0, brightness=0, contrast=0, gamma=0)
+    always = train_transform(64, still.model_copy(update={"rot90": 1.0}), ForegroundSettings(classes=[2], share=1.0))
+    plain = train_transform(64, still, ForegroundSettings())
+    torch.manual_seed(0)
+    hits = 0
+    for _ in range(20):
+        img, m = always(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert (m == 2).any() and torch.equal(img[0] * 2, m.float())
+        hits += int((plain(tv_tensors.Image(image), tv_tensors.Mask(mask))[1] == 2).any())
+    assert hits < 10  # plain random crops seldom see the corner
