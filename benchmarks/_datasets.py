@@ -9,6 +9,7 @@
 
 Both are written in the dataset contract (images/, masks/), seeded: (seed, i) fixes image i.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,7 +64,13 @@ def membrane_pair(rng: np.random.Generator, size: int = 512) -> tuple[np.ndarray
         img[blob & (mask == 0)] = rng.uniform(0.22, 0.4)
     # Mitochondria: elongated dark-rimmed ovals inside cells, wall-like but not wall.
     for _ in range(int(rng.integers(6, 16))):
-        cy, cx, a, b, t = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 18), rng.uniform(3, 6), rng.uniform(0, np.pi)
+        cy, cx, a, b, t = (
+            rng.uniform(0, h),
+            rng.uniform(0, w),
+            rng.uniform(8, 18),
+            rng.uniform(3, 6),
+            rng.uniform(0, np.pi),
+        )
         u, v = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t), -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
         r = np.sqrt((u / a) ** 2 + (v / b) ** 2)
         inside = (r < 1.15) & (mask == 0)

@@ -13,6 +13,7 @@ scratch on both steps fully labelled: what the new class can reach, at its cost.
 
 Writes reports/bench/class_incremental.json and class_incremental.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,7 +87,9 @@ def save_plot(path: Path, results: dict) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        ax.bar(np.arange(len(classes)) + i * width, [results[name]["per_class_iou"][c] for c in classes], width, label=name)
+        ax.bar(
+            np.arange(len(classes)) + i * width, [results[name]["per_class_iou"][c] for c in classes], width, label=name
+        )
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes)
     ax.set_ylabel("test IoU")
     ax.set_ylim(0, 1)
@@ -111,9 +114,17 @@ def main() -> None:
     n_train, n_test, size, base_epochs, upd_epochs = (96, 32, (96, 96), 15, 6)
     if args.quick:
         n_train, n_test, size, base_epochs, upd_epochs = (16, 8, (64, 64), 1, 1)
-    common = ["data.crop_size=64", f"train.epochs={base_epochs}", "train.max_minutes=null", "train.patience=1000",
-              # MiB distils at full weight (the domain-incremental default, 0.3, is tuned for replay_lwf)
-              "train.batch_size=8", f"continual.epochs={upd_epochs}", "continual.lwf.weight=1.0", *args.set]
+    common = [
+        "data.crop_size=64",
+        f"train.epochs={base_epochs}",
+        "train.max_minutes=null",
+        "train.patience=1000",
+        # MiB distils at full weight (the domain-incremental default, 0.3, is tuned for replay_lwf)
+        "train.batch_size=8",
+        f"continual.epochs={upd_epochs}",
+        "continual.lwf.weight=1.0",
+        *args.set,
+    ]
     step1 = load_settings(ROOT / "params.yaml", [*common, f"data.classes={OLD}"])
     full = load_settings(ROOT / "params.yaml", [*common, f"data.classes={OLD + NEW}"])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,44 +133,77 @@ def main() -> None:
 
     parent = train(step1, dirs["step1_train"], args.work / "parent", dirs["step1_val"], log=lambda _: None)
     parent_ckpt = args.work / "parent" / "best.pt"
-    results = {"parent": {**scores(parent_ckpt, dirs["test"], full), "train_images": parent.images_seen,
-                          "wall_s": parent.seconds}}
+    results = {
+        "parent": {
+            **scores(parent_ckpt, dirs["test"], full),
+            "train_images": parent.images_seen,
+            "wall_s": parent.seconds,
+        }
+    }
     print(f"parent: {results['parent']}", flush=True)
     for name, (strategy, unbiased) in UPDATES.items():
-        s = full.model_copy(update={"continual": full.continual.model_copy(
-            update={"strategy": strategy, "unbiased": unbiased, "new_classes": NEW})})
+        s = full.model_copy(
+            update={
+                "continual": full.continual.model_copy(
+                    update={"strategy": strategy, "unbiased": unbiased, "new_classes": NEW}
+                )
+            }
+        )
         res = update(s, parent_ckpt, dirs["step2_train"], args.work / name, dirs["step2_val"], log=lambda _: None)
-        results[name] = {**scores(args.work / name / "best.pt", dirs["test"], full), "train_images": res.images_seen,
-                         "wall_s": res.seconds}
+        results[name] = {
+            **scores(args.work / name / "best.pt", dirs["test"], full),
+            "train_images": res.images_seen,
+            "wall_s": res.seconds,
+        }
         print(f"{name}: {results[name]}", flush=True)
-    offline = train(full, [dirs["full1_train"], dirs["full2_train"]], args.work / "offline",
-                    dirs["full2_val"], log=lambda _: None)
-    results["offline"] = {**scores(args.work / "offline" / "best.pt", dirs["test"], full),
-                          "train_images": offline.images_seen, "wall_s": offline.seconds}
+    offline = train(
+        full, [dirs["full1_train"], dirs["full2_train"]], args.work / "offline", dirs["full2_val"], log=lambda _: None
+    )
+    results["offline"] = {
+        **scores(args.work / "offline" / "best.pt", dirs["test"], full),
+        "train_images": offline.images_seen,
+        "wall_s": offline.seconds,
+    }
 
     p = results["parent"]
     for res in results.values():
         res["old_vs_parent_pts"] = round(100 * (res["old_miou"] - p["old_miou"]), 2)
     report = {
         "what": "parent trained on step 1 (speckle = background); updates on step 2 (only speckle labelled); "
-                "IoU on a fully labelled test set",
-        "n_train_per_step": n_train, "n_test": n_test, "image_size": list(size), "parent_epochs": base_epochs,
-        "update_epochs": upd_epochs, "lwf": full.continual.lwf.model_dump(), "lr": full.continual.lr,
-        "torch_threads": torch.get_num_threads(), "total_wall_s": round(time.monotonic() - started, 1),
+        "IoU on a fully labelled test set",
+        "n_train_per_step": n_train,
+        "n_test": n_test,
+        "image_size": list(size),
+        "parent_epochs": base_epochs,
+        "update_epochs": upd_epochs,
+        "lwf": full.continual.lwf.model_dump(),
+        "lr": full.continual.lr,
+        "torch_threads": torch.get_num_threads(),
+        "total_wall_s": round(time.monotonic() - started, 1),
         "goal": f"MiB: old-class mIoU within {OLD_MAX_DROP_PTS} points of the parent's; new-class IoU >= {NEW_MIN_IOU}",
-        "goals": {"mib_keeps_old_classes": results["mib"]["old_vs_parent_pts"] >= -OLD_MAX_DROP_PTS,
-                  "mib_learns_new_class": results["mib"]["new_iou"] >= NEW_MIN_IOU},
-        "headline": {name: f"old {res['old_vs_parent_pts']:+.1f} pts vs parent, new IoU {res['new_iou']:.3f}"
-                     for name, res in results.items() if name != "parent"},
+        "goals": {
+            "mib_keeps_old_classes": results["mib"]["old_vs_parent_pts"] >= -OLD_MAX_DROP_PTS,
+            "mib_learns_new_class": results["mib"]["new_iou"] >= NEW_MIN_IOU,
+        },
+        "headline": {
+            name: f"old {res['old_vs_parent_pts']:+.1f} pts vs parent, new IoU {res['new_iou']:.3f}"
+            for name, res in results.items()
+            if name != "parent"
+        },
         "results": results,
     }
     (args.out / "class_incremental.json").write_text(json.dumps(report, indent=1))
     save_plot(args.out / "class_incremental.png", results)
-    print("\n| model | old mIoU (stripes, checker) | vs parent | old mIoU with bg | new IoU (speckle) "
-          "| train images | wall s |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | old mIoU (stripes, checker) | vs parent | old mIoU with bg | new IoU (speckle) "
+        "| train images | wall s |\n|---|---|---|---|---|---|---|"
+    )
     for name, res in results.items():
-        print(f"| {name} | {res['old_miou']:.3f} | {res['old_vs_parent_pts']:+.1f} pts | {res['old_miou_with_background']:.3f} "
-              f"| {res['new_iou']:.3f} | {res['train_images']} | {res['wall_s']} |")
+        print(
+            f"| {name} | {res['old_miou']:.3f} | {res['old_vs_parent_pts']:+.1f} pts | "
+            f"{res['old_miou_with_background']:.3f} "
+            f"| {res['new_iou']:.3f} | {res['train_images']} | {res['wall_s']} |"
+        )
 
 
 if __name__ == "__main__":

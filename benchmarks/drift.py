@@ -14,6 +14,7 @@ call Evidently makes (scipy `ks_2samp`, checked against Evidently in tests/test_
 because an Evidently report per trial would take hours; the timing run builds the real
 report. Writes reports/bench/drift.json and drift.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,20 @@ def train_champion(work: Path, params: Path, size: int, n_train: int, minutes: f
 
     generate(work / "train", "base", n_train, TRAIN_SEED, (size, size))
     generate(work / "val", "base", 32, TRAIN_SEED + 1, (size, size))
-    settings = load_settings(params, [
-        f"train.max_minutes={minutes}", "train.epochs=50", "train.num_workers=0", "train.patience=50",
-    ])
+    settings = load_settings(
+        params,
+        [
+            f"train.max_minutes={minutes}",
+            "train.epochs=50",
+            "train.num_workers=0",
+            "train.patience=50",
+        ],
+    )
     result = train(settings, work / "train", work / "champion", work / "val", log=lambda line: None)
-    log(f"champion trained: val mIoU {result.best_miou:.3f}, {result.epochs} epochs, {result.seconds:.0f} s ({result.stopped})")
+    log(
+        f"champion trained: val mIoU {result.best_miou:.3f}, {result.epochs} epochs, {result.seconds:.0f} s "
+        f"({result.stopped})"
+    )
     return work / "champion" / "best.pt"
 
 
@@ -78,14 +88,18 @@ def featurise(images: list[np.ndarray], champion, crop, batch: int) -> FeatureTa
         if e is not None:
             embs.append(e)
     return FeatureTable(
-        [str(i) for i in range(len(images))], {k: np.concatenate(v) for k, v in cols.items()},
-        np.concatenate(embs) if embs else None, champion.model_id if champion else None,
+        [str(i) for i in range(len(images))],
+        {k: np.concatenate(v) for k, v in cols.items()},
+        np.concatenate(embs) if embs else None,
+        champion.model_id if champion else None,
     )
 
 
 def subset(table: FeatureTable, idx: np.ndarray) -> FeatureTable:
     emb = None if table.embeddings is None else table.embeddings[idx]
-    return FeatureTable([table.stems[i] for i in idx], {k: v[idx] for k, v in table.columns.items()}, emb, table.model_id)
+    return FeatureTable(
+        [table.stems[i] for i in idx], {k: v[idx] for k, v in table.columns.items()}, emb, table.model_id
+    )
 
 
 def stats_only(table: FeatureTable, stat_columns: list[str]) -> FeatureTable:
@@ -98,10 +112,13 @@ def trial(ref: FeatureTable, cur: FeatureTable, cfg) -> dict:
     d = decide(pvalues, None if mmd is None else mmd["p_value"], cfg)
     p = np.array(list(pvalues.values()))
     return {
-        "drift": d.drift, "score": d.score, "drifted": d.drifted_features,
+        "drift": d.drift,
+        "score": d.score,
+        "drifted": d.drifted_features,
         # Rules we did not choose, on the same p-values, for comparison: any column at
         # p < 0.05 (no correction), and Evidently's preset default (half the columns at 0.05).
-        "any_005": bool((p < 0.05).any()), "evidently_default": bool((p < 0.05).mean() >= 0.5),
+        "any_005": bool((p < 0.05).any()),
+        "evidently_default": bool((p < 0.05).mean() >= 0.5),
     }
 
 
@@ -133,11 +150,15 @@ def timing(work: Path, ref_dir: Path, champion, settings, cache: Path, n: int, s
     shutil.rmtree(folder / "masks")  # unlabelled batch: time the drift check, not an evaluation
     torch.set_num_threads(torch.get_num_threads())
     t0 = time.perf_counter()
-    table = featurise_folder(folder, 3, champion, None, settings.drift.model_crop, settings.drift.batch_size, progress=False)
+    table = featurise_folder(
+        folder, 3, champion, None, settings.drift.model_crop, settings.drift.batch_size, progress=False
+    )
     featurise_s = time.perf_counter() - t0
     assert len(table) == n
     t0 = time.perf_counter()
-    record = detect_drift(ref_dir, folder, work / "timing_out", settings.drift, 3, champion, cache, settings.eval, progress=False)
+    record = detect_drift(
+        ref_dir, folder, work / "timing_out", settings.drift, 3, champion, cache, settings.eval, progress=False
+    )
     total_s = time.perf_counter() - t0
     return {
         "n_images": n,
@@ -160,10 +181,18 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, title in ((axes[0], "rate", "champion + image statistics"), (axes[1], "rate_stats_only", "image statistics only")):
+    for ax, key, title in (
+        (axes[0], "rate", "champion + image statistics"),
+        (axes[1], "rate_stats_only", "image statistics only"),
+    ):
         for domain, by_strength in result["detection"].items():
             xs = sorted(float(s) for s in by_strength)
-            ax.plot([0.0] + xs, [result["false_alarm"][key]] + [by_strength[str(x)][key] for x in xs], marker="o", label=domain)
+            ax.plot(
+                [0.0] + xs,
+                [result["false_alarm"][key]] + [by_strength[str(x)][key] for x in xs],
+                marker="o",
+                label=domain,
+            )
         ax.axhline(0.95, color="grey", ls="--", lw=0.8)
         ax.axhline(0.05, color="grey", ls=":", lw=0.8)
         ax.set_title(title)
@@ -180,7 +209,10 @@ def table_md(result: dict) -> str:
     head = "| condition | " + " | ".join(f"strength {s}" for s in strengths) + " |"
     lines = [head, "|---" * (1 + len(strengths)) + "|"]
     fa = result["false_alarm"]
-    lines.append(f"| base, fresh seeds (false alarms, {fa['trials']} trials) | {fa['rate']:.0%} (stats only {fa['rate_stats_only']:.0%}) |" + " |" * (len(strengths) - 1))
+    lines.append(
+        f"| base, fresh seeds (false alarms, {fa['trials']} trials) | {fa['rate']:.0%} (stats only "
+        f"{fa['rate_stats_only']:.0%}) |" + " |" * (len(strengths) - 1)
+    )
     for domain, by in result["detection"].items() if strengths else ():
         cells = [f"{by[str(s)]['rate']:.0%} ({by[str(s)]['rate_stats_only']:.0%})" for s in strengths]
         lines.append(f"| {domain} (detection) | " + " | ".join(cells) + " |")
@@ -194,9 +226,11 @@ def table_md(result: dict) -> str:
         "| rule | false alarms | detection at " + mild + " |",
         "|---|---|---|",
     ]
-    for key, name in (("rate", "segloop: weighted Bonferroni, alpha 0.01 (chosen)"),
-                      ("rate_uncorrected_any_p005", "any column p < 0.05, uncorrected"),
-                      ("rate_evidently_default_share05", "Evidently preset default: >= 50 % of columns at p < 0.05")):
+    for key, name in (
+        ("rate", "segloop: weighted Bonferroni, alpha 0.01 (chosen)"),
+        ("rate_uncorrected_any_p005", "any column p < 0.05, uncorrected"),
+        ("rate_evidently_default_share05", "Evidently preset default: >= 50 % of columns at p < 0.05"),
+    ):
         det = np.mean([by[mild][key] for by in result["detection"].values()])
         lines.append(f"| {name} | {fa[key]:.0%} | {det:.0%} |")
     return "\n".join(lines)
@@ -227,14 +261,19 @@ def main(argv=None) -> int:
         work = Path(tmp)
         if args.model is None:
             model_path = train_champion(work, args.params, args.size, max(args.reference + 64, 320), args.train_minutes)
-            train_dir, champion_source = work / "train", f"trained here for {args.train_minutes} min on base, seed {TRAIN_SEED}"
+            train_dir, champion_source = (
+                work / "train",
+                f"trained here for {args.train_minutes} min on base, seed {TRAIN_SEED}",
+            )
         else:
             if args.train_dir is None:
                 ap.error("--model needs --train-dir (its training folder, to sample the reference from)")
             model_path, train_dir, champion_source = args.model, args.train_dir, str(args.model)
         champion = load_champion(model_path)
         cache = work / "cache"
-        build_reference(train_dir, args.reference, cfg.reference_seed, work / "reference", champion.model_id, str(model_path))
+        build_reference(
+            train_dir, args.reference, cfg.reference_seed, work / "reference", champion.model_id, str(model_path)
+        )
         ref = featurise_folder(work / "reference", 3, champion, cache, cfg.model_crop, cfg.batch_size, progress=False)
         stat_columns = [c for c in ref.columns if not c.startswith("area_") and c not in ("confidence", "pred_entropy")]
         ref_stats = stats_only(ref, stat_columns)
@@ -243,7 +282,10 @@ def main(argv=None) -> int:
         fresh_base = shifted(scenes(BASE_SEED, args.base_trials * args.batch, args.size), "base", 1.0, BASE_SEED)
         base = featurise(fresh_base, champion, cfg.model_crop, cfg.batch_size)
         false_alarm = run_condition(ref, ref_stats, base, args.base_trials, args.batch, cfg, stat_columns)
-        log(f"false alarms: {false_alarm['rate']:.1%} ({args.base_trials} trials), stats only {false_alarm['rate_stats_only']:.1%}")
+        log(
+            f"false alarms: {false_alarm['rate']:.1%} ({args.base_trials} trials), stats only "
+            f"{false_alarm['rate_stats_only']:.1%}"
+        )
 
         clean = scenes(SHIFT_SEED, args.trials * args.batch, args.size)
         detection: dict[str, dict] = {}
@@ -251,14 +293,22 @@ def main(argv=None) -> int:
             detection[domain] = {}
             for s in args.strengths:
                 table = featurise(shifted(clean, domain, s, SHIFT_SEED), champion, cfg.model_crop, cfg.batch_size)
-                detection[domain][str(s)] = run_condition(ref, ref_stats, table, args.trials, args.batch, cfg, stat_columns)
+                detection[domain][str(s)] = run_condition(
+                    ref, ref_stats, table, args.trials, args.batch, cfg, stat_columns
+                )
                 r = detection[domain][str(s)]
-                log(f"{domain} x{s}: detected {r['rate']:.0%} (stats only {r['rate_stats_only']:.0%}); top {list(r['top_features'])[:3]}")
+                log(
+                    f"{domain} x{s}: detected {r['rate']:.0%} (stats only {r['rate_stats_only']:.0%}); top "
+                    f"{list(r['top_features'])[:3]}"
+                )
 
         t = None
         if args.timing_n:
             t = timing(work, work / "reference", champion, settings, cache, args.timing_n, args.timing_size)
-            log(f"timing: {t['n_images']} images {args.timing_size}px: featurise {t['featurise_s']} s, featurise + decide {t['featurise_and_decide_s']} s")
+            log(
+                f"timing: {t['n_images']} images {args.timing_size}px: featurise {t['featurise_s']} s, featurise + "
+                f"decide {t['featurise_and_decide_s']} s"
+            )
 
     full = [detection[d][str(1.0)]["rate"] for d in SHIFTED] if 1.0 in args.strengths else []
     result = {
@@ -277,14 +327,20 @@ def main(argv=None) -> int:
             "detection_ge_95pct_full_strength": min(full) >= 0.95 if full else None,
             "1000_images_le_30s": None if t is None else t["featurise_and_decide_s"] * 1000 / t["n_images"] <= 30.0,
         },
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
         "wall_s": round(time.perf_counter() - started, 1),
     }
     (args.out / "drift.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "drift.png")
     print("\nDetection rate (image statistics only in brackets):\n")
     print(table_md(result))
-    print(f"\ngoals: {result['goals']}\nwrote {args.out / 'drift.json'}, {args.out / 'drift.png'} in {result['wall_s']} s")
+    print(
+        f"\ngoals: {result['goals']}\nwrote {args.out / 'drift.json'}, {args.out / 'drift.png'} in {result['wall_s']} s"
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ each arm the same compute, and no CPU time goes to threads spinning while they w
 `--clock wall` counts wall-clock seconds with `--threads` threads (fair on an idle machine only).
 Writes reports/bench/recipe.json (+ recipe.png) with the per-seed figures and the goals.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,15 @@ def log(msg: str) -> None:
 
 
 def make_split(work: Path, kind: str, quick: bool) -> dict[str, Path]:
-    return {part: generate(work / kind / part, kind, 2 if quick and part != "train" else n, seed)
-            for part, (n, seed) in SPLITS.items()}
+    return {
+        part: generate(work / kind / part, kind, 2 if quick and part != "train" else n, seed)
+        for part, (n, seed) in SPLITS.items()
+    }
 
 
-def plain_loop(train_dir: Path, channels: int, classes: int, budget_s: float, seed: int, clock, crop: int = 256) -> torch.nn.Module:
+def plain_loop(
+    train_dir: Path, channels: int, classes: int, budget_s: float, seed: int, clock, crop: int = 256
+) -> torch.nn.Module:
     """The plain loop: what most people write first with SMP (see the module docstring)."""
     import segmentation_models_pytorch as smp
     from torchvision import tv_tensors
@@ -102,9 +107,17 @@ def segloop_run(dirs: dict, kind: str, budget_s: float, seed: int, out: Path, cl
     from segloop.train import train
 
     _, names, channels = KINDS[kind]
-    settings = load_settings(ROOT / "params.yaml", [
-        f"data.classes={json.dumps(names)}", f"data.channels={channels}", f"train.max_minutes={budget_s / 60}",
-        f"train.seed={seed}", "tracking.enabled=false", "train.num_workers=0"])
+    settings = load_settings(
+        ROOT / "params.yaml",
+        [
+            f"data.classes={json.dumps(names)}",
+            f"data.channels={channels}",
+            f"train.max_minutes={budget_s / 60}",
+            f"train.seed={seed}",
+            "tracking.enabled=false",
+            "train.num_workers=0",
+        ],
+    )
     at_two_thirds = out.parent / f"{out.name}-two-thirds.pt"
 
     def snapshot(record: dict) -> None:  # best.pt is written before on_epoch sees the epoch
@@ -113,11 +126,21 @@ def segloop_run(dirs: dict, kind: str, budget_s: float, seed: int, out: Path, cl
 
     result = train(settings, dirs["train"], out, dirs["val"], log=lambda line: None, clock=clock, on_epoch=snapshot)
     planned = load_settings(out / "settings.yaml")
-    log(f"    segloop: {result.epochs} epochs, {result.images_seen} crops of {planned.data.crop_size}px "
-        f"(batch {planned.train.batch_size}), stopped {result.stopped}, {result.seconds:.0f} s")
-    return ({"epochs": result.epochs, "crops": result.images_seen, "crop": planned.data.crop_size,
-             "batch": planned.train.batch_size, "seconds": result.seconds, "stopped": result.stopped},
-            at_two_thirds if at_two_thirds.exists() else None)
+    log(
+        f"    segloop: {result.epochs} epochs, {result.images_seen} crops of {planned.data.crop_size}px "
+        f"(batch {planned.train.batch_size}), stopped {result.stopped}, {result.seconds:.0f} s"
+    )
+    return (
+        {
+            "epochs": result.epochs,
+            "crops": result.images_seen,
+            "crop": planned.data.crop_size,
+            "batch": planned.train.batch_size,
+            "seconds": result.seconds,
+            "stopped": result.stopped,
+        },
+        at_two_thirds if at_two_thirds.exists() else None,
+    )
 
 
 def run_once(kind: str, dirs: dict, seed: int, budget_s: float, work: Path, clock, two_thirds: str) -> dict:
@@ -129,7 +152,9 @@ def run_once(kind: str, dirs: dict, seed: int, budget_s: float, work: Path, cloc
     test = lambda ckpt: score(load_model(ckpt)[0], dirs["test"], channels, len(names))  # noqa: E731
     row: dict = {"seed": seed}
     if two_thirds != "only":
-        row["plain"] = score(plain_loop(dirs["train"], channels, len(names), budget_s, seed, clock), dirs["test"], channels, len(names))
+        row["plain"] = score(
+            plain_loop(dirs["train"], channels, len(names), budget_s, seed, clock), dirs["test"], channels, len(names)
+        )
         info, early = segloop_run(dirs, kind, budget_s, seed, work / f"{kind}-{seed}", clock)
         row["segloop"] = test(work / f"{kind}-{seed}" / "best.pt") | info
         row["segloop_2_3"] = test(early) if early else None  # no epoch ended before 2/3 of the budget
@@ -139,8 +164,10 @@ def run_once(kind: str, dirs: dict, seed: int, budget_s: float, work: Path, cloc
     if two_thirds == "only":
         log(f"    {kind} seed {seed}: segloop with 2/3 of the budget {row['segloop_2_3']['miou']:.3f}")
         return row
-    log(f"    {kind} seed {seed}: test mIoU plain {row['plain']['miou']:.3f}  segloop {row['segloop']['miou']:.3f}  "
-        f"segloop's model at 2/3 of the budget {row['segloop_2_3']['miou'] if row['segloop_2_3'] else float('nan'):.3f}")
+    log(
+        f"    {kind} seed {seed}: test mIoU plain {row['plain']['miou']:.3f}  segloop {row['segloop']['miou']:.3f}  "
+        f"segloop's model at 2/3 of the budget {row['segloop_2_3']['miou'] if row['segloop_2_3'] else float('nan'):.3f}"
+    )
     return row
 
 
@@ -149,10 +176,20 @@ def summarise(names: list[str], runs: list[dict]) -> dict:
     scores = {arm: [r[arm]["miou"] for r in runs if r.get(arm)] or [0.0] for arm in arms}
     mean = {arm: round(float(np.mean(v)), 4) for arm, v in scores.items()}
     spread = {arm: [round(float(min(v)), 4), round(float(max(v)), 4)] for arm, v in scores.items()}
-    per_class = {arm: [round(float(v), 4) for v in np.mean([r[arm]["per_class_iou"] for r in runs], 0)] for arm in arms[:2]}
-    return {"classes": names, "runs": runs, "mean_miou": mean, "min_max_miou": spread, "mean_per_class_iou": per_class,
-            "goals": {"segloop >= plain + 2 pts": mean["segloop"] >= mean["plain"] + GOAL_GAIN,
-                      "segloop at 2/3 budget >= plain": mean["segloop_2_3"] >= mean["plain"]}}
+    per_class = {
+        arm: [round(float(v), 4) for v in np.mean([r[arm]["per_class_iou"] for r in runs], 0)] for arm in arms[:2]
+    }
+    return {
+        "classes": names,
+        "runs": runs,
+        "mean_miou": mean,
+        "min_max_miou": spread,
+        "mean_per_class_iou": per_class,
+        "goals": {
+            "segloop >= plain + 2 pts": mean["segloop"] >= mean["plain"] + GOAL_GAIN,
+            "segloop at 2/3 budget >= plain": mean["segloop_2_3"] >= mean["plain"],
+        },
+    }
 
 
 def plot(report: dict, path: Path) -> None:
@@ -184,8 +221,12 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock budget of each full run")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --clock cpu, else 2)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what the budget counts (see above)")
-    ap.add_argument("--two-thirds", choices=("snapshot", "run", "only"), default="snapshot",
-                    help="segloop at 2/3 of the budget: the full run's best.pt then, a run of its own, or only that run")
+    ap.add_argument(
+        "--two-thirds",
+        choices=("snapshot", "run", "only"),
+        default="snapshot",
+        help="segloop at 2/3 of the budget: the full run's best.pt then, a run of its own, or only that run",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     ap.add_argument("--quick", action="store_true", help="a smoke run: one seed, 0.1-minute budgets, 2 test images")
     args = ap.parse_args(argv)
@@ -197,17 +238,28 @@ def main(argv=None) -> int:
         args.threads = 1 if args.clock == "cpu" else 2
     torch.set_num_threads(args.threads)
     clock, scale = (time.process_time, 2) if args.clock == "cpu" else (time.monotonic, 1)
-    report = {"what": __doc__.splitlines()[0], "minutes": args.minutes, "seeds": seeds, "threads": args.threads,
-              "clock": args.clock, "budget_s": args.minutes * 60 * scale, "datasets": {}}
+    report = {
+        "what": __doc__.splitlines()[0],
+        "minutes": args.minutes,
+        "seeds": seeds,
+        "threads": args.threads,
+        "clock": args.clock,
+        "budget_s": args.minutes * 60 * scale,
+        "datasets": {},
+    }
     kinds = args.datasets.split(",")
     runs: dict[str, list] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="segloop-bench-recipe-") as tmp:
         dirs = {k: make_split(Path(tmp), k, args.quick) for k in kinds}
-        log(f"{SPLITS['train'][0]} train / {SPLITS['val'][0]} val / {SPLITS['test'][0]} test images per dataset; "
-            f"budget {report['budget_s']:g} {args.clock} s per run")
+        log(
+            f"{SPLITS['train'][0]} train / {SPLITS['val'][0]} val / {SPLITS['test'][0]} test images per dataset; "
+            f"budget {report['budget_s']:g} {args.clock} s per run"
+        )
         for seed in seeds:  # seeds outside: an interrupted run still has every dataset
             for kind in kinds:
-                runs[kind].append(run_once(kind, dirs[kind], seed, report["budget_s"], Path(tmp), clock, args.two_thirds))
+                runs[kind].append(
+                    run_once(kind, dirs[kind], seed, report["budget_s"], Path(tmp), clock, args.two_thirds)
+                )
                 if args.two_thirds != "only":
                     report["datasets"][kind] = summarise(KINDS[kind][1], runs[kind])
                     write(report, args.out, started)
@@ -222,11 +274,19 @@ def main(argv=None) -> int:
 
 
 def write(report: dict, out: Path, started: float) -> None:
-    report["headline"] = {f"{k} test mIoU plain / segloop / segloop at 2/3 ({len(d['runs'])} seeds)":
-                          " / ".join(f"{v:.3f}" for v in d["mean_miou"].values()) for k, d in report["datasets"].items()}
+    report["headline"] = {
+        f"{k} test mIoU plain / segloop / segloop at 2/3 ({len(d['runs'])} seeds)": " / ".join(
+            f"{v:.3f}" for v in d["mean_miou"].values()
+        )
+        for k, d in report["datasets"].items()
+    }
     report["goals"] = {f"{k}: {g}": ok for k, d in report["datasets"].items() for g, ok in d["goals"].items()}
-    report["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                         "load_average_1min": round(os.getloadavg()[0], 2)}
+    report["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
     report["wall_s"] = round(time.monotonic() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -9,6 +9,7 @@ benchmarks that accept them. Then every reports/bench/*.json becomes one row of 
 `headline` ({label: figure}) and `goals` ({name: true | false | null}) at the top level of
 its json; for one that does not, a few of its top-level numbers are shown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,15 @@ def run_one(script: Path, log_path: Path, args: list[str], bar: tqdm | None) -> 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     started, last = time.monotonic(), [""]
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
 
         def pump() -> None:
             for line in proc.stdout:
@@ -88,8 +96,11 @@ def headline(name: str, report: dict) -> dict:
             return LEGACY[name](report)
         except (KeyError, TypeError, ValueError):
             pass  # its format changed: fall back to the generic figures
-    numbers = {k: v for k, v in report.items()
-               if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {
+        k: v
+        for k, v in report.items()
+        if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     return dict(list(numbers.items())[:6])
 
 
@@ -122,19 +133,26 @@ def summary(bench_dir: Path, failed: dict[str, int]) -> str:
             continue
         if not isinstance(report, dict):
             continue
-        figures = "<br>".join(f"{k}: {_fmt(v)}" for k, v in headline(path.stem, report).items()).replace("|", "\\|") or "-"
+        figures = (
+            "<br>".join(f"{k}: {_fmt(v)}" for k, v in headline(path.stem, report).items()).replace("|", "\\|") or "-"
+        )
         wall = report.get("wall_s", report.get("total_wall_s", "-"))
         written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
         lines.append(f"| {path.stem} | {figures} | {goals_cell(report.get('goals'))} | {_fmt(wall)} | {written} |")
     if failed:
-        lines += ["", "Failed this run (their json, if listed, is from an earlier run): "
-                  + ", ".join(f"{name} (exit {rc}, logs/{name}.log)" for name, rc in failed.items())]
+        lines += [
+            "",
+            "Failed this run (their json, if listed, is from an earlier run): "
+            + ", ".join(f"{name} (exit {rc}, logs/{name}.log)" for name, rc in failed.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="where the benchmarks and the summary write")
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "reports" / "bench", help="where the benchmarks and the summary write"
+    )
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names (file stems) to run")
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--quick", action="store_true", help="pass --quick to the benchmarks that accept it")
@@ -148,9 +166,15 @@ def main(argv=None) -> int:
         bar = tqdm(total=len(scripts), unit="bench", dynamic_ncols=True) if interactive else None
         for i, script in enumerate(scripts, 1):
             text = script.read_text()
-            extra = (["--quick"] if args.quick and '"--quick"' in text else []) + (["--out", str(args.out)] if '"--out"' in text else [])
+            extra = (["--quick"] if args.quick and '"--quick"' in text else []) + (
+                ["--out", str(args.out)] if '"--out"' in text else []
+            )
             if bar is None:
-                print(f"[{i}/{len(scripts)}] {script.name} {' '.join(extra)}... (log: {args.out / 'logs' / script.stem}.log)", flush=True)
+                print(
+                    f"[{i}/{len(scripts)}] {script.name} {' '.join(extra)}... (log: "
+                    f"{args.out / 'logs' / script.stem}.log)",
+                    flush=True,
+                )
             rc, seconds = run_one(script, args.out / "logs" / f"{script.stem}.log", extra, bar)
             if rc:
                 failed[script.stem] = rc

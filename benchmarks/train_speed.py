@@ -27,6 +27,7 @@ spends all of it training and keeps its last weights, segloop keeps its best.
 Writes reports/bench/train_speed.json and prints a table. Goal: (b)/(a) >= 0.90, judged on
 the median of the per-round ratios; the ratio of each loop's best round is reported beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,12 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 from segloop.checkpoint import load_model  # noqa: E402
 from segloop.config import Settings, load_settings  # noqa: E402
-from segloop.plan import resolve  # noqa: E402
 from segloop.data.dataset import SegmentationDataset, train_transform  # noqa: E402
 from segloop.data.synthetic import generate  # noqa: E402
 from segloop.evaluate import miou_on  # noqa: E402
 from segloop.inference import pick_device  # noqa: E402
 from segloop.models import build_model  # noqa: E402
+from segloop.plan import resolve  # noqa: E402
 from segloop.train import SegLoss, train  # noqa: E402
 
 GOAL = 0.90  # (b) / (a)
@@ -105,16 +106,22 @@ def bare_rate(settings: Settings, steps: int, warmup: int = 2) -> float:
 
 def segloop_run(settings: Settings, dirs: dict, out: Path, epochs: int) -> dict:
     """(b) `segloop.train.train` for `epochs`; per-epoch training rate and the time outside it."""
-    s = settings.model_copy(update={"train": settings.train.model_copy(
-        update={"epochs": epochs, "max_minutes": None, "patience": 1000})})
+    s = settings.model_copy(
+        update={"train": settings.train.model_copy(update={"epochs": epochs, "max_minutes": None, "patience": 1000})}
+    )
     train(s, dirs["train"], out, dirs["val"], log=lambda _: None)
     history = json.loads((out / "history.json").read_text())
     n = (len(list((dirs["train"] / "images").iterdir())) // s.train.batch_size) * s.train.batch_size
     epochs_out, previous = [], 0.0
     for h in history:
         train_s = n / h["img_per_s"]
-        epochs_out.append({"img_per_s": h["img_per_s"], "train_s": round(train_s, 2),
-                           "other_s": round(h["seconds"] - previous - train_s, 2)})
+        epochs_out.append(
+            {
+                "img_per_s": h["img_per_s"],
+                "train_s": round(train_s, 2),
+                "other_s": round(h["seconds"] - previous - train_s, 2),
+            }
+        )
         previous = h["seconds"]
     return {"epochs": epochs_out}
 
@@ -125,8 +132,9 @@ def reference_model(settings: Settings) -> nn.Module:
     return BasicUNet(spatial_dims=2, in_channels=settings.data.channels, out_channels=settings.num_classes)
 
 
-def reference_train(settings: Settings, train_dir: Path, epochs: int | None = None, budget_s: float | None = None,
-                    seed: int = 0) -> tuple[nn.Module, list[float], int]:
+def reference_train(
+    settings: Settings, train_dir: Path, epochs: int | None = None, budget_s: float | None = None, seed: int = 0
+) -> tuple[nn.Module, list[float], int]:
     """(c) A plain loop: BasicUNet, segloop's dataset, augmentation and loss, AdamW at train.lr.
 
     Runs `epochs` epochs or until `budget_s` seconds have passed; returns the model, each
@@ -135,9 +143,17 @@ def reference_train(settings: Settings, train_dir: Path, epochs: int | None = No
     """
     cfg, device = settings.train, pick_device()
     torch.manual_seed(seed)
-    dataset = SegmentationDataset(train_dir, settings.data.channels, train_transform(settings.data.crop_size, cfg.augment))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    dataset = SegmentationDataset(
+        train_dir, settings.data.channels, train_transform(settings.data.crop_size, cfg.augment)
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     model = reference_model(settings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
@@ -175,8 +191,8 @@ def throughput(settings: Settings, dirs: dict, work: Path, rounds: int, epochs: 
     for r in range(rounds):
         runs = {
             "a": lambda: bare_rate(settings, steps),
-            "b": lambda: segloop_run(settings, dirs, work / f"segloop_{r}", epochs),
-            "c": lambda: reference_train(settings, dirs["train"], epochs=epochs, seed=r)[1],
+            "b": lambda r=r: segloop_run(settings, dirs, work / f"segloop_{r}", epochs),  # called in this round
+            "c": lambda r=r: reference_train(settings, dirs["train"], epochs=epochs, seed=r)[1],
         }
         got = {k: runs[k]() for k in ("abc" if r % 2 == 0 else "cba")}
         a, b, c = got["a"], got["b"], got["c"]
@@ -190,8 +206,10 @@ def throughput(settings: Settings, dirs: dict, work: Path, rounds: int, epochs: 
         }
         row["segloop_vs_bare"] = round(row["segloop_img_per_s"] / row["bare_img_per_s"], 3)
         per_round.append(row)
-        log(f"round {r + 1}/{rounds}: bare {a:.1f}  segloop {row['segloop_img_per_s']:.1f}  "
-            f"reference {row['reference_img_per_s']:.1f} img/s  (segloop/bare {row['segloop_vs_bare']:.3f})")
+        log(
+            f"round {r + 1}/{rounds}: bare {a:.1f}  segloop {row['segloop_img_per_s']:.1f}  "
+            f"reference {row['reference_img_per_s']:.1f} img/s  (segloop/bare {row['segloop_vs_bare']:.3f})"
+        )
     summary = {k: round(mean([row[k] for row in per_round]), 3) for k in per_round[0]}
     ratios = sorted(row["segloop_vs_bare"] for row in per_round)
     summary["segloop_vs_bare_min"], summary["segloop_vs_bare_max"] = ratios[0], ratios[-1]
@@ -213,7 +231,10 @@ def same_budget(settings: Settings, dirs: dict, work: Path, budget_s: float) -> 
     segloop_s = time.perf_counter() - t0
     model, _ = load_model(work / "budget_segloop" / "best.pt")
     segloop_miou = miou_on(model.to(device), dirs["test"], settings, device)[0]
-    log(f"segloop, {budget_s:g} s budget: {result.epochs} epochs, {result.images_seen} images, test mIoU {segloop_miou:.3f}")
+    log(
+        f"segloop, {budget_s:g} s budget: {result.epochs} epochs, {result.images_seen} images, test mIoU "
+        f"{segloop_miou:.3f}"
+    )
 
     t0 = time.perf_counter()
     ref, rates, ref_images = reference_train(settings, dirs["train"], budget_s=budget_s)
@@ -222,10 +243,21 @@ def same_budget(settings: Settings, dirs: dict, work: Path, budget_s: float) -> 
     log(f"reference, {budget_s:g} s budget: {len(rates)} full epochs, {ref_images} images, test mIoU {ref_miou:.3f}")
     return {
         "budget_s": budget_s,
-        "segloop": {"test_miou": round(segloop_miou, 4), "epochs": result.epochs, "images_seen": result.images_seen,
-                    "best_val_miou": result.best_miou, "wall_s": round(segloop_s, 1), "stopped": result.stopped},
-        "reference": {"test_miou": round(ref_miou, 4), "full_epochs": len(rates), "images_seen": ref_images, "wall_s": round(ref_s, 1),
-                      "params": sum(p.numel() for p in ref.parameters())},
+        "segloop": {
+            "test_miou": round(segloop_miou, 4),
+            "epochs": result.epochs,
+            "images_seen": result.images_seen,
+            "best_val_miou": result.best_miou,
+            "wall_s": round(segloop_s, 1),
+            "stopped": result.stopped,
+        },
+        "reference": {
+            "test_miou": round(ref_miou, 4),
+            "full_epochs": len(rates),
+            "images_seen": ref_images,
+            "wall_s": round(ref_s, 1),
+            "params": sum(p.numel() for p in ref.parameters()),
+        },
         "segloop_params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -233,12 +265,17 @@ def same_budget(settings: Settings, dirs: dict, work: Path, budget_s: float) -> 
 def table(report: dict) -> str:
     m, best, b = report["throughput"]["mean"], report["throughput"]["best"], report.get("same_budget")
     lines = [
-        f"| loop | img/s, mean of {report['rounds']} rounds | best round | vs bare: median of rounds (range) | vs bare: best rounds | first epoch img/s |",
+        f"| loop | img/s, mean of {report['rounds']} rounds | best round | vs bare: median of rounds (range) | vs "
+        "bare: best rounds | first epoch img/s |",
         "|---|---|---|---|---|---|",
-        f"| (a) bare step, random batch in memory | {m['bare_img_per_s']:.1f} | {best['bare_img_per_s']:.1f} | 1 | 1 | - |",
-        f"| (b) segloop.train.train | {m['segloop_img_per_s']:.1f} | {best['segloop_img_per_s']:.1f} | {m['segloop_vs_bare_median']:.3f} "
-        f"({m['segloop_vs_bare_min']:.3f}-{m['segloop_vs_bare_max']:.3f}) | {best['segloop_vs_bare']:.3f} | {m['segloop_first_epoch_img_per_s']:.1f} |",
-        f"| (c) plain loop, MONAI BasicUNet | {m['reference_img_per_s']:.1f} | {best['reference_img_per_s']:.1f} | - | - | {m['reference_first_epoch_img_per_s']:.1f} |",
+        f"| (a) bare step, random batch in memory | {m['bare_img_per_s']:.1f} | {best['bare_img_per_s']:.1f} | 1 | 1 "
+        "| - |",
+        f"| (b) segloop.train.train | {m['segloop_img_per_s']:.1f} | {best['segloop_img_per_s']:.1f} | "
+        f"{m['segloop_vs_bare_median']:.3f} "
+        f"({m['segloop_vs_bare_min']:.3f}-{m['segloop_vs_bare_max']:.3f}) | {best['segloop_vs_bare']:.3f} | "
+        f"{m['segloop_first_epoch_img_per_s']:.1f} |",
+        f"| (c) plain loop, MONAI BasicUNet | {m['reference_img_per_s']:.1f} | {best['reference_img_per_s']:.1f} | - "
+        f"| - | {m['reference_first_epoch_img_per_s']:.1f} |",
         "",
         f"segloop spends {m['segloop_val_ckpt_s_per_epoch']:.1f} s per epoch outside the training steps (validation on "
         f"{report['n_val']} images + checkpoints), not counted above.",
@@ -279,14 +316,17 @@ def main(argv=None) -> int:
         n_val, n_test = max(8, args.n_train // 10), max(8, args.n_train * 3 // 8)
         dirs = make_data(work, args.n_train, n_val, n_test, args.size)
         settings = resolve(settings, dirs["train"])[0]  # crop, batch, augmentation as training plans them
-        log(f"data: {args.n_train} train / {n_val} val / {n_test} test images of {args.size}px; "
-            f"device {pick_device()}, {torch.get_num_threads()} torch threads, {settings.train.num_workers} loader workers")
+        log(
+            f"data: {args.n_train} train / {n_val} val / {n_test} test images of {args.size}px; "
+            f"device {pick_device()}, {torch.get_num_threads()} torch threads, {settings.train.num_workers} loader "
+            "workers"
+        )
         tp = throughput(settings, dirs, work, args.rounds, args.epochs)
         budget = same_budget(settings, dirs, work, args.budget_s) if args.budget_s else None
     m = tp["mean"]
     report = {
         "what": "images/s of (a) the bare train step, (b) segloop.train.train, (c) a plain MONAI BasicUNet loop; "
-                "(b) and (c) over full epochs after the first, validation excluded",
+        "(b) and (c) over full epochs after the first, validation excluded",
         "model": settings.model.model_dump(mode="json"),
         "crop": settings.data.crop_size,
         "batch_size": settings.train.batch_size,
@@ -306,12 +346,23 @@ def main(argv=None) -> int:
             "segloop / bare (median of rounds)": m["segloop_vs_bare_median"],
             "segloop / bare (best rounds)": tp["best"]["segloop_vs_bare"],
             "segloop / MONAI BasicUNet loop img/s": m["segloop_vs_reference"],
-            **({f"test mIoU after {budget['budget_s']:g} s, segloop / BasicUNet":
-                f"{budget['segloop']['test_miou']:.3f} / {budget['reference']['test_miou']:.3f}"} if budget else {}),
+            **(
+                {
+                    f"test mIoU after {budget['budget_s']:g} s, segloop / BasicUNet": (
+                        f"{budget['segloop']['test_miou']:.3f} / {budget['reference']['test_miou']:.3f}"
+                    )
+                }
+                if budget
+                else {}
+            ),
         },
         "goals": {f"segloop_vs_bare_ge_{GOAL:.2f}": m["segloop_vs_bare_median"] >= GOAL},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "load_average_1min": round(os.getloadavg()[0], 2)},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average_1min": round(os.getloadavg()[0], 2),
+        },
         "wall_s": round(time.perf_counter() - started, 1),
     }
     (args.out / "train_speed.json").write_text(json.dumps(report, indent=1) + "\n")

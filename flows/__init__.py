@@ -6,6 +6,7 @@ Prefect's anonymous telemetry would reach no network here, and its server heartb
 to the same sqlite database as the flow run ("database is locked" tracebacks in the log).
 Set before any flow module imports Prefect; a value already in the environment wins.
 """
+
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the server's heartbeat

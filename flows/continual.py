@@ -6,16 +6,18 @@ The step itself is `segloop.loop.process_batch` (the same code a benchmark or te
 without Prefect); this flow runs each of its sub-steps as a Prefect task, and only the
 sub-steps whose I/O can fail transiently (git/DVC, the MLflow store) retry.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from segloop import loop
+from segloop import lifeline, loop
 from segloop.config import load_settings
 from segloop.loop import Workspace
 
@@ -30,6 +32,7 @@ def _run_name() -> str:
 @flow(flow_run_name=_run_name, log_prints=True)
 def continual_flow(batch_dir: str, params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """Process one batch folder; returns the step record (also written to processed/<batch>.json)."""
+    lifeline.guard()  # Prefect's temporary server, DVC and training die with this process, even killed
     settings = load_settings(params, overrides or [])
     ws, path = Workspace.of(settings), Path(batch_dir).resolve()
     b, log = path.name, get_run_logger()

@@ -7,6 +7,7 @@ stopped: batches already processed are neither regenerated nor processed again.
 Writes reports/demo/summary.json, summary.md and the plots; the runs are in the
 project's MLflow store (`make ui`) and Prefect database (`make prefect-ui`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ from segloop.config import load_settings
 from segloop.data.synthetic import generate, parse_stream
 from segloop.loop import BATCH_INFO, Workspace
 
-STREAM = "base:240,base:96,lowlight:120,fog:120,base:96"
+# The last fog batch shows a second arrival: trained on again if fog is still weak or was refused.
+STREAM = "base:240,base:96,lowlight:120,fog:120,base:96,fog:120"
 KEYS = ("batch", "drift", "updated", "promoted", "champion_version", "miou_before", "miou_after")
 
 
@@ -48,21 +50,40 @@ def versus(r: dict) -> str:
     cand, champ, learnt = r.get("candidate_miou") or {}, r["miou_before"], r.get("learnt") or []
     if not cand or not champ:
         return "-"
-    return " ".join(f"{d}{'' if d in learnt or d == r['domain'] or not learnt else '*'} {champ[d]:.3f}->{v:.3f}"
-                    for d, v in cand.items())
+    return " ".join(
+        f"{d}{'' if d in learnt or d == r['domain'] or not learnt else '*'} {champ[d]:.3f}->{v:.3f}"
+        for d, v in cand.items()
+    )
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| batch | drift (score) | update | gate | champion | mIoU before | champion -> candidate | mIoU after |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| batch | drift (score) | update | gate | champion | mIoU before | champion -> candidate | mIoU after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         d = r["drift"]
-        drift = ("bootstrap" if d is None else "yes (no reference)" if d["score"] is None else
-                 f"{'yes' if d['drift'] else 'no'} ({d['score']:.2g}{', perf' if d['performance_drift'] else ''})")
-        gate = ("promoted" if r["promoted"] else "rejected: " + next((x for x in r["reasons"] if x.startswith("FAIL")), "")) if r["updated"] else "-"
+        drift = (
+            "bootstrap"
+            if d is None
+            else "yes (no reference)"
+            if d["score"] is None
+            else f"{'yes' if d['drift'] else 'no'} ({d['score']:.2g}{', perf' if d['performance_drift'] else ''})"
+        )
+        gate = (
+            (
+                "promoted"
+                if r["promoted"]
+                else "rejected: " + next((x for x in r["reasons"] if x.startswith("FAIL")), "")
+            )
+            if r["updated"]
+            else "-"
+        )
         update = f"v{r['candidate_version']}" if r["updated"] else "no"
-        lines.append(f"| {r['batch']} | {drift} | {update} | {gate} | v{r['champion_version']} | {fmt(r['miou_before'])} "
-                     f"| {versus(r)} | {fmt(r['miou_after'])} |")
+        lines.append(
+            f"| {r['batch']} | {drift} | {update} | {gate} | v{r['champion_version']} | {fmt(r['miou_before'])} "
+            f"| {versus(r)} | {fmt(r['miou_after'])} |"
+        )
     return "\n".join(lines) + "\n\n*: a domain the champion never learnt, reported but not protected by the gate"
 
 
@@ -78,7 +99,8 @@ def write_reports(records: list[dict], out: Path, seconds: float) -> None:
     save_domain_curves(out / "miou_over_time.png", {"champion": r_mat}, domains, steps)
     (out / "summary.md").write_text(
         f"# segloop demo: the continual loop over {len(records)} batches ({seconds / 60:.1f} min)\n\n"
-        f"{table(records)}\n\n" + "\n".join(f"- {r['batch']}: {r['summary']}" for r in records)
+        f"{table(records)}\n\n"
+        + "\n".join(f"- {r['batch']}: {r['summary']}" for r in records)
         + "\n\n![accuracy matrix](accuracy_matrix.png)\n\n![mIoU over time](miou_over_time.png)\n"
     )
 
@@ -99,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     records = [json.loads(p.read_text()) for p in sorted((ws.root / "processed").glob("*.json"))]
     write_reports(records, args.out, time.monotonic() - started)
     print("\n" + table(records))
-    print(f"\n{len(records)} batches in {(time.monotonic() - started) / 60:.1f} min; reports: {args.out}/summary.md, summary.json")
-    print("Look at it:  make ui          (MLflow: runs, models, champion history at http://127.0.0.2:5000; it prints the links)")
+    print(
+        f"\n{len(records)} batches in {(time.monotonic() - started) / 60:.1f} min; reports: {args.out}/summary.md, "
+        "summary.json"
+    )
+    print(
+        "Look at it:  make ui          (MLflow: runs, models, champion history at http://127.0.0.2:5000; it prints "
+        "the links)"
+    )
     print("             make prefect-ui  (Prefect: the monitor and continual flow runs at http://127.0.0.1:4200)")
     return 0
 

@@ -6,6 +6,7 @@
 
 The served process polls for scheduled runs and executes them; Ctrl-C stops it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = load_settings(args.params, args.set)
     params = str(Path(args.params).resolve())
-    monitor_flow.serve(name=args.name, cron=settings.flows.schedule, parameters={"params": params, "overrides": args.set},
-                       description=f"segloop continual loop over {settings.flows.incoming_dir} ({params})")
+    monitor_flow.serve(
+        name=args.name,
+        cron=settings.flows.schedule,
+        parameters={"params": params, "overrides": args.set},
+        description=f"segloop continual loop over {settings.flows.incoming_dir} ({params})",
+    )
 
 
 if __name__ == "__main__":

@@ -3,21 +3,22 @@
 Run once without any server (Prefect's ephemeral mode):  python -m flows.monitor
 Serve it on the cron schedule of params.yaml:             python -m flows.deploy
 """
+
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 
 from flows.continual import continual_flow
-from segloop import loop
+from segloop import lifeline, loop
 from segloop.config import load_settings
 from segloop.loop import Workspace
 
 
 def _run_name() -> str:
-    return f"monitor-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return f"monitor-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 @flow(flow_run_name=_run_name, log_prints=True)
@@ -25,23 +26,36 @@ def monitor_flow(params: str = "params.yaml", overrides: list[str] | None = None
     """Run `continual_flow` for each pending batch; returns their step records.
 
     A batch is pending until its step commits a marker (processed/<batch>.json): a batch
-    whose step fails stays pending, and later batches wait for it (order matters). A run
-    that finds the workspace locked by another run does nothing.
+    whose step fails stays pending, and later batches wait for it (order matters), until
+    it has failed `flows.max_attempts` times: then it is moved to failed/<batch>/ and this
+    run goes on with the next batch (so does it for a refused batch name). A run that
+    finds the workspace locked by another run does nothing.
     """
+    lifeline.guard()  # Prefect's temporary server, DVC and training die with this process, even killed
     settings = load_settings(params, overrides or [])
     ws, log = Workspace.of(settings), get_run_logger()
     try:
         with loop.workspace_lock(ws):
             pending = loop.pending_batches(ws)
-            log.info("%d pending batch(es) in %s: %s", len(pending), ws.incoming, ", ".join(p.name for p in pending) or "-")
-            return [continual_flow(str(batch), params, overrides) for batch in pending]
+            log.info(
+                "%d pending batch(es) in %s: %s", len(pending), ws.incoming, ", ".join(p.name for p in pending) or "-"
+            )
+            records = []
+            for batch in pending:
+                try:
+                    records.append(continual_flow(str(batch), params, overrides))
+                except loop.DeadLettered as err:
+                    log.warning("%s", err)
+            return records
     except loop.LoopBusy as busy:
         log.warning("%s: skipping this run", busy)
         return []
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.monitor", description="process every pending batch once, then exit")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.monitor", description="process every pending batch once, then exit"
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args(argv)

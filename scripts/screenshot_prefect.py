@@ -7,6 +7,7 @@ Starts `prefect server start` on a free loopback port with PREFECT_HOME (default
 runs through the API, and renders each page once its DOM shows the expected run names
 (never a spinner). Writes <out>/prefect_runs.png and <out>/prefect_flow_run.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from screenshot_ui import (  # noqa: E402
-    ScreenshotError, find_browser, free_port, shoot_pages, start_server, stop_ui, wait_until_up,
+    ScreenshotError,
+    find_browser,
+    free_port,
+    shoot_pages,
+    start_server,
+    stop_ui,
+    wait_until_up,
 )
 
 
@@ -43,10 +50,14 @@ def updated_run(api: str, continual: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--home", type=Path, default=Path(".prefect"), help="PREFECT_HOME holding prefect.db (default .prefect)")
+    ap.add_argument(
+        "--home", type=Path, default=Path(".prefect"), help="PREFECT_HOME holding prefect.db (default .prefect)"
+    )
     ap.add_argument("--out", type=Path, default=Path("reports/ui"))
     ap.add_argument("--size", type=int, nargs=2, default=[1500, 950], metavar=("WIDTH", "HEIGHT"))
-    ap.add_argument("--budget-ms", type=int, default=10000, help="virtual time Chromium gives the app to load (doubled on retry)")
+    ap.add_argument(
+        "--budget-ms", type=int, default=10000, help="virtual time Chromium gives the app to load (doubled on retry)"
+    )
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server")
     args = ap.parse_args(argv)
     try:
@@ -58,10 +69,23 @@ def main(argv: list[str] | None = None) -> int:
         base, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
         args.out.mkdir(parents=True, exist_ok=True)
         log = args.out / "prefect_server.log"
-        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_UI_API_URL": api, "PREFECT_API_URL": api}
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_API_URL": api,
+            "PREFECT_API_URL": api,
+        }
         prefect = Path(sys.executable).parent / "prefect"
-        cmd = [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [
+            str(prefect) if prefect.exists() else "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         proc = start_server(cmd, env, log)
         try:
             up_s = wait_until_up(f"{api}/health", proc, args.timeout, log, "prefect server")

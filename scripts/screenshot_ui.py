@@ -12,6 +12,7 @@ Writes <out>/mlflow_home.png, mlflow_runs.png, mlflow_model.png and mlflow_model
 Needs Debian's chromium (chromium-driver too if you drive it with Selenium):
     apt-get install -y chromium chromium-driver
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,22 @@ def free_port() -> int:
 def start_ui(db: Path, artifacts: Path, port: int, log: Path) -> subprocess.Popen:
     """`mlflow ui` on the store, loopback only, in its own process group (stopped as one)."""
     mlflow = Path(sys.executable).parent / "mlflow"
-    cmd = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
-           "--artifacts-destination", str(artifacts), "--host", HOST, "--port", str(port),
-           "--allowed-hosts", f"{HOST}:{port}", "--cors-allowed-origins", f"http://{HOST}:{port}"]
+    cmd = [
+        str(mlflow) if mlflow.exists() else "mlflow",
+        "ui",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--allowed-hosts",
+        f"{HOST}:{port}",
+        "--cors-allowed-origins",
+        f"http://{HOST}:{port}",
+    ]
     # (without the origin, MLflow's CORS guard refuses the UI's own POSTs: runs pages show "Request error")
     # Job execution (huey workers) serves MLflow's GenAI features, not segloop (as in `make ui`).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -92,12 +106,16 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
-def wait_until_up(health_url: str, proc: subprocess.Popen, timeout_s: float, log: Path, what: str = "mlflow ui") -> float:
+def wait_until_up(
+    health_url: str, proc: subprocess.Popen, timeout_s: float, log: Path, what: str = "mlflow ui"
+) -> float:
     """Seconds until `health_url` answered; ScreenshotError if the server died or never answered."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         if proc.poll() is not None:
-            raise ScreenshotError(f"{what} exited with status {proc.returncode}; its log: {log}\n{log.read_text()[-2000:]}")
+            raise ScreenshotError(
+                f"{what} exited with status {proc.returncode}; its log: {log}\n{log.read_text()[-2000:]}"
+            )
         try:
             with urllib.request.urlopen(health_url, timeout=2):
                 return time.monotonic() - started
@@ -108,23 +126,42 @@ def wait_until_up(health_url: str, proc: subprocess.Popen, timeout_s: float, log
 
 def registered_model(base: str, name: str) -> dict:
     try:
-        return get_json(f"{base}/ajax-api/2.0/mlflow/registered-models/get?name={urllib.parse.quote(name)}")["registered_model"]
+        return get_json(f"{base}/ajax-api/2.0/mlflow/registered-models/get?name={urllib.parse.quote(name)}")[
+            "registered_model"
+        ]
     except urllib.error.HTTPError as err:
-        raise ScreenshotError(f"no registered model {name!r} in this store (HTTP {err.code}); "
-                              "train and register one first (e.g. `make demo`)") from None
+        raise ScreenshotError(
+            f"no registered model {name!r} in this store (HTTP {err.code}); "
+            "train and register one first (e.g. `make demo`)"
+        ) from None
 
 
 def chromium(browser: str, url: str, budget_ms: int, size: tuple[int, int], *mode: str) -> subprocess.CompletedProcess:
     """One headless Chromium run on `url`: a fresh profile, no network but the loopback UI."""
     with tempfile.TemporaryDirectory(prefix="segloop-chromium-") as profile:
-        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}", "--hide-scrollbars",
-               f"--virtual-time-budget={budget_ms}", *mode, url]
+        cmd = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--window-size={size[0]},{size[1]}",
+            "--hide-scrollbars",
+            f"--virtual-time-budget={budget_ms}",
+            *mode,
+            url,
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=budget_ms / 1000 + 120)
 
 
-def shoot(browser: str, url: str, expect: list[str], png: Path, budget_ms: int, size: tuple[int, int], tries: int = 3) -> int:
+def shoot(
+    browser: str, url: str, expect: list[str], png: Path, budget_ms: int, size: tuple[int, int], tries: int = 3
+) -> int:
     """Screenshot `url` once its DOM shows every string in `expect`; returns the budget used."""
     for _ in range(tries):
         dom = chromium(browser, url, budget_ms, size, "--dump-dom").stdout
@@ -152,7 +189,9 @@ def shoot_pages(browser: str, pages: list[tuple[str, list[str], Path]], budget_m
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", type=Path, default=Path("mlruns/mlflow.db"), help="MLflow sqlite db (default mlruns/mlflow.db)")
+    ap.add_argument(
+        "--store", type=Path, default=Path("mlruns/mlflow.db"), help="MLflow sqlite db (default mlruns/mlflow.db)"
+    )
     ap.add_argument("--artifacts", type=Path, help="artifact folder (default: artifacts/ beside the db)")
     ap.add_argument("--model", help="registered model name (default registry.model_name of --params)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -160,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports/ui"))
     # A laptop screen: what a reviewer sees without scrolling.
     ap.add_argument("--size", type=int, nargs=2, default=[1400, 900], metavar=("WIDTH", "HEIGHT"))
-    ap.add_argument("--budget-ms", type=int, default=8000, help="virtual time Chromium gives the app to load (doubled on retry)")
+    ap.add_argument(
+        "--budget-ms", type=int, default=8000, help="virtual time Chromium gives the app to load (doubled on retry)"
+    )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the UI server")
     args = ap.parse_args(argv)
     try:
@@ -185,16 +226,27 @@ def main(argv: list[str] | None = None) -> int:
             model = registered_model(base, name)
             aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
             if "champion" not in aliases:
-                raise ScreenshotError(f"{name} has no champion alias yet (aliases: {aliases or 'none'}); run `segloop gate` first")
+                raise ScreenshotError(
+                    f"{name} has no champion alias yet (aliases: {aliases or 'none'}); run `segloop gate` first"
+                )
             size = tuple(args.size)
-            exp = get_json(f"{base}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name="
-                           f"{urllib.parse.quote(args.experiment)}")["experiment"]
+            exp = get_json(
+                f"{base}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name="
+                f"{urllib.parse.quote(args.experiment)}"
+            )["experiment"]
             pages = [
                 (f"{base}/#/?{VIEW}", [args.experiment], args.out / "mlflow_home.png"),
                 (f"{base}/#/experiments/{exp['experiment_id']}/runs?{VIEW}", ["train:"], args.out / "mlflow_runs.png"),
-                (f"{base}/#/models/{urllib.parse.quote(name)}?{VIEW}", [name, "champion"], args.out / "mlflow_model.png"),
-                (f"{base}/#/models/{urllib.parse.quote(name)}/versions/{aliases['champion']}?{VIEW}",
-                 [f"Version {aliases['champion']}", "champion"], args.out / "mlflow_model_version.png"),
+                (
+                    f"{base}/#/models/{urllib.parse.quote(name)}?{VIEW}",
+                    [name, "champion"],
+                    args.out / "mlflow_model.png",
+                ),
+                (
+                    f"{base}/#/models/{urllib.parse.quote(name)}/versions/{aliases['champion']}?{VIEW}",
+                    [f"Version {aliases['champion']}", "champion"],
+                    args.out / "mlflow_model_version.png",
+                ),
             ]
             shoot_pages(browser, pages, args.budget_ms, size)
             print(f"UI answered after {up_s:.1f} s; champion is {name} v{aliases['champion']}")

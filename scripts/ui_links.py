@@ -5,6 +5,7 @@ Reads the store (no server needed) and tags segloop's experiments as model-train
 (`mlflow.experimentKind`) if an older segloop made them, so the UI opens them on their runs
 instead of asking what they are for. Writes nothing else.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Shared fixtures: a shrunk real configuration and tiny synthetic datasets."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,15 @@ TINY = {
     "data": {"crop_size": 64},
     "generate": {"n": 24, "image_size": [72, 80], "domains": ["base", "fog"]},
     "model": {"decoder_channels": [32, 16, 16, 8, 8]},
-    "train": {"epochs": 12, "batch_size": 4, "iters_per_epoch": 4, "lr": 0.003, "max_minutes": None, "num_workers": 0,
-              "patience": 50},
+    "train": {
+        "epochs": 12,
+        "batch_size": 4,
+        "iters_per_epoch": 4,
+        "lr": 0.003,
+        "max_minutes": None,
+        "num_workers": 0,
+        "patience": 50,
+    },
     "eval": {"n_overlays": 2},
     # Tiny tests and the DVC pipeline test need no store; tracking tests point at a temp one.
     "tracking": {"enabled": False},
@@ -54,8 +62,11 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def tiny_raw() -> dict:
-    return _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+def tiny_raw(tmp_path_factory) -> dict:
+    raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    # ONNX exports of test models go to the run's temp folder, not the checkout's .cache.
+    raw["serve"]["cache"] = str(tmp_path_factory.getbasetemp() / "serve-cache")
+    return raw
 
 
 @pytest.fixture
@@ -144,9 +155,34 @@ def cli_env() -> dict:
     return env
 
 
+def move_store(db: Path, old: Path, new: Path) -> None:
+    """Point every absolute path the copied MLflow db holds (artifact locations, model
+    sources) from the original's folder into the copy's: tests never share artifacts."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        for (table,) in con.execute("select name from sqlite_master where type = 'table'").fetchall():
+            for col in [
+                c[1]
+                for c in con.execute(f"pragma table_info('{table}')")
+                if c[2].upper().startswith(("TEXT", "VARCHAR"))
+            ]:
+                con.execute(
+                    f'update "{table}" set "{col}" = replace("{col}", ?, ?) where "{col}" like ?',
+                    (str(old), str(new), f"%{old}%"),
+                )
+
+
 # Slowest files first: with `--dist loadfile --no-loadscope-reorder` (pyproject) the two
 # workers start on the two longest files at once, so neither ends alone on a long one.
-SLOWEST_FIRST = ("test_flows.py", "test_dvc_pipeline.py", "test_registry.py", "test_train.py")
+SLOWEST_FIRST = (
+    "test_flows.py",
+    "test_loop_integrity.py",
+    "test_dvc_pipeline.py",
+    "test_registry.py",
+    "test_train.py",
+    "test_redaction.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -1,4 +1,5 @@
 """`make bench`'s summary table (benchmarks/run_all.py): an unmet goal reads NOT met, in either shape."""
+
 import importlib.util
 import json
 from pathlib import Path

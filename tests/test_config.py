@@ -1,11 +1,11 @@
 """Code tests: typed settings fail at load with the key's dotted name."""
+
 import pytest
 import yaml
+from conftest import ROOT
 
 from segloop.cli import main
 from segloop.config import SettingsError, apply_override, load_settings, settings_from_dict
-
-from conftest import ROOT
 
 
 def test_project_params_load():
@@ -68,8 +68,19 @@ def test_missing_params_file(tmp_path):
 
 
 def test_cli_reports_bad_setting_and_exits_2(tmp_path, capsys, base_data):
-    code = main(["train", "--params", str(ROOT / "params.yaml"), "--set", "train.lr=0",
-                 "--data", str(base_data), "--out", str(tmp_path / "m")])
+    code = main(
+        [
+            "train",
+            "--params",
+            str(ROOT / "params.yaml"),
+            "--set",
+            "train.lr=0",
+            "--data",
+            str(base_data),
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
     assert code == 2
     assert "train.lr" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
@@ -78,4 +89,6 @@ def test_cli_reports_bad_setting_and_exits_2(tmp_path, capsys, base_data):
 def test_a_set_value_that_is_not_yaml_is_one_line(capsys):
     assert main(["report", str(ROOT), "--params", str(ROOT / "params.yaml"), "--set", "train.lr=[1,2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: --set 'train.lr=[1,2': the value is not valid YAML"), err
+    assert len(err.splitlines()) == 1 and err.startswith("error: --set 'train.lr=[1,2': the value is not valid YAML"), (
+        err
+    )

@@ -1,5 +1,7 @@
 """Continual strategies, replay buffer and continual metrics."""
+
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,11 +19,13 @@ from segloop.train import train
 
 
 def test_metrics_against_hand_built_matrix():
-    r = np.array([
-        [0.9, 0.2, 0.1],
-        [0.7, 0.8, 0.3],
-        [0.6, 0.9, 0.85],
-    ])
+    r = np.array(
+        [
+            [0.9, 0.2, 0.1],
+            [0.7, 0.8, 0.3],
+            [0.6, 0.9, 0.85],
+        ]
+    )
     m = continual_metrics(r, baseline=np.array([0.0, 0.1, 0.2]))
     assert m["acc"] == pytest.approx((0.6 + 0.9 + 0.85) / 3)
     assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.9 - 0.8)) / 2)
@@ -33,7 +37,9 @@ def test_metrics_against_hand_built_matrix():
 
 
 def test_mixed_batches_hold_replay_samples():
-    sampler = MixedBatchSampler(n_new=20, n_replay=5, batch_size=8, ratio=0.25, generator=torch.Generator().manual_seed(0))
+    sampler = MixedBatchSampler(
+        n_new=20, n_replay=5, batch_size=8, ratio=0.25, generator=torch.Generator().manual_seed(0)
+    )
     batches = list(sampler)
     assert len(batches) == len(sampler) == 20 // 6
     for batch in batches:
@@ -86,6 +92,27 @@ def test_balanced_buffer_keeps_equal_shares_and_balanced_mix_follows_it(tmp_path
         update_buffer(buffer, batch, "b3", size=10, seed=0, out=tmp_path / "x", sampling="fifo")
 
 
+def test_balanced_buffer_with_domains_shares_by_domain_not_by_batch(tmp_path, tiny_raw):
+    """The loop's buffer: two base batches and one fog batch -> half base, half fog."""
+    from collections import Counter
+
+    from segloop.continual import replay_ratio
+
+    buffer = None
+    for k, domain in enumerate(["base", "base", "fog"]):
+        batch = tmp_path / f"batch{k}"
+        generate(batch, domain, n=8, seed=k, size=(32, 32))
+        update_buffer(
+            buffer, batch, f"b{k}", size=10, seed=0, out=tmp_path / f"buffer{k}", sampling="balanced", domain=domain
+        )
+        buffer = tmp_path / f"buffer{k}"
+    items = read_manifest(buffer)["items"]
+    assert Counter(i["domain"] for i in items) == {"base": 5, "fog": 5}
+    assert set(Counter(i["source_batch"] for i in items)) == {"b0", "b1", "b2"}  # base's share from both batches
+    tiny_raw["continual"] = {"replay": {"mix": "balanced"}}
+    assert replay_ratio(settings_from_dict(tiny_raw), buffer) == pytest.approx(2 / 3)  # 2 domains + the new batch
+
+
 def test_distillation_is_zero_against_identical_teacher(tiny_settings):
     from segloop.models import build_model
 
@@ -103,8 +130,8 @@ def test_distillation_is_zero_against_identical_teacher(tiny_settings):
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory, base_data):
     """A tiny parent trained on base, a fog batch, and a replay buffer of base samples."""
-    from conftest import ROOT, TINY, _merge
     import yaml
+    from conftest import ROOT, TINY, _merge
 
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     raw["train"]["epochs"] = 2
@@ -124,11 +151,20 @@ def test_each_strategy_runs_one_step(stream, base_data, strategy):
     raw["continual"]["strategy"] = strategy
     settings = settings_from_dict(raw)
     out = root / f"update_{strategy}"
-    result = update(settings, root / "parent" / "best.pt", root / "fog", out,
-                    seen=[base_data], replay=root / "buffer", log=lambda _: None)
+    result = update(
+        settings,
+        root / "parent" / "best.pt",
+        root / "fog",
+        out,
+        seen=[base_data],
+        replay=root / "buffer",
+        log=lambda _: None,
+    )
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["strategy"] == strategy
-    assert set(ckpt["data_md5"]) == ({str(base_data), str(root / "fog")} if strategy == "joint" else {str(root / "fog")})
+    assert set(ckpt["data_md5"]) == (
+        {str(base_data), str(root / "fog")} if strategy == "joint" else {str(root / "fog")}
+    )
     parent_state = load_checkpoint(root / "parent" / "best.pt")["model"]
     enc = [k for k in parent_state if k.startswith("encoder.")]
     dec = [k for k in parent_state if k.startswith("decoder.") and parent_state[k].is_floating_point()]
@@ -165,6 +201,7 @@ def test_unknown_strategy_lists_valid(tiny_raw):
 
 
 # Class-incremental updates (MiB)
+
 
 def _head_model(settings, n_classes, seed=0):
     from segloop.models import build_model
@@ -213,7 +250,9 @@ def test_unbiased_loss_is_plain_with_nothing_to_hide_and_reads_background_as_old
     expected = -(picked.log() * valid).sum() / valid.sum()
     ce_only = UnbiasedSegLoss(3, SegLoss(dice_weight=0.0, ce_weight=1.0))
     torch.testing.assert_close(ce_only(logits, target), expected)
-    assert float(expected) < float(F.cross_entropy(logits, target, ignore_index=255)) - 0.5  # plain CE punishes old classes
+    assert (
+        float(expected) < float(F.cross_entropy(logits, target, ignore_index=255)) - 0.5
+    )  # plain CE punishes old classes
 
 
 def test_unbiased_distillation_compares_parent_background_with_background_plus_new(tiny_settings):
@@ -245,7 +284,9 @@ def test_replay_only_distillation_sees_replayed_rows_only(tiny_settings):
     rows = torch.tensor([False, False, True, True])
     only = Distillation(teacher, 2.0, 1.0, replay_only=True)
     assert float(only(x, logits, masks, torch.zeros(4, dtype=torch.bool))) == 0.0
-    torch.testing.assert_close(only(x, logits, masks, rows), Distillation(teacher, 2.0, 1.0)(x[2:], logits[2:], masks[2:]))
+    torch.testing.assert_close(
+        only(x, logits, masks, rows), Distillation(teacher, 2.0, 1.0)(x[2:], logits[2:], masks[2:])
+    )
 
 
 def test_relabel_maps_masks_and_keeps_images(tmp_path, base_data):
@@ -267,8 +308,8 @@ def test_relabel_maps_masks_and_keeps_images(tmp_path, base_data):
 @pytest.fixture(scope="module")
 def class_stream(tmp_path_factory, base_data, one_torch_thread):
     """A tiny 3-class parent (speckle pixels labelled background) and a batch labelling only speckle."""
-    from conftest import ROOT, TINY, _merge
     import yaml
+    from conftest import ROOT, TINY, _merge
 
     from segloop.data.relabel import relabel
 
@@ -323,6 +364,7 @@ def test_class_incremental_refuses_mismatched_classes(class_stream, tiny_raw):
 
 # ---------------------------------------------------------------- gate-constrained selection
 
+
 def test_gate_score_ranks_a_feasible_epoch_above_one_with_a_better_mean():
     from segloop.config import GateSettings
     from segloop.continual import gate_score
@@ -334,7 +376,9 @@ def test_gate_score_ranks_a_feasible_epoch_above_one_with_a_better_mean():
     assert gate_score(keeps, parent, gate, margin=0.01) > gate_score(forgets, parent, gate, margin=0.01)
     assert 1.0 <= gate_score(keeps, parent, gate, 0.01) <= 2.0 and -1.0 < gate_score(forgets, parent, gate, 0.01) < 0.0
     # the margin is stricter than the gate: 1.5 pts lost passes the gate, not the selection
-    assert gate_score([0.60, 0.885], parent, gate, margin=0.01) < 0 <= gate_score([0.60, 0.885], parent, gate, margin=0.0)
+    assert (
+        gate_score([0.60, 0.885], parent, gate, margin=0.01) < 0 <= gate_score([0.60, 0.885], parent, gate, margin=0.0)
+    )
     # among infeasible epochs the nearest to the rules wins
     assert gate_score([0.205, 0.90], parent, gate, 0.0) > gate_score([0.20, 0.80], parent, gate, 0.0)
 
@@ -367,3 +411,36 @@ def test_mix_weights_moves_floats_from_parent_to_child_and_keeps_counters():
     assert torch.equal(mix_weights(parent, child, 0.0)["w"], parent["w"])
     assert torch.allclose(mix_weights(parent, child, 0.3)["w"], torch.full((3,), 0.3))
     assert int(mix_weights(parent, child, 0.3)["bn.num_batches_tracked"]) == 9
+
+
+def test_replay_keeps_same_named_files_of_two_batches_and_pairs_by_exact_name(tmp_path):
+    from PIL import Image
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    generate(first, "base", n=3, seed=0, size=(32, 32))
+    generate(second, "fog", n=3, seed=0, size=(32, 32))
+    for f in list(second.rglob("fog-*.png")):  # the same file names as `first`, other pixels
+        f.rename(f.with_name(f.name.replace("fog-", "base-")))
+    assert sorted(p.name for p in (first / "images").iterdir()) == sorted(p.name for p in (second / "images").iterdir())
+    # "frame.001" next to "frame": a pattern `frame.*` would pick the wrong image for "frame"
+    for name, value in (("frame", 10), ("frame.001", 200)):
+        Image.new("RGB", (32, 32), (value,) * 3).save(first / "images" / f"{name}.png")
+        Image.new("L", (32, 32), 1).save(first / "masks" / f"{name}.png")
+    b1 = update_buffer(None, first, "01-base", size=20, seed=0, out=tmp_path / "r1")
+    b2 = update_buffer(tmp_path / "r1", second, "02-fog", size=20, seed=0, out=tmp_path / "r2")
+    assert len(b2["items"]) == 8 and b2["seen"] == 8  # 3 + 2 frames, then 3: nothing overwritten
+    assert Counter(i["source_batch"] for i in b2["items"]) == {"01-base": 5, "02-fog": 3}
+    files = {(i["source_batch"], i["file"]) for i in b2["items"]}
+    assert {("01-base", "base-s0-00000.png"), ("02-fog", "base-s0-00000.png")} <= files  # same name, both kept
+    assert len(files) == 8 and ("01-base", "frame.png") in files and ("01-base", "frame.001.png") in files
+    for name, value in (("frame", 10), ("frame.001", 200)):
+        pixels = np.asarray(Image.open(tmp_path / "r2" / "images" / f"01-base.{name}.png"))
+        assert pixels.max() == value  # each stored under its own name, from its own file
+    assert read_manifest(tmp_path / "r2") == b2 and b1["items"][0]["stem"].startswith("01-base.")
+    # the manifest check counts: a sample listed twice is a mismatch, though the sets agree
+    doubled = dict(b2, items=b2["items"] + b2["items"][:1])
+    (tmp_path / "r2" / "manifest.json").write_text(json.dumps(doubled))
+    with pytest.raises(ValueError, match="lists 9 samples, folder holds 8 images"):
+        read_manifest(tmp_path / "r2")
+    with pytest.raises(ValueError, match="batch id 'a.b'"):
+        update_buffer(None, first, "a.b", size=5, seed=0, out=tmp_path / "r3")

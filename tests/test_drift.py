@@ -1,9 +1,9 @@
 """Drift detection: features on real images, cache, decision rule, real Evidently reports,
 bad input, drift.json, quality-drop trigger, reference sample, CLI."""
+
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -38,18 +38,25 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def champion_path(tmp_path_factory):
     """A tiny, untrained U-Net checkpoint: drift features need a model, not a good one."""
-    from conftest import ROOT, TINY, _merge
     import yaml
+    from conftest import ROOT, TINY, _merge
 
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     settings = settings_from_dict(raw)
     torch.manual_seed(0)
     model = build_model(settings.model, 3, settings.num_classes)
     path = tmp_path_factory.mktemp("champion") / "best.pt"
-    save_checkpoint(path, {
-        "model": model.state_dict(), "settings": settings.model_dump(mode="json"),
-        "classes": list(settings.data.classes), "channels": 3, "parent": None, "val_miou": 0.5,
-    })
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "settings": settings.model_dump(mode="json"),
+            "classes": list(settings.data.classes),
+            "channels": 3,
+            "parent": None,
+            "val_miou": 0.5,
+        },
+    )
     return path
 
 
@@ -59,6 +66,7 @@ def champion(champion_path):
 
 
 # --- features -------------------------------------------------------------------------
+
 
 def test_image_statistics_known_values():
     grey = np.full((2, 40, 50, 3), 128, np.uint8)
@@ -114,6 +122,7 @@ def test_cache_hit_miss(data, champion, tmp_path):
 
 # --- decision rule -------------------------------------------------------------------
 
+
 def test_decide_weighted_bonferroni():
     cfg = DriftSettings(alpha=0.01, embedding_alpha_share=0.5)
     p = {f"c{i}": 0.5 for i in range(10)}
@@ -143,6 +152,7 @@ def test_mmd_permutation_test():
 
 # --- end to end with real Evidently ----------------------------------------------------
 
+
 @pytest.mark.slow
 def test_fog_drifts_fresh_base_does_not(data, champion, tmp_path):
     cache = tmp_path / "cache"
@@ -154,8 +164,16 @@ def test_fog_drifts_fresh_base_does_not(data, champion, tmp_path):
     assert (tmp_path / "fog" / "drift.html").stat().st_size > 10_000
     # drift.json schema
     saved = json.loads((tmp_path / "fog" / "drift.json").read_text())
-    for key, typ in {"drift": bool, "score": float, "share_drifted": float, "drifted_features": list,
-                     "method": str, "n_reference": int, "n_current": int, "data_drift": bool}.items():
+    for key, typ in {
+        "drift": bool,
+        "score": float,
+        "share_drifted": float,
+        "drifted_features": list,
+        "method": str,
+        "n_reference": int,
+        "n_current": int,
+        "data_drift": bool,
+    }.items():
         assert isinstance(saved[key], typ), key
     assert saved["n_reference"] == 40 and saved["n_current"] == 24
     assert "embedding" in saved["method"] and saved["embeddings"]["test"] == "mmd_rbf_permutation"
@@ -181,13 +199,25 @@ def test_without_model_uses_image_statistics_only(data, tmp_path):
 @pytest.mark.slow
 def test_quality_drop_trigger(data, champion, tmp_path):
     # Held-out mIoU far above what the (untrained) champion scores on the batch: performance drift.
-    r = detect_drift(data / "ref", data / "base", tmp_path / "a", CFG, 3, champion, None, champion_miou=1.0, progress=False)
+    r = detect_drift(
+        data / "ref", data / "base", tmp_path / "a", CFG, 3, champion, None, champion_miou=1.0, progress=False
+    )
     q = r["quality"]
     assert r["performance_drift"] is True and r["drift"] is True and not r["data_drift"]
     assert q["drop"] == pytest.approx(1.0 - q["batch_miou"]) and q["drop"] > CFG.max_quality_drop
     assert (tmp_path / "a" / "quality" / "metrics.json").is_file()
     # Held-out equal to the batch score: no drop.
-    r = detect_drift(data / "ref", data / "base", tmp_path / "b", CFG, 3, champion, None, champion_miou=q["batch_miou"], progress=False)
+    r = detect_drift(
+        data / "ref",
+        data / "base",
+        tmp_path / "b",
+        CFG,
+        3,
+        champion,
+        None,
+        champion_miou=q["batch_miou"],
+        progress=False,
+    )
     assert r["performance_drift"] is False and r["drift"] is False
     # Without masks there is nothing to evaluate.
     unlabelled = tmp_path / "unlabelled"
@@ -197,6 +227,7 @@ def test_quality_drop_trigger(data, champion, tmp_path):
 
 
 # --- bad input ----------------------------------------------------------------------------
+
 
 def test_bad_input_names_folder_or_file(data, tmp_path):
     empty = tmp_path / "empty"
@@ -223,8 +254,18 @@ def test_bad_input_names_folder_or_file(data, tmp_path):
 def test_cli_drift_and_bad_input(data, tiny_params, tmp_path, capsys):
     out = tmp_path / "out"
     common = ["--params", str(tiny_params), "--reference", str(data / "ref"), "--out", str(out)]  # tracking off
-    rc = main(["drift", *common, "--current", str(data / "fog"), "--cache", str(tmp_path / "cache"),
-               "--set", "drift.mmd_permutations=200"])
+    rc = main(
+        [
+            "drift",
+            *common,
+            "--current",
+            str(data / "fog"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--set",
+            "drift.mmd_permutations=200",
+        ]
+    )
     assert rc == 0 and json.loads((out / "drift.json").read_text())["drift"] is True
     assert "DRIFT" in capsys.readouterr().out
     rc = main(["drift", *common, "--current", str(tmp_path / "missing")])
@@ -241,9 +282,31 @@ def test_cli_drift_check_is_an_mlflow_run(data, champion_path, tracked_params, t
     runs = {}
     for batch in ("fog", "base"):
         out = tmp_path / batch
-        assert main(["drift", "--params", str(tracked_params), "--reference", str(data / "ref"), "--current", str(data / batch),
-                     "--model", str(champion_path), "--out", str(out), "--no-cache", "--set", "drift.mmd_permutations=200"]) == 0
-        runs[batch] = (json.loads((out / "drift.json").read_text()), capsys.readouterr().out.split("MLflow run ")[1].strip())
+        assert (
+            main(
+                [
+                    "drift",
+                    "--params",
+                    str(tracked_params),
+                    "--reference",
+                    str(data / "ref"),
+                    "--current",
+                    str(data / batch),
+                    "--model",
+                    str(champion_path),
+                    "--out",
+                    str(out),
+                    "--no-cache",
+                    "--set",
+                    "drift.mmd_permutations=200",
+                ]
+            )
+            == 0
+        )
+        runs[batch] = (
+            json.loads((out / "drift.json").read_text()),
+            capsys.readouterr().out.split("MLflow run ")[1].strip(),
+        )
     client = open_store(resolve_store(tracked_settings.tracking))
     for batch, (record, run_id) in runs.items():
         run = client.get_run(run_id)
@@ -263,6 +326,7 @@ def test_cli_drift_check_is_an_mlflow_run(data, champion_path, tracked_params, t
 
 
 # --- reference and settings -------------------------------------------------------------
+
 
 def test_build_reference_is_seeded_and_auditable(data, tmp_path):
     a = build_reference(data / "ref", 16, 3, tmp_path / "a", model_id="abc")
@@ -285,12 +349,19 @@ def test_reference_model_mismatch_is_reported(data, champion, tmp_path):
     assert r["reference_model_id"] == "an-older-champion" and "rebuild the reference" in r["warnings"][0]
 
 
-@pytest.mark.parametrize("override, key", [
-    ({"alpha": 0}, "drift.alpha"), ({"alpha": 0.7}, "drift.alpha"), ({"min_images": 2}, "drift.min_images"),
-    ({"model_crop": 100}, "drift.model_crop"), ({"embedding_alpha_share": 1.0}, "drift.embedding_alpha_share"),
-    ({"reference_size": 10}, "drift"), ({"thresh": 1}, "drift.thresh"),
-    ({"mmd_permutations": 150}, "mmd_permutations=150 cannot reach"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"alpha": 0}, "drift.alpha"),
+        ({"alpha": 0.7}, "drift.alpha"),
+        ({"min_images": 2}, "drift.min_images"),
+        ({"model_crop": 100}, "drift.model_crop"),
+        ({"embedding_alpha_share": 1.0}, "drift.embedding_alpha_share"),
+        ({"reference_size": 10}, "drift"),
+        ({"thresh": 1}, "drift.thresh"),
+        ({"mmd_permutations": 150}, "mmd_permutations=150 cannot reach"),
+    ],
+)
 def test_drift_settings_validated(tiny_raw, override, key):
     tiny_raw["drift"] = {**tiny_raw.get("drift", {}), **override}
     with pytest.raises(SettingsError, match=key.replace(".", r"\.")):

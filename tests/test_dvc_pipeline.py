@@ -4,13 +4,13 @@
 one param invalidates exactly the stages that read it. The drift checks' drift.json
 files are DVC metrics.
 """
+
 import json
 import shutil
 import subprocess
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -80,4 +80,6 @@ def test_repro_then_nothing_then_only_dependent_stages(tmp_path, tiny_raw, cli_e
     assert _changed_stages(repo, cli_env) == ["split@base", "split@fog"]
     third = _run(["dvc", "repro"], repo, cli_env)
     ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
-    assert ran == {"split@base", "split@fog", "train", "evaluate@base", "evaluate@fog", "drift@base", "drift@fog"}, third
+    assert ran == {"split@base", "split@fog", "train", "evaluate@base", "evaluate@fog", "drift@base", "drift@fog"}, (
+        third
+    )

@@ -1,6 +1,7 @@
 """Export tests: ONNX round trip with dynamic sizes, static int8, the ONNX predict backend,
 logging to a model version's run, bad input. Tiny untrained models (parity is about the graph,
 not the weights); real onnxruntime, real MLflow on a temporary sqlite store."""
+
 import json
 import subprocess
 import sys
@@ -27,8 +28,16 @@ def tiny_checkpoint(path, settings, channels):
     torch.manual_seed(channels)
     settings = settings.model_copy(update={"data": settings.data.model_copy(update={"channels": channels})})
     model = build_model(settings.model, channels, settings.num_classes)
-    save_checkpoint(path, {"model": model.state_dict(), "settings": settings.model_dump(mode="json"),
-                           "classes": list(settings.data.classes), "channels": channels, "parent": None})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "settings": settings.model_dump(mode="json"),
+            "classes": list(settings.data.classes),
+            "channels": channels,
+            "parent": None,
+        },
+    )
     return path
 
 
@@ -70,8 +79,16 @@ def test_round_trip_matches_eager_at_any_batch_and_size(tmp_path, tiny_settings,
 def test_int8_export_is_smaller_and_mostly_agrees(tmp_path, tiny_settings, base_data):
     ckpt = tiny_checkpoint(tmp_path / "m.pt", tiny_settings, 3)
     out = tmp_path / "m.onnx"
-    report = export_model(ckpt, out, tiny_settings.export, tiny_settings.eval, quantize="int8", calib=base_data,
-                          parity_data=base_data, log=lambda _: None)
+    report = export_model(
+        ckpt,
+        out,
+        tiny_settings.export,
+        tiny_settings.eval,
+        quantize="int8",
+        calib=base_data,
+        parity_data=base_data,
+        log=lambda _: None,
+    )
     q = report["int8"]
     assert q["file"] == str(int8_path(out)) and q["bytes"] < 0.4 * report["fp32"]["bytes"]
     ops = {node.op_type for node in onnx.load(q["file"]).graph.node}
@@ -89,9 +106,25 @@ def test_predict_onnx_backend_writes_the_torch_masks(tmp_path, tiny_settings, ti
     out = tmp_path / "m.onnx"
     assert main(["export", "--params", str(tiny_params), "--model", str(ckpt), "--out", str(out)]) == 0
     proc = subprocess.run(
-        [sys.executable, "-m", "segloop.cli", "predict", "--params", str(tiny_params), "--backend", "onnx",
-         "--model", str(out), "--input", str(base_data / "images"), "--out", str(tmp_path / "onnx")],
-        env=cli_env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "segloop.cli",
+            "predict",
+            "--params",
+            str(tiny_params),
+            "--backend",
+            "onnx",
+            "--model",
+            str(out),
+            "--input",
+            str(base_data / "images"),
+            "--out",
+            str(tmp_path / "onnx"),
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote 24 masks" in proc.stdout and "onnx backend" in proc.stdout
@@ -107,7 +140,16 @@ def test_predict_onnx_backend_writes_the_torch_masks(tmp_path, tiny_settings, ti
 
 def test_bad_input_fails_with_clear_errors(tmp_path, tiny_settings, tiny_params, capsys):
     ckpt = tiny_checkpoint(tmp_path / "m.pt", tiny_settings, 3)
-    args = lambda *extra: ["export", "--params", str(tiny_params), "--model", str(ckpt), "--out", str(tmp_path / "m.onnx"), *extra]  # noqa: E731
+    args = lambda *extra: [  # noqa: E731
+        "export",
+        "--params",
+        str(tiny_params),
+        "--model",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "m.onnx"),
+        *extra,
+    ]
     cfg, ev = tiny_settings.export, tiny_settings.eval
     with pytest.raises(FileNotFoundError, match="missing.pt: checkpoint not found"):
         export_model(tmp_path / "missing.pt", tmp_path / "m.onnx", cfg, ev)
@@ -130,16 +172,37 @@ def test_bad_input_fails_with_clear_errors(tmp_path, tiny_settings, tiny_params,
     (tmp_path / "other.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match="other.onnx: not a loadable ONNX model"):
         OnnxBackend(tmp_path / "other.onnx")
-    assert main(["predict", "--params", str(tiny_params), "--backend", "onnx", "--model", "models:/x@champion",
-                 "--input", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--params",
+                str(tiny_params),
+                "--backend",
+                "onnx",
+                "--model",
+                "models:/x@champion",
+                "--input",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "needs an exported .onnx file" in capsys.readouterr().err
 
 
 def test_export_is_logged_to_the_model_versions_run(tmp_path, tiny_settings):
     from segloop.registry import registry_client
 
-    settings = tiny_settings.model_copy(update={"tracking": tiny_settings.tracking.model_copy(
-        update={"enabled": True, "uri": f"sqlite:///{tmp_path}/store/mlflow.db"})})
+    settings = tiny_settings.model_copy(
+        update={
+            "tracking": tiny_settings.tracking.model_copy(
+                update={"enabled": True, "uri": f"sqlite:///{tmp_path}/store/mlflow.db"}
+            )
+        }
+    )
     client, _ = registry_client(settings)
     run = client.create_run(client.create_experiment("test", artifact_location=str(tmp_path / "artifacts")))
     client.create_registered_model("tiny")
@@ -148,5 +211,8 @@ def test_export_is_logged_to_the_model_versions_run(tmp_path, tiny_settings):
     for f in files:
         f.write_text(f.name)
     uri = log_export(settings, mv, files)
-    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "export")) == ["export/m.onnx", "export/m.onnx.parity.json"]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "export")) == [
+        "export/m.onnx",
+        "export/m.onnx.parity.json",
+    ]
     assert client.get_model_version("tiny", mv.version).tags["segloop.export"] == uri

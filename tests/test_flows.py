@@ -2,6 +2,7 @@
 
 One workspace + store is bootstrapped per module (a champion trained on `base`); each test
 works on its own copy of it."""
+
 import json
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import move_store
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.continual import continual_flow
@@ -50,8 +52,10 @@ def loop_raw(tmp_path_factory) -> dict:
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     raw["drift"] |= {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.05}
     raw["continual"] |= {"epochs": 10, "lr": 0.003}
-    # Tiny models: any real gain on the new domain promotes; the bootstrap floor is low.
-    raw["registry"] = {"model_name": "loop", "gate": {"min_gain": 0.0, "max_forgetting": 1.0, "floor_miou": 0.05}}
+    # The flows' plumbing, not learning: every update passes (whether a tiny model's update
+    # gains depends on the CPU's float rounding; benchmarks/ measure learning); the
+    # bootstrap floor is low. Rejection is forced per test with registry.gate.min_gain=1.0.
+    raw["registry"] = {"model_name": "loop", "gate": {"min_gain": -1.0, "max_forgetting": 1.0, "floor_miou": 0.05}}
     return raw
 
 
@@ -64,23 +68,12 @@ def bootstrapped(tmp_path_factory, loop_raw):
     return root, rec
 
 
-def _move_store(db: Path, old: Path, new: Path) -> None:
-    """Point every absolute path the copied MLflow db holds (artifact locations, model
-    sources) from the original's folder into the copy's: tests never share artifacts."""
-    import sqlite3
-
-    with sqlite3.connect(db) as con:
-        for (table,) in con.execute("select name from sqlite_master where type = 'table'").fetchall():
-            for col in [c[1] for c in con.execute(f"pragma table_info('{table}')") if c[2].upper().startswith(("TEXT", "VARCHAR"))]:
-                con.execute(f'update "{table}" set "{col}" = replace("{col}", ?, ?) where "{col}" like ?', (str(old), str(new), f"%{old}%"))
-
-
 @pytest.fixture
 def copy(tmp_path, bootstrapped, loop_raw):
     """A private copy of the bootstrapped workspace and store."""
     root = tmp_path / "root"
     shutil.copytree(bootstrapped[0], root, symlinks=True)
-    _move_store(root / "store" / "mlflow.db", bootstrapped[0], root)
+    move_store(root / "store" / "mlflow.db", bootstrapped[0], root)
     # MLflow caches each run's artifact repository by run id for the process; the copy has
     # the original's run ids, so without this its artifacts would be written to the original.
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -116,13 +109,15 @@ def test_shifted_batch_drifts_updates_and_is_promoted(copy):
     assert rec["updated"] and rec["promoted"] and rec["champion_version"] == rec["candidate_version"] == "2"
     assert _champion(settings) == "2"
     assert set(rec["miou_before"]) == set(rec["miou_after"]) == {"base", "fog"}
-    assert rec["miou_after"]["fog"] >= rec["miou_before"]["fog"]
+    assert any(r.startswith("PASS fog") and "registry.gate.min_gain" in r for r in rec["reasons"])
     # the version points at the workspace commit holding its DVC stage; the tree is clean
     client, _ = registry.registry_client(settings)
     tags = registry.version_tags(client.get_model_version("loop", "2"))
     assert tags["segloop.loop.commit"] == loop.git(ws, "rev-parse", "HEAD") == rec["commit"]
     assert tags["segloop.batch"] == "01-fog"  # the rest of the loop's record is on the version's run
-    assert client.get_run(client.get_model_version("loop", "2").run_id).data.tags["segloop.loop.stage"] == "update-01-fog"
+    assert (
+        client.get_run(client.get_model_version("loop", "2").run_id).data.tags["segloop.loop.stage"] == "update-01-fog"
+    )
     # the drift check is an MLflow run of its own, with its report
     drift_exp = client.get_experiment_by_name("loop-drift")
     runs = client.search_runs([drift_exp.experiment_id], "tags.`segloop.batch` = '01-fog'")
@@ -134,7 +129,9 @@ def test_shifted_batch_drifts_updates_and_is_promoted(copy):
     assert loop.git(ws, "status", "--porcelain") == ""
     # every model step is a committed DVC stage: a repro on the unchanged tree runs nothing
     out = loop.dvc(ws, "repro")
-    assert "Running stage" not in out and "update-01-fog" in yaml.safe_load((ws.root / "dvc.yaml").read_text())["stages"]
+    assert (
+        "Running stage" not in out and "update-01-fog" in yaml.safe_load((ws.root / "dvc.yaml").read_text())["stages"]
+    )
     state = loop.read_state(ws)
     assert state.replay == "replay/01-fog" and set(state.trained_domains) == {"base", "fog"}
 
@@ -157,9 +154,16 @@ def test_monitor_processes_each_batch_once_and_never_overlaps(copy):
     arrive(root, "01-base", "base", 24, 5)
     arrive(root, "02-base", "base", 24, 6)
     # another process holds the loop: this run does nothing and loses nothing
-    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl,time; f=open({str(ws.root / '.lock')!r},'w'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl,time; f=open({str(ws.root / '.lock')!r},'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert monitor_flow(str(params)) == []
@@ -179,16 +183,20 @@ def test_bad_files_are_quarantined_and_the_rest_proceeds(copy):
     batch = arrive(root, "01-base", "base", 24, 7)
     (batch / "images" / "broken.png").write_bytes(b"not a png")
     shutil.copy(next((batch / "masks").iterdir()), batch / "masks" / "broken.png")
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     Image.fromarray(np.full((72, 80), 9, np.uint8)).save(batch / "masks" / "badclass.png")
     shutil.copy(next((batch / "images").glob("*.png")), batch / "images" / "badclass.png")
     rec = continual_flow(str(batch), str(params))
     assert rec["accepted"] == 24 and rec["quarantined"] == 4  # files: two pairs
-    reasons = [json.loads(line) for line in (ws.root / "quarantine" / "01-base" / "reasons.jsonl").read_text().splitlines()]
+    reasons = [
+        json.loads(line) for line in (ws.root / "quarantine" / "01-base" / "reasons.jsonl").read_text().splitlines()
+    ]
     assert {Path(r["file"]).stem for r in reasons} == {"broken", "badclass"}
-    assert any("out of range: [9]" in r["reason"] for r in reasons) and any("unreadable" in r["reason"] for r in reasons)
+    assert any("out of range: [9]" in r["reason"] for r in reasons) and any(
+        "unreadable" in r["reason"] for r in reasons
+    )
     assert rec["drift"] is not None and (ws.root / "processed" / "01-base.json").exists()
 
 
@@ -199,6 +207,7 @@ def test_a_crash_leaves_champion_and_batch_pending_and_the_next_run_completes_it
     def crash(where):
         def boom(*args, **kwargs):
             raise RuntimeError(f"injected failure in {where}")
+
         return boom
 
     # 1. inside the update step: the candidate is trained and registered, then the step dies
@@ -245,8 +254,22 @@ def test_a_refused_batch_stays_in_its_domain_pool_and_the_next_update_trains_on_
     assert set(load_checkpoint(ws.root / "models" / "02-fog" / "best.pt")["data_md5"]) == set(rec.trained_on)
     assert StepRecord.read(ws.marker("02-fog")).pooled == rec.pooled  # the record on disk says so too
     state = loop.read_state(ws)
-    if rec.promoted:  # learnt now: the pool is in the champion
-        assert state.pool == {} and "fog" in state.trained_domains
-    else:
-        assert state.pool == {"fog": ["batches/01-fog/split/train", "batches/02-fog/split/train"]}
+    assert rec.promoted and state.pool == {} and "fog" in state.trained_domains  # learnt: the pool is in the champion
     assert loop.git(ws, "status", "--porcelain") == ""
+
+
+def test_monitor_moves_a_failing_or_misnamed_batch_to_failed_and_goes_on(copy):
+    root, params, settings, ws = copy
+    bad = arrive(root, "01-bad", "base", 4, 8)
+    (bad / "batch.json").write_text(json.dumps({"domain": "not a domain"}))  # fails on every attempt
+    misnamed = ws.incoming / "site A"
+    shutil.copytree(bad, misnamed)
+    (misnamed / "batch.json").write_text(json.dumps({"domain": "base"}))
+    (ws.incoming / "02-empty").mkdir()
+    (ws.incoming / "02-empty" / loop.READY).write_text("")
+    records = monitor_flow(str(params), ["flows.max_attempts=1"])
+    assert [(r["batch"], bool(r["skipped"])) for r in records] == [("02-empty", True)]
+    kinds = {p.name: json.loads((p / loop.FAILED_INFO).read_text())["kind"] for p in (ws.root / "failed").iterdir()}
+    assert kinds == {"01-bad": "failed", "site A": "refused"}
+    assert loop.pending_batches(ws) == [] and loop.git(ws, "status", "--porcelain") == ""
+    assert loop.read_state(ws).champion == _champion(settings) == "1"

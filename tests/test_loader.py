@@ -1,4 +1,5 @@
 """The training loader: an epoch's batches and augmentations depend on (seed, epoch) only."""
+
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
@@ -9,7 +10,9 @@ from segloop.data.loader import EpochBatches, training_loader
 
 def _batches(n, batch, seed, epoch, rank=0, world=1):
     g = torch.Generator()
-    sampler = EpochBatches(BatchSampler(RandomSampler(range(n), generator=g), batch, drop_last=True), g, seed, rank, world)
+    sampler = EpochBatches(
+        BatchSampler(RandomSampler(range(n), generator=g), batch, drop_last=True), g, seed, rank, world
+    )
     sampler.set_epoch(epoch)
     return list(sampler)
 

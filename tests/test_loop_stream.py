@@ -1,5 +1,6 @@
 """benchmarks/loop_stream.py on a tiny stream: the loop's core step without Prefect, real
 MLflow, DVC and git; its audit sets are scored but never reach the loop or its gate."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -19,10 +20,16 @@ def loop_stream():
 
 def test_the_audit_sets_never_reach_the_gate(tmp_path):
     bench = loop_stream()
-    overrides = [*bench.QUICK, "train.epochs=2", "continual.epochs=1", "registry.gate.min_gain=0.0",
-                 "registry.gate.max_forgetting=1.0"]
-    result = bench.run_seed(0, [("base", 24), ("fog", 24)], tmp_path / "seed", overrides, n_audit=12,
-                            log=lambda _: None, joint=False)
+    overrides = [
+        *bench.QUICK,
+        "train.epochs=2",
+        "continual.epochs=1",
+        "registry.gate.min_gain=0.0",
+        "registry.gate.max_forgetting=1.0",
+    ]
+    result = bench.run_seed(
+        0, [("base", 24), ("fog", 24)], tmp_path / "seed", overrides, n_audit=12, log=lambda _: None, joint=False
+    )
     audit = {Path(p).resolve() for p in result["audit_dirs"].values()}
     ws = tmp_path / "seed" / "ws"
     decisions = sorted(ws.glob("steps/*/gate/promotion_decision.json"))
@@ -32,8 +39,11 @@ def test_the_audit_sets_never_reach_the_gate(tmp_path):
         assert gated and not gated & audit and all(ws.resolve() in p.parents for p in gated)
     # nor does the loop know them anywhere else: state, DVC stages, step records
     audit_root = str(tmp_path / "seed" / "audit")
-    for text in [(ws / "state.json").read_text(), (ws / "dvc.yaml").read_text(),
-                 *(p.read_text() for p in (ws / "processed").glob("*.json"))]:
+    for text in [
+        (ws / "state.json").read_text(),
+        (ws / "dvc.yaml").read_text(),
+        *(p.read_text() for p in (ws / "processed").glob("*.json")),
+    ]:
         assert audit_root not in text
     # ... while every champion was scored on them
     assert result["final_audit"] is not None and set(result["final_audit"]) == {"base", "fog"}

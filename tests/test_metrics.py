@@ -1,4 +1,5 @@
 """Code tests: metrics against hand-computed confusion matrices."""
+
 import math
 
 import pytest

@@ -1,11 +1,12 @@
 """Code tests: models by name, local encoder weights, full-image inference."""
+
 import pytest
 import torch
 from torch import nn
 
 from segloop.config import ModelSettings
 from segloop.inference import predict_logits
-from segloop.models import ARCHS, build_model
+from segloop.models import build_model
 
 
 @pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus"])
@@ -61,3 +62,19 @@ def test_padding_and_sliding_window():
     assert whole.shape == tiled.shape == (2, 4, 150, 201)
     assert torch.allclose(whole, tiled, atol=1e-6)
     assert torch.allclose(whole, model.conv(x), atol=1e-6)
+
+
+def test_per_image_norm_cancels_a_global_gain_offset_and_tint():
+    """model.norm.kind image: a darker, hazier, tinted copy of an image gives the model the same input."""
+    from segloop.config import NormSettings
+    from segloop.models import InputNorm
+
+    norm = InputNorm(NormSettings(kind="image"), 3)
+    x = torch.rand(2, 3, 32, 48)
+    shifted = x * torch.tensor([0.3, 0.5, 0.4]).view(1, 3, 1, 1) + torch.tensor([0.4, 0.3, 0.35]).view(1, 3, 1, 1)
+    out = norm(x)
+    assert torch.allclose(norm(shifted), out, atol=1e-4)
+    assert torch.allclose(out.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(out.std(dim=(2, 3), unbiased=False), torch.ones(2, 3), atol=1e-3)
+    assert not torch.allclose(InputNorm(NormSettings(kind="zscore"), 3)(shifted), InputNorm(NormSettings(), 3)(x))
+

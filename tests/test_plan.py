@@ -1,4 +1,5 @@
 """The recipe from the dataset fingerprint (segloop.plan) and the budgeted training it drives."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,10 @@ def test_large_blobs_get_a_large_crop_and_channel_zscore(blobs):
     assert r.settings["model.norm"]["clip"] is None and len(r.settings["model.norm"]["mean"]) == 3
     # A smaller memory budget means fewer (or smaller) crops, never more.
     small = recipe(fp, channels=3, num_classes=2, memory_mb=256)
-    assert small.settings["data.crop_size"] ** 2 * small.settings["train.batch_size"] < \
-        r.settings["data.crop_size"] ** 2 * r.settings["train.batch_size"]
+    assert (
+        small.settings["data.crop_size"] ** 2 * small.settings["train.batch_size"]
+        < r.settings["data.crop_size"] ** 2 * r.settings["train.batch_size"]
+    )
 
 
 def test_up_down_layout_and_rare_classes(tmp_path):
@@ -114,13 +117,30 @@ def test_explicit_settings_override_the_plan(thin, tiny_raw):
     assert s.model.norm.kind == "zscore" and s.model.norm.clip is not None
 
 
+def test_an_epoch_over_several_training_folders_is_one_pass_over_all_of_them(thin, blobs, tiny_raw, tmp_path):
+    from segloop.train import TrainJob, planned_settings
+
+    tiny_raw["train"] |= {"batch_size": 2, "iters_per_epoch": None}
+    extra = _write(tmp_path / "more", *zip(*[_grid_lines(256, 24, np.random.default_rng(i)) for i in range(50)]))
+    settings = settings_from_dict(tiny_raw)
+    one, _ = planned_settings(settings, TrainJob([thin], tmp_path / "a", [thin]), None)
+    both, _ = planned_settings(settings, TrainJob([thin, extra], tmp_path / "b", [thin]), None)
+    assert one.train.iters_per_epoch == 25  # 6 images: the minimum
+    assert both.train.iters_per_epoch == 28  # (6 + 50) / 2: joint training on a stream's batches
+
+
 @pytest.mark.slow
 def test_training_uses_its_time_budget_and_writes_the_plan(thin, tiny_raw, tmp_path, one_torch_thread):
     from segloop.train import train
 
     tiny_raw["data"] |= {"channels": 1, "classes": ["cell", "wall"], "crop_size": None}
-    tiny_raw["train"] |= {"epochs": 10_000, "max_minutes": 0.25, "patience": 10_000, "batch_size": 2,
-                          "iters_per_epoch": 4}
+    tiny_raw["train"] |= {
+        "epochs": 10_000,
+        "max_minutes": 0.25,
+        "patience": 10_000,
+        "batch_size": 2,
+        "iters_per_epoch": 4,
+    }
     result = train(settings_from_dict(tiny_raw), thin, tmp_path / "out", thin)
     assert result.stopped == "time_budget"
     assert result.seconds >= 0.9 * 15

@@ -1,6 +1,7 @@
 """Safe at the keyboard: refusals that leave every file as it was, integrity of model files,
 production (the loop's registered model) only by explicit choice, and everyday commands
 that never import torch. Real MLflow (temporary sqlite store), tiny real models."""
+
 import hashlib
 import json
 import os
@@ -61,8 +62,13 @@ def env(tmp_path_factory, migrated_store):
     generate(data, "base", n=8, seed=3, size=(64, 64))
     settings = settings_from_dict(raw)
     assert main(["train", "--params", str(params), "--data", str(data), "--out", str(root / "adhoc")]) == 0
-    return {"root": root, "params": params, "data": data, "settings": settings,
-            "client": open_store(resolve_store(settings.tracking))}
+    return {
+        "root": root,
+        "params": params,
+        "data": data,
+        "settings": settings,
+        "client": open_store(resolve_store(settings.tracking)),
+    }
 
 
 def segloop(env, *args) -> int:
@@ -96,7 +102,10 @@ def test_predict_refuses_its_input_and_a_full_folder(env, tmp_path, capsys):
     (tmp_path / "set" / "images").rename(images)
     before = snapshot(images)
     for out, why in ((images, "is the input folder"), (images / "masks", "inside the input folder")):
-        assert segloop(env, "predict", "--model", str(model), "--input", str(images), "--out", str(out), "--overwrite") == 2
+        assert (
+            segloop(env, "predict", "--model", str(model), "--input", str(images), "--out", str(out), "--overwrite")
+            == 2
+        )
         one_line_error(capsys, f"--out {out}", why)
         assert snapshot(images) == before and not (images / "masks").exists()
     full = tmp_path / "full"
@@ -123,8 +132,8 @@ def _flip_weight_bytes(path: Path, n: int = 64) -> None:
     at = blob.find(raw[:256])
     assert at > 0, "tensor bytes not found in the file"
     start = at + len(raw) // 2
-    flipped = bytes(b ^ 0xFF for b in blob[start:start + n])
-    path.write_bytes(blob[:start] + flipped + blob[start + n:])
+    flipped = bytes(b ^ 0xFF for b in blob[start : start + n])
+    path.write_bytes(blob[:start] + flipped + blob[start + n :])
 
 
 def test_a_tampered_checkpoint_is_refused(env, tmp_path, capsys):
@@ -138,7 +147,11 @@ def test_a_tampered_checkpoint_is_refused(env, tmp_path, capsys):
     assert snapshot(ckpt) == before and not (tmp_path / "e").exists()
 
     # A checkpoint saved before the hash existed still loads, with a warning that it is unchecked.
-    old = {k: v for k, v in torch.load(env["root"] / "adhoc" / "best.pt", weights_only=True).items() if k != "weights_sha256"}
+    old = {
+        k: v
+        for k, v in torch.load(env["root"] / "adhoc" / "best.pt", weights_only=True).items()
+        if k != "weights_sha256"
+    }
     torch.save(old, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")["format"] == FORMAT
     assert "no weights hash" in capsys.readouterr().err
@@ -150,8 +163,23 @@ def test_promote_refuses_a_version_that_does_not_fit_the_champion(env, capsys):
     assert segloop(env, "train", "--data", str(env["data"]), "--out", str(root / "rgb"), "--register", LOOP_MODEL) == 0
     assert segloop(env, "models", "promote", "1", "--reason", "first champion") == 0
     # a grayscale model with one class more, registered by hand into the loop's model
-    assert segloop(env, "train", "--data", str(env["data"]), "--out", str(root / "gray"), "--register", LOOP_MODEL,
-                   "--set", "data.channels=1", "--set", "data.classes=[background,stripes,checker,speckle,extra]") == 0
+    assert (
+        segloop(
+            env,
+            "train",
+            "--data",
+            str(env["data"]),
+            "--out",
+            str(root / "gray"),
+            "--register",
+            LOOP_MODEL,
+            "--set",
+            "data.channels=1",
+            "--set",
+            "data.classes=[background,stripes,checker,speckle,extra]",
+        )
+        == 0
+    )
     assert json.loads((root / "gray" / REGISTERED).read_text())["version"] == "2"
     capsys.readouterr()
     before = snapshot(root / "store")
@@ -163,7 +191,11 @@ def test_promote_refuses_a_version_that_does_not_fit_the_champion(env, capsys):
     # deliberate: --force with a reason, and the differences are on record
     assert segloop(env, "models", "promote", "2", "--force", "--reason", "site B is grayscale") == 0
     last = registry.history(env["settings"])[-1]
-    assert last["to"] == "2" and last["reason"] == "site B is grayscale" and any("channels 1 vs 3" in d for d in last["forced"])
+    assert (
+        last["to"] == "2"
+        and last["reason"] == "site B is grayscale"
+        and any("channels 1 vs 3" in d for d in last["forced"])
+    )
     assert registry.alias_record(client.get_model_version(LOOP_MODEL, "2").tags, "champion")["forced"] == last["forced"]
 
 
@@ -175,11 +207,19 @@ def test_models_list_and_history_read_sqlite_as_mlflow_does(env):
     settings = env["settings"]
     aliases, fast = registry_sqlite.versions(resolve_store(settings.tracking), LOOP_MODEL)
     mlflow_aliases, slow = registry._versions_mlflow(settings, LOOP_MODEL)
-    as_set = lambda mvs: {(str(v.version), v.creation_timestamp, v.run_id, json.dumps(dict(v.tags), sort_keys=True)) for v in mvs}  # noqa: E731
+    as_set = lambda mvs: {  # noqa: E731
+        (str(v.version), v.creation_timestamp, v.run_id, json.dumps(dict(v.tags), sort_keys=True)) for v in mvs
+    }
     assert len(fast) == 2 and as_set(fast) == as_set(slow)
-    assert {k: sorted(v) for k, v in aliases.items()} == {k: sorted(v) for k, v in mlflow_aliases.items()} == {"2": ["champion"]}
+    assert (
+        {k: sorted(v) for k, v in aliases.items()}
+        == {k: sorted(v) for k, v in mlflow_aliases.items()}
+        == {"2": ["champion"]}
+    )
     moves = registry.history(settings)
-    assert [(e["from"], e["to"]) for e in moves] == [(None, "1"), ("1", "2")] and moves == registry._history_mlflow(settings)
+    assert [(e["from"], e["to"]) for e in moves] == [(None, "1"), ("1", "2")] and moves == registry._history_mlflow(
+        settings
+    )
 
 
 @pytest.mark.slow
@@ -187,13 +227,22 @@ def test_everyday_commands_import_no_torch(env):
     """`models history|list`, `report` and a settings error against a real store: no torch, no SMP."""
     evals = env["root"] / "eval" / "base"
     evals.mkdir(parents=True, exist_ok=True)
-    (evals / "metrics.json").write_text(json.dumps({"miou": 0.5, "dice": 0.6, "pixel_accuracy": 0.9,
-                                                    "per_class_iou": {"a": 0.5}, "n_images": 3}))
+    (evals / "metrics.json").write_text(
+        json.dumps({"miou": 0.5, "dice": 0.6, "pixel_accuracy": 0.9, "per_class_iou": {"a": 0.5}, "n_images": 3})
+    )
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    for args, rc in ((["models", "history"], 0), (["models", "list"], 0), (["report", str(evals.parent)], 0),
-                     (["report", str(evals.parent), "--set", "train.lr=x"], 2)):
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "segloop.cli", *args, "--params", str(env["params"])],
-                              capture_output=True, text=True, env=environ)
+    for args, rc in (
+        (["models", "history"], 0),
+        (["models", "list"], 0),
+        (["report", str(evals.parent)], 0),
+        (["report", str(evals.parent), "--set", "train.lr=x"], 2),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "segloop.cli", *args, "--params", str(env["params"])],
+            capture_output=True,
+            text=True,
+            env=environ,
+        )
         assert proc.returncode == rc, proc.stderr[-2000:]
         heavy = re.findall(r"\|\s+(torch|torchvision|segmentation_models_pytorch)$", proc.stderr, re.M)
         assert not heavy, f"segloop {' '.join(args)} imported {heavy}"
@@ -206,7 +255,9 @@ def test_the_loops_stage_output_leaves_out_dvcs_advice(tmp_path, capsys):
     ws = loop.Workspace(tmp_path, tmp_path / "incoming")
     loop.git(ws, "init", "-q")
     loop.dvc(ws, "init", "-q")
-    loop.run_stage(ws, "hello", "echo stage says hello > out.txt && echo printed by the stage", [], [tmp_path / "out.txt"], [])
+    loop.run_stage(
+        ws, "hello", "echo stage says hello > out.txt && echo printed by the stage", [], [tmp_path / "out.txt"], []
+    )
     out = capsys.readouterr().out
     assert "printed by the stage" in out and "Running stage 'hello'" in out
     for advice in ("git add", "autostage", "dvc push", "To track the changes"):
@@ -222,12 +273,27 @@ def test_a_changed_registered_file_is_refused(env, tmp_path, monkeypatch, capsys
     client = env["client"]
     mv = client.get_model_version(LOOP_MODEL, "1")
     model_id = mv.model_id or mv.source.removeprefix("models:/")
-    stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://")) / "extra_files" / "best.pt"
+    stored = (
+        Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://")) / "extra_files" / "best.pt"
+    )
     original = stored.read_bytes()
     try:
         _flip_weight_bytes(stored)
-        assert segloop(env, "evaluate", "--model", f"models:/{LOOP_MODEL}/1", "--data", str(env["data"]),
-                       "--out", str(tmp_path / "e"), "--set", "tracking.enabled=false") == 2
+        assert (
+            segloop(
+                env,
+                "evaluate",
+                "--model",
+                f"models:/{LOOP_MODEL}/1",
+                "--data",
+                str(env["data"]),
+                "--out",
+                str(tmp_path / "e"),
+                "--set",
+                "tracking.enabled=false",
+            )
+            == 2
+        )
         one_line_error(capsys, f"models:/{LOOP_MODEL}/1", "does not match the version's sha256")
     finally:
         stored.write_bytes(original)

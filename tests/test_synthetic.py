@@ -1,4 +1,5 @@
 """Data tests: the generator is deterministic and its domains shift images, not labels."""
+
 import hashlib
 
 import numpy as np
@@ -9,7 +10,9 @@ from segloop.data.synthetic import CLASSES, DOMAINS, apply_domain, generate, mak
 
 
 def _digests(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))
+    }
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -38,7 +41,9 @@ def test_domains_keep_masks_and_change_images(tmp_path, domain):
     generate(tmp_path / domain, domain, n=3, seed=2, size=(48, 48))
     for name in (tmp_path / "base" / "masks").iterdir():
         shifted_name = name.name.replace("base", domain)
-        assert (tmp_path / "base" / "masks" / name.name).read_bytes() == (tmp_path / domain / "masks" / shifted_name).read_bytes()
+        assert (tmp_path / "base" / "masks" / name.name).read_bytes() == (
+            tmp_path / domain / "masks" / shifted_name
+        ).read_bytes()
         base_img = np.asarray(Image.open(tmp_path / "base" / "images" / name.name), dtype=float)
         shifted = np.asarray(Image.open(tmp_path / domain / "images" / shifted_name), dtype=float)
         assert np.abs(base_img - shifted).mean() > 10  # a real change, not rounding
@@ -47,7 +52,10 @@ def test_domains_keep_masks_and_change_images(tmp_path, domain):
 def test_strength_scales_the_shift():
     image, _ = make_scene(np.random.default_rng(0), (64, 64))
     base = apply_domain(image, "base", np.random.default_rng(1)).astype(float)
-    gaps = [np.abs(apply_domain(image, "lowlight", np.random.default_rng(1), s).astype(float) - base).mean() for s in (0.0, 0.25, 0.5, 1.0)]
+    gaps = [
+        np.abs(apply_domain(image, "lowlight", np.random.default_rng(1), s).astype(float) - base).mean()
+        for s in (0.0, 0.25, 0.5, 1.0)
+    ]
     assert gaps[0] < 1.0 and gaps[1] < gaps[2] < gaps[3]
 
 

@@ -1,6 +1,7 @@
 """Tracking tests: store resolution, reachability (fail before training), DVC-style data
 hashes, params flattening, per-epoch metrics logged as the epochs happen. Real MLflow on
 a temporary sqlite store."""
+
 import shutil
 import socket
 import subprocess
@@ -14,10 +15,15 @@ import yaml
 from segloop.cli import main
 from segloop.config import TrackingSettings, settings_from_dict
 from segloop.tracking import (
-    TrackingError, dir_md5, eval_metrics, flatten, open_store, resolve_store, tracked_run,
+    TrackingError,
+    dir_md5,
+    eval_metrics,
+    flatten,
+    open_store,
+    resolve_store,
+    tracked_run,
 )
 from segloop.train import train
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,17 +40,32 @@ def test_store_precedence_params_then_env_then_project(tmp_path):
     assert default.artifact_root == str(tmp_path / "mlruns" / "artifacts")
     env = resolve_store(TrackingSettings(), env={"MLFLOW_TRACKING_URI": "http://tracking:5000"})
     assert env.uri == "http://tracking:5000" and env.artifact_root is None  # the server decides
-    params = resolve_store(TrackingSettings(uri=f"sqlite:///{tmp_path}/x/m.db"), env={"MLFLOW_TRACKING_URI": "http://t:5000"})
+    params = resolve_store(
+        TrackingSettings(uri=f"sqlite:///{tmp_path}/x/m.db"), env={"MLFLOW_TRACKING_URI": "http://t:5000"}
+    )
     assert params.uri == f"sqlite:///{tmp_path}/x/m.db" and params.artifact_root == str(tmp_path / "x" / "artifacts")
 
 
 def test_flatten_and_eval_metrics():
     assert flatten({"data": {"classes": ["a", "b"], "crop_size": 64}, "model": {"encoder_weights": None}}) == {
-        "data.classes": '["a", "b"]', "data.crop_size": "64", "model.encoder_weights": "null"}
-    m = {"miou": 0.5, "dice": 0.6, "pixel_accuracy": 0.9, "per_class_iou": {"a": 0.4, "b": None},
-         "per_class_dice": {"a": 0.5, "b": None}}
-    assert eval_metrics(m, "fog.") == {"fog.miou": 0.5, "fog.dice": 0.6, "fog.pixel_accuracy": 0.9,
-                                       "fog.iou.a": 0.4, "fog.dice.a": 0.5}  # absent class: no score, not 0
+        "data.classes": '["a", "b"]',
+        "data.crop_size": "64",
+        "model.encoder_weights": "null",
+    }
+    m = {
+        "miou": 0.5,
+        "dice": 0.6,
+        "pixel_accuracy": 0.9,
+        "per_class_iou": {"a": 0.4, "b": None},
+        "per_class_dice": {"a": 0.5, "b": None},
+    }
+    assert eval_metrics(m, "fog.") == {
+        "fog.miou": 0.5,
+        "fog.dice": 0.6,
+        "fog.pixel_accuracy": 0.9,
+        "fog.iou.a": 0.4,
+        "fog.dice.a": 0.5,
+    }  # absent class: no score, not 0
 
 
 def test_unreachable_stores_fail_fast_with_a_clear_message(tmp_path):
@@ -61,9 +82,23 @@ def test_unreachable_stores_fail_fast_with_a_clear_message(tmp_path):
 
 def test_train_with_unreachable_store_fails_before_training(tmp_path, tiny_params, base_data, capsys):
     out = tmp_path / "model"
-    rc = main(["train", "--params", str(tiny_params), "--data", str(base_data), "--out", str(out),
-               "--set", "tracking.enabled=true", "--set", f"tracking.uri=http://127.0.0.1:{_closed_port()}",
-               "--set", "tracking.connect_timeout_s=1"])
+    rc = main(
+        [
+            "train",
+            "--params",
+            str(tiny_params),
+            "--data",
+            str(base_data),
+            "--out",
+            str(out),
+            "--set",
+            "tracking.enabled=true",
+            "--set",
+            f"tracking.uri=http://127.0.0.1:{_closed_port()}",
+            "--set",
+            "tracking.connect_timeout_s=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "did not answer within 1s" in err and "tracking.enabled: false" in err
     assert not out.exists()  # nothing trained, nothing written
@@ -75,7 +110,11 @@ def test_dir_md5_is_the_hash_dvc_records(tmp_path, base_data, cli_env):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copytree(base_data, repo / "ds")
-    for args in (["dvc", "init", "--no-scm", "-q"], ["dvc", "config", "core.analytics", "false"], ["dvc", "add", "-q", "ds"]):
+    for args in (
+        ["dvc", "init", "--no-scm", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["dvc", "add", "-q", "ds"],
+    ):
         subprocess.run(args, cwd=repo, env=cli_env, check=True, capture_output=True)
     recorded = yaml.safe_load((repo / "ds.dvc").read_text())["outs"][0]["md5"]
     assert dir_md5(repo / "ds") == recorded and recorded.endswith(".dir")
@@ -91,6 +130,7 @@ def test_epochs_are_logged_as_they_happen(tmp_path, tracked_raw):
     settings = settings_from_dict(tracked_raw)
     seen = []
     with tracked_run(settings, "train", {"train": base_data}) as run:
+
         def on_epoch(record):
             run.log_epoch(record)
             # what the store holds at the end of this epoch, not after training
@@ -121,4 +161,9 @@ def test_each_test_store_is_a_private_migrated_copy(migrated_store, tmp_path):
     client_a = open_store(resolve_store(TrackingSettings(uri=a)))
     client_a.create_experiment("only-in-a")
     assert open_store(resolve_store(TrackingSettings(uri=b))).get_experiment_by_name("only-in-a") is None
-    assert open_store(resolve_store(TrackingSettings(uri=f"sqlite:///{migrated_store}"))).get_experiment_by_name("only-in-a") is None
+    assert (
+        open_store(resolve_store(TrackingSettings(uri=f"sqlite:///{migrated_store}"))).get_experiment_by_name(
+            "only-in-a"
+        )
+        is None
+    )

@@ -1,4 +1,5 @@
 """Model tests: a shrunk real config trains, evaluates, resumes and transfers."""
+
 import json
 import signal
 import subprocess
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, base_data):
     """One tiny model trained for TINY epochs, shared by the tests below."""
-    from conftest import ROOT, TINY, _merge
     import yaml
+    from conftest import ROOT, TINY, _merge
 
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     raw["train"]["epochs"] = 24  # 24 images: enough steps to learn from any seed's initialisation
@@ -91,7 +92,9 @@ def test_predict_writes_the_masks_evaluate_scores(trained, base_data, tmp_path):
         assert png.mode == "P"  # palette PNG: class ids as values, visible colours in any viewer
         pred = np.asarray(png)
         assert pred.shape == read_mask(sample.mask).shape
-        cm = cm + confusion_matrix(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(read_mask(sample.mask).astype(np.int64)), 4)
+        cm = cm + confusion_matrix(
+            torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(read_mask(sample.mask).astype(np.int64)), 4
+        )
     ref = evaluate(out / "best.pt", base_data, tmp_path / "ref", settings.eval)
     assert summarize(cm, list(settings.data.classes), 24)["miou"] == pytest.approx(ref["miou"], abs=1e-6)
 
@@ -115,8 +118,18 @@ def test_init_transfers_weights_and_rejects_mismatch(trained, base_data, tmp_pat
 
 def test_resume_after_kill_continues_from_saved_epoch(base_data, tmp_path, tiny_params, tiny_settings, cli_env):
     out, epochs = tmp_path / "run", tiny_settings.train.epochs
-    cmd = [sys.executable, "-m", "segloop.cli", "train", "--params", str(tiny_params),
-           "--data", str(base_data), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "segloop.cli",
+        "train",
+        "--params",
+        str(tiny_params),
+        "--data",
+        str(base_data),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 900  # generous: a loaded CI machine is slow, the check is not timing
     saved = 0

@@ -1,4 +1,5 @@
 """Data tests: every contract violation is quarantined with its reason; the source is untouched."""
+
 import hashlib
 import json
 import shutil
@@ -28,15 +29,21 @@ def _mask(path, size=(40, 30), values=(0, 1, 2, 3, 255)):
 
 
 def _tree_digest(root):
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
 def messy(tmp_path):
     src = tmp_path / "batch"
     im, mk = src / "images", src / "masks"
-    _img(im / "good_rgb.png"); _mask(mk / "good_rgb.png")
-    _img(im / "good_gray.jpg", mode="L"); _mask(mk / "good_gray.png")
+    _img(im / "good_rgb.png")
+    _mask(mk / "good_rgb.png")
+    _img(im / "good_gray.jpg", mode="L")
+    _mask(mk / "good_gray.png")
     _img(im / "good_palette.png")
     pal = Image.fromarray(np.zeros((30, 40), dtype=np.uint8), mode="P")
     pal.putpalette([0, 0, 0, 255, 0, 0] * 128)
@@ -48,10 +55,15 @@ def messy(tmp_path):
     (im / "truncated.png").write_bytes(data[: len(data) // 2])
     _mask(mk / "truncated.png", size=(64, 64))
     _img(im / "no_mask.png")
-    _img(im / "size_mismatch.png"); _mask(mk / "size_mismatch.png", size=(41, 30))
-    _img(im / "bad_values.png"); _mask(mk / "bad_values.png", values=(0, 1, 7, 254))
-    _img(im / "rgb_mask.png"); _img(mk / "rgb_mask.png")
-    _img(im / "dup.png"); _img(im / "dup.jpg"); _mask(mk / "dup.png")
+    _img(im / "size_mismatch.png")
+    _mask(mk / "size_mismatch.png", size=(41, 30))
+    _img(im / "bad_values.png")
+    _mask(mk / "bad_values.png", values=(0, 1, 7, 254))
+    _img(im / "rgb_mask.png")
+    _img(mk / "rgb_mask.png")
+    _img(im / "dup.png")
+    _img(im / "dup.jpg")
+    _mask(mk / "dup.png")
     _mask(mk / "orphan.png")
     (im / "notes.txt").write_text("not an image")
     return src
@@ -67,7 +79,7 @@ def test_each_reason_is_quarantined(messy, tmp_path):
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["good_gray.png", "good_palette.png", "good_rgb.png"]
 
     lines = [json.loads(line) for line in (q / "reasons.jsonl").read_text().splitlines()]
-    reasons = {(l["file"].split("/")[-2] + "/" + l["file"].split("/")[-1]): l["reason"] for l in lines}
+    reasons = {(r["file"].split("/")[-2] + "/" + r["file"].split("/")[-1]): r["reason"] for r in lines}
     expect = {
         "images/corrupt.png": "unreadable image",
         "images/truncated.png": "unreadable image",
@@ -122,9 +134,22 @@ def test_cli_exit_codes(messy, tmp_path, cli_env):
 
     def run(src, name):
         return subprocess.run(
-            [sys.executable, "-m", "segloop.cli", "validate", str(src), "--params", str(ROOT / "params.yaml"),
-             "--out", str(tmp_path / name), "--quarantine", str(tmp_path / f"q_{name}")],
-            capture_output=True, text=True, env=cli_env,
+            [
+                sys.executable,
+                "-m",
+                "segloop.cli",
+                "validate",
+                str(src),
+                "--params",
+                str(ROOT / "params.yaml"),
+                "--out",
+                str(tmp_path / name),
+                "--quarantine",
+                str(tmp_path / f"q_{name}"),
+            ],
+            capture_output=True,
+            text=True,
+            env=cli_env,
         )
 
     ok = run(messy, "ok")

@@ -1,2 +1,3 @@
 """segloop: continual learning for semantic segmentation."""
+
 __version__ = "0.1.0"

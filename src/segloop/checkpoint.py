@@ -5,6 +5,7 @@ read with `weights_only=True` so a checkpoint can never run code on load. Each o
 carries the SHA-256 of its weights (`weights_sha256`), checked on every load: a
 corrupted or edited file stops with an error instead of predicting garbage.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segloop.config import Settings, settings_from_dict
+from segloop.config import Settings, redact_settings, settings_from_dict
 from segloop.models import build_model
 
 FORMAT = "segloop.checkpoint/1"
@@ -45,6 +46,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if isinstance(payload.get("settings"), dict):  # an artifact never carries the store's password
+                payload = {**payload, "settings": redact_settings(payload["settings"])}
             torch.save({"format": FORMAT, **payload, "weights_sha256": weights_sha256(payload["model"])}, f)
         os.replace(tmp, path)
     except BaseException:
@@ -66,12 +69,15 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if expected is None:
         # Saved before checkpoints carried a hash: still loaded (existing champions, DVC caches
         # and registered versions hold such files), with a warning so nobody takes it as checked.
-        print(f"warning: {path}: checkpoint has no weights hash (saved by an older segloop); integrity not checked",
-              file=sys.stderr)
+        print(
+            f"warning: {path}: checkpoint has no weights hash (saved by an older segloop); integrity not checked",
+            file=sys.stderr,
+        )
     elif weights_sha256(ckpt["model"]) != expected:
         raise CheckpointIntegrityError(
             f"{path}: weights do not match their SHA-256 (saved {expected[:12]}...): the file was corrupted or "
-            "modified after it was written; refusing to use it")
+            "modified after it was written; refusing to use it"
+        )
     return ckpt
 
 

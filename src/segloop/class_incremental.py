@@ -10,6 +10,7 @@ background + new classes (unbiased distillation, see continual.Distillation).
 
 This module must not import the training loop: `train` imports it to grow the head.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,9 @@ def merge_new_into_background(log_probs: torch.Tensor, n_old: int) -> torch.Tens
     return torch.cat([background, log_probs[:, 1:n_old]], 1)
 
 
-def merge_old_into_background(logits: torch.Tensor, target: torch.Tensor, n_old: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_old_into_background(
+    logits: torch.Tensor, target: torch.Tensor, n_old: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a new batch's labels as MiB does.
 
     logits: (N, K, H, W) over n_old old classes (0 = background) then the new ones;

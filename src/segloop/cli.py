@@ -3,6 +3,7 @@
 Each command parses arguments, loads settings, calls one core function and
 prints what it wrote. Errors in user input exit with status 2 and one message.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from segloop.config import DEFAULT_PARAMS, Settings, SettingsError, load_settings, save_settings
 from segloop.tracking import TrackingError
@@ -31,17 +33,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     strength = args.strength if args.strength is not None else g.strength
     if args.out.exists() and any(args.out.iterdir()):
         raise FileExistsError(f"{args.out}: exists and is not empty; refusing to overwrite")
-    stems = generate(args.out, args.domain, n, seed, tuple(g.image_size), strength)
+    stems = generate(args.out, args.domain, n, seed, g.image_size, strength)
     save_settings(s, args.out / "settings.yaml")
     print(f"generated {len(stems)} {args.domain} pairs (seed {seed}, strength {strength}) in {args.out}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from segloop.data.validate import validate_folder
+    from segloop.data.validate import SizeLimits, validate_folder
 
     s = _settings(args)
-    result = validate_folder(args.src, args.out, args.quarantine, s.num_classes)
+    result = validate_folder(
+        args.src, args.out, args.quarantine, s.num_classes, SizeLimits(s.data.min_side, s.data.max_pixels)
+    )
     if result.accepted:
         save_settings(s, args.out / "settings.yaml")
     print(result.summary())
@@ -63,7 +67,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(ref: str, settings: Settings) -> tuple[Path, str, object]:
+def _model(ref: str, settings: Settings) -> tuple[Path, str, Any]:
     """A checkpoint path or a `models:/name@alias|/version` ref -> (local path, label, version)."""
     from segloop.registry import resolve_model
 
@@ -90,8 +94,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from segloop.distributed import world_from_env
     from segloop.runs import train_step
 
-    result, _ = train_step(_settings(args), args.data, args.out, args.val, args.init, args.resume, args.domain,
-                           register=args.register, overwrite=args.overwrite)
+    result, _ = train_step(
+        _settings(args),
+        args.data,
+        args.out,
+        args.val,
+        args.init,
+        args.resume,
+        args.domain,
+        register=args.register,
+        overwrite=args.overwrite,
+    )
     if world_from_env().primary:  # under torchrun only rank 0 prints (and tracks, see runs.train_step)
         print(json.dumps(result.__dict__, indent=1))
     return 0
@@ -104,13 +117,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     s = _settings(args)
     path, label, mv = _model(args.model, s)
     tags = {"segloop.model": label, "segloop.model_version": mv.version if mv else None, "segloop.domain": args.domain}
-    with tracked_run(s, "evaluate", {"eval": args.data}, tags, run_name=f"evaluate:{args.domain or args.data.name}") as run:
+    with tracked_run(
+        s, "evaluate", {"eval": args.data}, tags, run_name=f"evaluate:{args.domain or args.data.name}"
+    ) as run:
         m = evaluate(path, args.data, args.out, s.eval, label=label)
         if run:
             run.log_metrics(eval_metrics(m, f"{args.domain}." if args.domain else ""))
             run.log_folder(args.out)
     per_class = "  ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in m["per_class_iou"].items())
-    print(f"{args.data}: mIoU {m['miou']:.4f}  dice {m['dice']:.4f}  pixel acc {m['pixel_accuracy']:.4f}  ({m['n_images']} images)")
+    print(
+        f"{args.data}: mIoU {m['miou']:.4f}  dice {m['dice']:.4f}  pixel acc {m['pixel_accuracy']:.4f}  "
+        f"({m['n_images']} images)"
+    )
     print(f"  per class IoU: {per_class}")
     print(f"  wrote {args.out / 'metrics.json'}, confusion.png, overlays")
     return 0
@@ -135,8 +153,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     path, label, mv = _model(args.model, s)
-    report = export_model(path, args.out, s.export, s.eval, args.format, args.quantize, args.calib,
-                          args.parity_data, label=label)
+    report = export_model(
+        path, args.out, s.export, s.eval, args.format, args.quantize, args.calib, args.parity_data, label=label
+    )
     for line in parity_lines(report):
         print(line)
     print(f"wrote {parity_path(args.out)}")
@@ -144,8 +163,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         files = [Path(report[k]["file"]) for k in ("fp32", "int8") if k in report] + [parity_path(args.out)]
         print(f"logged to the run of {label}: {log_export(s, mv, files)}")
     if not report["fp32"]["within_tolerance"]:
-        print(f"error: {args.out} differs from eager PyTorch by {report['fp32']['max_abs_logit_diff']:.3g} "
-              f"> export.tolerance {s.export.tolerance:g}; do not deploy it", file=sys.stderr)
+        print(
+            f"error: {args.out} differs from eager PyTorch by {report['fp32']['max_abs_logit_diff']:.3g} "
+            f"> export.tolerance {s.export.tolerance:g}; do not deploy it",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -154,8 +176,18 @@ def cmd_update(args: argparse.Namespace) -> int:
     from segloop.runs import update_step
 
     s = _settings(args)
-    result, _ = update_step(s, args.parent, args.data, args.out, args.val, args.seen, args.replay, args.domain,
-                            register=args.register, overwrite=args.overwrite)
+    result, _ = update_step(
+        s,
+        args.parent,
+        args.data,
+        args.out,
+        args.val,
+        args.seen,
+        args.replay,
+        args.domain,
+        register=args.register,
+        overwrite=args.overwrite,
+    )
     print(json.dumps({"strategy": s.continual.strategy, **result.__dict__}, indent=1))
     return 0
 
@@ -165,7 +197,9 @@ def cmd_replay_update(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     r = s.continual.replay
-    manifest = update_buffer(args.buffer, args.batch, args.batch_id, r.size, s.split.seed, args.out, r.sampling)
+    manifest = update_buffer(
+        args.buffer, args.batch, args.batch_id, r.size, s.split.seed, args.out, r.sampling, args.domain
+    )
     print(f"replay buffer {args.out}: {len(manifest['items'])}/{manifest['size']} samples, {manifest['seen']} seen")
     return 0
 
@@ -190,8 +224,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
     except AlreadyChampion as err:
         print(err)
         return 0
-    print(f"{'PROMOTED' if d['promoted'] else 'NOT PROMOTED'}: {d['model']} v{d['candidate_version']}"
-          f" (champion was {'v' + d['champion_version'] if d['champion_version'] else 'none'})")
+    print(
+        f"{'PROMOTED' if d['promoted'] else 'NOT PROMOTED'}: {d['model']} v{d['candidate_version']}"
+        f" (champion was {'v' + d['champion_version'] if d['champion_version'] else 'none'})"
+    )
     for line in d["reasons"]:
         print(f"  {line}")
     print(f"decision: {args.out / 'promotion_decision.json'} (logged as {d['decision_uri']})")
@@ -211,8 +247,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         for r in rows:
             miou = " ".join(f"{d}={v:.3f}" for d, v in r["miou"].items()) or "-"
             val = "-" if r["val_miou"] is None else f"{r['val_miou']:.3f}"
-            print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<20} {val:>8}  {miou:<35} {r['parent'] or '-':>6}  "
-                  f"{r['strategy'] or '-':<8}  {r['created']}")
+            print(
+                f"{r['version']:>7}  {','.join(r['aliases']) or '-':<20} {val:>8}  {miou:<35} {r['parent'] or '-':>6}  "
+                f"{r['strategy'] or '-':<8}  {r['created']}"
+            )
         return 0
     if args.action == "history":
         entries = registry.history(s)
@@ -220,15 +258,37 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(json.dumps(entries, indent=1))
             return 0
         for e in entries:
-            print(f"{e['time']}  {e['alias']}: {'v' + e['from'] if e['from'] else 'none'} -> v{e['to']}  [{e['kind']}] {e['reason']}"
-                  + (f"  decision: {e['decision']}" if e.get("decision") else "")
-                  + (f"  FORCED over: {'; '.join(e['forced'])}" if e.get("forced") else ""))
+            print(
+                f"{e['time']}  {e['alias']}: {'v' + e['from'] if e['from'] else 'none'} -> v{e['to']}  [{e['kind']}] "
+                f"{e['reason']}"
+                + (f"  decision: {e['decision']}" if e.get("decision") else "")
+                + (f"  FORCED over: {'; '.join(e['forced'])}" if e.get("forced") else "")
+            )
         return 0
     if args.action == "promote":
         e = registry.promote(s, args.alias, args.version, args.reason, force=args.force)
     else:
         e = registry.rollback(s, args.reason)
     print(f"{e['alias']}: {'v' + e['from'] if e['from'] else 'none'} -> v{e['to']} [{e['kind']}] {e['reason']}")
+    return 0
+
+
+def cmd_batches(args: argparse.Namespace) -> int:
+    from segloop import loop
+
+    ws = loop.Workspace.of(_settings(args))
+    if args.action == "list":
+        rows = loop.list_batches(ws)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        for r in rows:
+            print(f"{r['status']:<10} {r['batch']!r:<24} {r['detail']}".rstrip())
+        return 0
+    if args.action == "retry":
+        print(f"{args.batch}: back in {loop.retry_batch(ws, args.batch)} (attempts reset)")
+    else:
+        print(f"{args.batch}: skipped, moved to {loop.skip_batch(ws, args.batch, args.reason)}")
     return 0
 
 
@@ -239,7 +299,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     table = domain_table(args.eval_dir)
     (args.eval_dir / "summary.md").write_text(table + "\n")
     print(table)
-    print(f"\nreports: {args.eval_dir}/<domain>/ (metrics.json, confusion.png, overlay_*.png); table: {args.eval_dir / 'summary.md'}")
+    print(
+        f"\nreports: {args.eval_dir}/<domain>/ (metrics.json, confusion.png, overlay_*.png); table: "
+        f"{args.eval_dir / 'summary.md'}"
+    )
     return 0
 
 
@@ -265,11 +328,22 @@ def cmd_drift(args: argparse.Namespace) -> int:
     model_path, label, mv = _model(args.model, s) if args.model is not None else (None, None, None)
     champion = load_champion(model_path) if model_path is not None else None
     tags = {"segloop.model": label, "segloop.model_version": mv.version if mv else None}
-    r, run_id = drift_step(s, args.reference, args.current, args.out, champion,
-                           None if args.no_cache else args.cache, args.champion_miou, tags)
+    r, run_id = drift_step(
+        s,
+        args.reference,
+        args.current,
+        args.out,
+        champion,
+        None if args.no_cache else args.cache,
+        args.champion_miou,
+        tags,
+    )
     verdict = "DRIFT" if r["drift"] else "no drift"
-    print(f"{verdict}: data drift {r['data_drift']} (score {r['score']:.3g}, {len(r['drifted_features'])} drifted: "
-          f"{', '.join(r['drifted_features'][:6]) or '-'}), performance drift {r['performance_drift']} ({r['quality']['reason']})")
+    print(
+        f"{verdict}: data drift {r['data_drift']} (score {r['score']:.3g}, {len(r['drifted_features'])} drifted: "
+        f"{', '.join(r['drifted_features'][:6]) or '-'}), performance drift {r['performance_drift']} "
+        f"({r['quality']['reason']})"
+    )
     print(f"  method: {r['method']}")
     for w in r["warnings"]:
         print(f"  warning: {w}")
@@ -277,10 +351,23 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from segloop.serve import run
+
+    overrides = [
+        f"serve.{k}={v}"
+        for k, v in (("backend", args.backend), ("host", args.host), ("port", args.port))
+        if v is not None
+    ]
+    run(load_settings(args.params, [*args.set, *overrides]), args.model)
+    return 0
+
+
 REGISTER_HELP = (
     "register the trained model as a version of NAME in the MLflow registry (the continual loop passes "
     "registry.model_name). Without it the run is tracked (metrics, settings, files) but no model is "
-    "registered, so an ad-hoc run never becomes a version of the loop's model")
+    "registered, so an ad-hoc run never becomes a version of the loop's model"
+)
 
 
 def _model_name(text: str) -> str:
@@ -293,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segloop", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="settings file (default: params.yaml)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a setting (repeatable)")
+    common.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a setting (repeatable)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", parents=[common], help="write a synthetic dataset of one domain")
@@ -324,9 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--val", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--init", help="start from this checkpoint's weights (transfer learning): a path or models:/NAME@ALIAS|/VERSION")
+    p.add_argument(
+        "--init", help="start from this checkpoint's weights (transfer learning): a path or models:/NAME@ALIAS|/VERSION"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="train into a non-empty OUT, replacing what an earlier train wrote there")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a non-empty OUT, replacing what an earlier train wrote there",
+    )
     p.add_argument("--domain", help="domain the training data belongs to (recorded on the run and model version)")
     p.add_argument("--register", metavar="NAME", type=_model_name, help=REGISTER_HELP)
     p.set_defaults(func=cmd_train)
@@ -341,11 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="write predicted masks for a folder of images")
     p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
     p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True,
-                   help="folder for <stem>.png palette masks (class ids); never inside INPUT; must be new or empty")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT (files of the same name are replaced)")
-    p.add_argument("--backend", default="torch",
-                   help="torch (a checkpoint or models:/ ref) or onnx (a `segloop export` file, ONNX Runtime CPU)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for <stem>.png palette masks (class ids); never inside INPUT; must be new or empty",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty OUT (files of the same name are replaced)"
+    )
+    p.add_argument(
+        "--backend",
+        default="torch",
+        help="torch (a checkpoint or models:/ ref) or onnx (a `segloop export` file, ONNX Runtime CPU)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", parents=[common], help="ONNX export (+ static int8) with a parity check against eager")
@@ -354,22 +458,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the .onnx file; FILE.parity.json is written beside it")
     p.add_argument("--quantize", help="int8: also write <stem>.int8.onnx (static QDQ quantization, needs --calib)")
     p.add_argument("--calib", type=Path, help="training images calibrating int8 (export.calib_images of them, seeded)")
-    p.add_argument("--parity-data", type=Path,
-                   help="images (+ masks: mIoU too) compared eager vs ONNX Runtime (default: seeded noise images)")
+    p.add_argument(
+        "--parity-data",
+        type=Path,
+        help="images (+ masks: mIoU too) compared eager vs ONNX Runtime (default: seeded noise images)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
     p.add_argument("--parent", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION to start from")
-    p.add_argument("--data", type=Path, action="append", required=True,
-                   help="training folder of the new batch, repeatable (earlier refused batches of its domain)")
-    p.add_argument("--val", type=Path, action="append",
-                   help="validation folder, repeatable: the new domain's first, then learnt domains' "
-                        "(continual.select picks the kept epoch on them; default: the new batch)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        help="training folder of the new batch, repeatable (earlier refused batches of its domain)",
+    )
+    p.add_argument(
+        "--val",
+        type=Path,
+        action="append",
+        help="validation folder, repeatable: the new domain's first, then learnt domains' "
+        "(continual.select picks the kept epoch on them; default: the new batch)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replay", type=Path, help="replay buffer folder (replay strategies)")
     p.add_argument("--seen", type=Path, action="append", default=[], help="earlier training folders (joint)")
     p.add_argument("--domain", help="domain of the new batch (tag on the MLflow run)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing what an earlier run wrote there")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty OUT, replacing what an earlier run wrote there"
+    )
     p.add_argument("--register", metavar="NAME", type=_model_name, help=REGISTER_HELP)
     p.set_defaults(func=cmd_update)
 
@@ -377,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer", type=Path, help="current buffer (omit for the first)")
     p.add_argument("--batch", type=Path, required=True)
     p.add_argument("--batch-id", required=True)
+    p.add_argument("--domain", help="the batch's domain (sampling: balanced shares the buffer by domain)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_replay_update)
 
@@ -384,9 +503,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("eval_dir", type=Path)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("gate", parents=[common], help="evaluate candidate vs champion on every domain; promote if it wins")
-    p.add_argument("--candidate", required=True, metavar="VERSION", help="registered version of registry.model_name, or 'latest'")
-    p.add_argument("--data", action="append", required=True, metavar="DOMAIN=FOLDER", help="held-out set of one domain (repeat for every domain seen so far)")
+    p = sub.add_parser(
+        "gate", parents=[common], help="evaluate candidate vs champion on every domain; promote if it wins"
+    )
+    p.add_argument(
+        "--candidate", required=True, metavar="VERSION", help="registered version of registry.model_name, or 'latest'"
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="DOMAIN=FOLDER",
+        help="held-out set of one domain (repeat for every domain seen so far)",
+    )
     p.add_argument("--target", required=True, metavar="DOMAIN", help="the new domain the candidate must improve")
     p.add_argument("--out", type=Path, required=True, help="folder for reports and promotion_decision.json")
     p.set_defaults(func=cmd_gate)
@@ -397,17 +526,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q = msub.add_parser("history", parents=[common], help="every recorded alias change")
     q.add_argument("--json", action="store_true")
-    q = msub.add_parser("promote", parents=[common], help="manual override: point an alias at VERSION (recorded as manual)")
+    q = msub.add_parser(
+        "promote", parents=[common], help="manual override: point an alias at VERSION (recorded as manual)"
+    )
     q.add_argument("version", metavar="VERSION")
     q.add_argument("--reason", required=True)
     q.add_argument("--alias", default="champion", help="default champion (or e.g. challenger)")
-    q.add_argument("--force", action="store_true",
-                   help="promote although classes, channels or signature differ from the champion's (recorded with --reason)")
+    q.add_argument(
+        "--force",
+        action="store_true",
+        help="promote although classes, channels or signature differ from the champion's (recorded with --reason)",
+    )
     q = msub.add_parser("rollback", parents=[common], help="champion back to the champion it replaced (recorded)")
     q.add_argument("--reason")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("reference", parents=[common], help="seeded sample of the champion's training images for drift checks")
+    p = sub.add_parser("batches", help="the loop's batches: pending, failed (dead letters), processed")
+    bsub = p.add_subparsers(dest="action", required=True)
+    q = bsub.add_parser("list", parents=[common], help="every batch with its status and last error")
+    q.add_argument("--json", action="store_true")
+    q = bsub.add_parser("retry", parents=[common], help="a failed batch back into incoming/ with a fresh attempt count")
+    q.add_argument("batch", help="its folder name under <workspace>/failed/")
+    q = bsub.add_parser(
+        "skip", parents=[common], help="a pending batch out of the loop's way (into failed/, as skipped)"
+    )
+    q.add_argument("batch", help="its folder name under the incoming folder")
+    q.add_argument("--reason", required=True, help="recorded in failed/<batch>/FAILED.json")
+    p.set_defaults(func=cmd_batches)
+
+    p = sub.add_parser(
+        "reference", parents=[common], help="seeded sample of the champion's training images for drift checks"
+    )
     p.add_argument("--train", type=Path, required=True, help="the champion's training folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", type=Path, help="champion checkpoint, recorded in reference.json")
@@ -415,15 +564,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="default drift.reference_seed")
     p.set_defaults(func=cmd_reference)
 
-    p = sub.add_parser("drift", parents=[common], help="did a batch drift from the reference? (Evidently report + decision)")
+    p = sub.add_parser(
+        "drift", parents=[common], help="did a batch drift from the reference? (Evidently report + decision)"
+    )
     p.add_argument("--reference", type=Path, required=True)
     p.add_argument("--current", type=Path, required=True)
-    p.add_argument("--model", help="champion: checkpoint path or models:/NAME@ALIAS|/VERSION (without it: image statistics only)")
+    p.add_argument(
+        "--model", help="champion: checkpoint path or models:/NAME@ALIAS|/VERSION (without it: image statistics only)"
+    )
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--cache", type=Path, default=DEFAULT_DRIFT_CACHE, help=f"feature cache (default {DEFAULT_DRIFT_CACHE})")
+    p.add_argument(
+        "--cache", type=Path, default=DEFAULT_DRIFT_CACHE, help=f"feature cache (default {DEFAULT_DRIFT_CACHE})"
+    )
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--champion-miou", type=float, help="champion's held-out mIoU (default: its checkpoint's val mIoU)")
     p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser(
+        "serve", parents=[common], help="HTTP service: the champion answers, follows its alias live, /metrics"
+    )
+    p.add_argument(
+        "--model",
+        help="models:/NAME@ALIAS (followed), models:/NAME/VERSION or a checkpoint path "
+        "(default serve.model, else models:/<registry.model_name>@champion)",
+    )
+    p.add_argument("--backend", choices=["onnx", "torch"], help="default serve.backend")
+    p.add_argument("--host", help="default serve.host")
+    p.add_argument("--port", type=int, help="default serve.port")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -432,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (SettingsError, TrackingError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        from segloop.redaction import redact
+
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -4,8 +4,10 @@ Every key is declared here; an unknown key, a wrong type or an impossible value
 fails at load time with the key's dotted name. Nothing here touches the disk
 except `load_settings` / `save_settings`, and only when called.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +38,11 @@ class DataSettings(_Strict):
     classes: list[str] = Field(min_length=2)
     channels: Literal[1, 3] = 3
     crop_size: int | None = Field(None, gt=0)  # null: planned from the training data (segloop.plan)
+    # Ingest refuses images later steps cannot handle: a side below min_side (drift's
+    # features and crops need some extent) or more than max_pixels (decoding and drift
+    # features grow with the pixel count).
+    min_side: int = Field(16, ge=1)
+    max_pixels: int = Field(4096 * 4096, gt=0)
 
     @field_validator("crop_size")
     @classmethod
@@ -75,22 +82,25 @@ class SplitSettings(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _leaves_train(self) -> "SplitSettings":
+    def _leaves_train(self) -> SplitSettings:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave images for training (< 1)")
         return self
 
 
 class NormSettings(_Strict):
-    """Input normalisation inside the model: x in [0, 1] -> (clip(x, *clip) - mean) / std per channel."""
+    """Input normalisation inside the model: x in [0, 1] -> (clip(x, *clip) - mean) / std per channel.
 
-    kind: Literal["none", "zscore"] = "zscore"
+    kind `image`: mean and std of each image and channel instead of the dataset's (mean/std
+    unused), so a global gain, offset or tint of a new camera or exposure cancels out."""
+
+    kind: Literal["none", "zscore", "image"] = "zscore"
     mean: list[float] = [0.0]
     std: list[float] = [1.0]
     clip: tuple[float, float] | None = None
 
     @model_validator(mode="after")
-    def _shapes(self) -> "NormSettings":
+    def _shapes(self) -> NormSettings:
         if len(self.mean) != len(self.std) or min(self.std) <= 0:
             raise ValueError("mean and std need one value per channel, std > 0")
         if self.clip is not None and not self.clip[0] < self.clip[1]:
@@ -154,7 +164,7 @@ class TrainSettings(_Strict):
     foreground: ForegroundSettings | None = None  # null: planned (rare classes)
 
     @model_validator(mode="after")
-    def _loss_weights(self) -> "TrainSettings":
+    def _loss_weights(self) -> TrainSettings:
         if self.dice_weight == 0 and self.ce_weight == 0:
             raise ValueError("dice_weight and ce_weight cannot both be 0")
         return self
@@ -176,11 +186,12 @@ class EvalSettings(_Strict):
 
 class ReplaySettings(_Strict):
     size: int = Field(200, gt=0)  # samples kept in the buffer
-    # How the buffer is filled: reservoir (each sample seen equally likely) or balanced (equal share per batch).
-    sampling: Literal["reservoir", "balanced"] = "reservoir"
+    # How the buffer is filled: reservoir (each sample seen equally likely) or balanced (equal
+    # share per domain; batches of unknown domain: per batch).
+    sampling: Literal["reservoir", "balanced"] = "balanced"
     ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of each training batch drawn from the buffer (mix: ratio)
-    # ratio: as above; balanced: b / (b + 1) for a buffer of b source batches, so every batch
-    # seen so far, the new one included, gets an equal share of each training batch (as in joint).
+    # ratio: as above; balanced: b / (b + 1) for a buffer of b domains (or source batches), so
+    # every one seen so far, the new batch included, gets an equal share of each training batch.
     mix: Literal["ratio", "balanced"] = "ratio"
 
 
@@ -188,13 +199,13 @@ class LwFSettings(_Strict):
     temperature: float = Field(2.0, gt=0.0)
     weight: float = Field(0.3, ge=0.0)
     # With a replay buffer: distil the replayed (old-domain) samples only, where the parent is right.
-    replay_only: bool = False
+    replay_only: bool = True
 
 
 class ContinualSettings(_Strict):
     strategy: Strategy = "replay_lwf"
     epochs: int = Field(10, gt=0)  # per update step (joint uses train.epochs)
-    lr: float = Field(5e-4, gt=0.0)
+    lr: float = Field(2e-4, gt=0.0)
     replay: ReplaySettings = ReplaySettings()
     lwf: LwFSettings = LwFSettings()
     # Class-incremental update: classes the batch adds, the last entries of data.classes
@@ -208,6 +219,9 @@ class ContinualSettings(_Strict):
     select_margin: float = Field(0.0, ge=0.0, le=1.0)  # stricter than the gate by this on validation
     # With select gate: move the kept weights towards the parent's (WiSE-FT) as far as the rules need.
     interpolate: bool = False
+    # A trained domain whose held-out mIoU is under this share of the champion's best domain is
+    # weak: its next labelled batch is trained on whether it drifted or not.
+    learnt_ratio: float = Field(0.8, ge=0.0, le=1.0)
 
 
 class TrackingSettings(_Strict):
@@ -220,9 +234,15 @@ class TrackingSettings(_Strict):
 
 
 class GateSettings(_Strict):
-    min_gain: float = Field(0.01, ge=0.0, le=1.0)  # mIoU the target domain must gain over the champion
+    # mIoU the target domain must gain over the champion; negative: the loss it may take
+    # (-1: any candidate that keeps the old domains, e.g. to test the loop's plumbing)
+    min_gain: float = Field(0.01, ge=-1.0, le=1.0)
     max_forgetting: float = Field(0.02, ge=0.0, le=1.0)  # mIoU any old domain may lose
     floor_miou: float = Field(0.3, ge=0.0, le=1.0)  # every domain, when there is no champion yet
+    # Servability (segloop.serve.servability): the candidate must load on serve.backend and answer
+    # a sample request, and its median latency there may be at most this times the champion's
+    # (null or 0: no latency rule; loading and answering are always checked).
+    max_latency_ratio: float | None = Field(1.5, ge=0.0)
 
 
 class RegistrySettings(_Strict):
@@ -262,14 +282,15 @@ class DriftSettings(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _reference_not_smaller_than_batches(self) -> "DriftSettings":
+    def _reference_not_smaller_than_batches(self) -> DriftSettings:
         if self.reference_size < self.min_images:
             raise ValueError("reference_size must be >= min_images")
         # A permutation p-value is at least 1 / (permutations + 1): below its alpha the MMD test could never fire.
         if 1 / (self.mmd_permutations + 1) > self.alpha * self.embedding_alpha_share:
             raise ValueError(
                 f"mmd_permutations={self.mmd_permutations} cannot reach p <= alpha * embedding_alpha_share "
-                f"= {self.alpha * self.embedding_alpha_share:g}; use at least {int(1 / (self.alpha * self.embedding_alpha_share))}"
+                f"= {self.alpha * self.embedding_alpha_share:g}; use at least "
+                f"{int(1 / (self.alpha * self.embedding_alpha_share))}"
             )
         return self
 
@@ -284,6 +305,9 @@ class FlowSettings(_Strict):
     schedule: str = "0 * * * *"  # cron of the served monitor deployment
     retries: int = Field(2, ge=0)  # for tasks that do I/O that can fail transiently (DVC, git, MLflow)
     retry_delay_s: float = Field(5.0, ge=0.0)
+    # A batch whose step fails (or dies) this many times moves to <workspace>/failed/<batch>/
+    # with its error, and the loop goes on with the next batch.
+    max_attempts: int = Field(3, ge=1)
 
     @field_validator("schedule")
     @classmethod
@@ -309,6 +333,43 @@ class ExportSettings(_Strict):
     per_channel: bool = False
 
 
+class CaptureSettings(_Strict):
+    """`segloop serve` keeps a sample of what it sees and hands it to the loop as unlabelled batches."""
+
+    rate: float = Field(0.0, ge=0.0, le=1.0)  # share of served images kept (0: capture off)
+    batch_size: int = Field(32, gt=0)  # captures per batch folder written to flows.incoming
+    # An older first capture rolls a batch early, once it holds drift.min_images (the loop's minimum).
+    max_age_s: float = Field(3600.0, gt=0.0)
+    max_pending_mb: float = Field(256.0, gt=0.0)  # disk the not-yet-rolled captures may fill; beyond: dropped, counted
+    seed: int | None = None  # sampling seed (null: random)
+    # The domain batch.json claims (the loop reads it; "default" is its name for a batch that claims none).
+    domain: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class ServeSettings(_Strict):
+    """`segloop serve`: which model, on which backend, how it follows the registry, input limits."""
+
+    model: str | None = None  # null: models:/<registry.model_name>@champion
+    backend: Literal["onnx", "torch"] = "onnx"  # onnx: the `segloop export` file, made and cached per version
+    precision: Literal["fp32", "int8"] = "fp32"  # onnx only; int8 needs `calib`
+    calib: Path | None = None  # training images calibrating int8 exports
+    cache: Path = Path(".cache/serve")  # exports per model version
+    cache_keep: int = Field(8, ge=1)  # the most recently used exports kept; older ones are removed
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    poll_s: float | None = Field(30.0, gt=0.0)  # how often the alias is re-read (null: only POST /v1/reload)
+    max_pixels: int = Field(16_777_216, gt=0)  # larger images get 413
+    max_body_mb: float = Field(32.0, gt=0.0)  # larger request bodies get 413
+    threads: int | None = Field(None, gt=0)  # intra-op threads of the backend (null: torch's default)
+    capture: CaptureSettings = CaptureSettings()
+
+    @model_validator(mode="after")
+    def _int8_needs_calibration(self) -> ServeSettings:
+        if self.precision == "int8" and (self.backend != "onnx" or self.calib is None):
+            raise ValueError("precision int8 needs backend onnx and calib (a folder of training images)")
+        return self
+
+
 class Settings(_Strict):
     data: DataSettings
     generate: GenerateSettings = GenerateSettings()
@@ -322,11 +383,12 @@ class Settings(_Strict):
     drift: DriftSettings = DriftSettings()
     flows: FlowSettings = FlowSettings()
     export: ExportSettings = ExportSettings()
+    serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")
-    def _new_classes_last(self) -> "Settings":
+    def _new_classes_last(self) -> Settings:
         new, classes = self.continual.new_classes, self.data.classes
-        if new and (len(new) >= len(classes) or classes[-len(new):] != new):
+        if new and (len(new) >= len(classes) or classes[-len(new) :] != new):
             raise ValueError(
                 f"continual.new_classes {new} must be the last entries of data.classes {classes} "
                 "(the head grows at its end) and leave background and the parent's classes before them"
@@ -371,8 +433,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     except yaml.YAMLError as err:
         # One line: the parser's own message spans lines and points into a one-line "document".
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SettingsError(f"--set {assignment!r}: the value is not valid YAML ({problem}); "
-                            "quote it as a string or close its brackets") from None
+        raise SettingsError(
+            f"--set {assignment!r}: the value is not valid YAML ({problem}); quote it as a string or close its brackets"
+        ) from None
 
 
 def settings_from_dict(raw: dict[str, Any], source: str = "<settings>") -> Settings:
@@ -382,7 +445,7 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<settings>") -> Setti
         raise SettingsError(_format_errors(source, err)) from None
 
 
-def load_settings(path: Path | str = DEFAULT_PARAMS, overrides: list[str] = ()) -> Settings:
+def load_settings(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> Settings:
     """Read params.yaml, apply `key.path=value` overrides, validate."""
     path = Path(path)
     try:
@@ -399,6 +462,21 @@ def load_settings(path: Path | str = DEFAULT_PARAMS, overrides: list[str] = ()) 
     return settings_from_dict(raw, source)
 
 
+def redact_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A settings dict fit to write, log or embed: a password or token in tracking.uri masked."""
+    from segloop.redaction import redact
+
+    tracking = raw.get("tracking")
+    if isinstance(tracking, dict) and tracking.get("uri"):
+        return {**raw, "tracking": {**tracking, "uri": redact(tracking["uri"])}}
+    return raw
+
+
+def settings_record(settings: Settings) -> dict[str, Any]:
+    """`settings` as the JSON-able dict written beside artifacts and logged (secrets masked)."""
+    return redact_settings(settings.model_dump(mode="json"))
+
+
 def save_settings(settings: Settings, path: Path) -> None:
     """Write the resolved settings beside the artifact they produced."""
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    path.write_text(yaml.safe_dump(settings_record(settings), sort_keys=False))

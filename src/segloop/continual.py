@@ -8,11 +8,13 @@ A class-incremental update (`continual.new_classes`) composes with any of them
 but `joint`: the head grows, and with `continual.unbiased` the losses follow MiB
 (segloop.class_incremental).
 """
+
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence, get_args
+from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from segloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
 from segloop.config import GateSettings, Settings, Strategy
 from segloop.data.dataset import IGNORE_INDEX
-from segloop.data.replay import read_manifest
+from segloop.data.replay import group_of, read_manifest
 from segloop.inference import pick_device
 from segloop.tracking import dir_md5
 from segloop.train import SegLoss, TrainResult, train
@@ -40,13 +42,15 @@ class Distillation:
     distils the replayed samples of a batch only.
     """
 
-    def __init__(self, teacher: nn.Module, temperature: float, weight: float, unbiased: bool = True,
-                 replay_only: bool = False):
+    def __init__(
+        self, teacher: nn.Module, temperature: float, weight: float, unbiased: bool = True, replay_only: bool = False
+    ):
         self.teacher = teacher.eval().requires_grad_(False)
         self.t, self.weight, self.unbiased, self.replay_only = temperature, weight, unbiased, replay_only
 
-    def __call__(self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor,
-                 from_replay: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor, from_replay: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.replay_only:
             if from_replay is None or not bool(from_replay.any()):
                 return logits.sum() * 0.0
@@ -79,41 +83,70 @@ def _class_incremental_loss(settings: Settings, parent: Path) -> nn.Module | Non
 
 
 def replay_ratio(settings: Settings, replay: Path) -> float:
-    """continual.replay.ratio, or with mix `balanced` the share that gives every source batch of
-    the buffer and the new batch an equal part of each training batch."""
+    """continual.replay.ratio, or with mix `balanced` the share that gives every domain of the
+    buffer (a batch of unknown domain: every source batch) and the new batch an equal part of
+    each training batch."""
     if settings.continual.replay.mix == "ratio":
         return settings.continual.replay.ratio
-    sources = {item["source_batch"] for item in read_manifest(replay)["items"]}
+    sources = {group_of(item) for item in read_manifest(replay)["items"]}
     return len(sources) / (len(sources) + 1)
 
 
-def _run(settings: Settings, parent: Path, new: Sequence[Path], out: Path, val, seen: Sequence[Path],
-         replay: Path | None, log, hooks: dict, *, use_replay=False, distill=False, freeze=False, joint=False) -> TrainResult:
+def _run(
+    settings: Settings,
+    parent: Path,
+    new: Sequence[Path],
+    out: Path,
+    val,
+    seen: Sequence[Path],
+    replay: Path | None,
+    log,
+    hooks: dict,
+    *,
+    use_replay=False,
+    distill=False,
+    freeze=False,
+    joint=False,
+) -> TrainResult:
     if use_replay and replay is None:
         raise ValueError(f"strategy {settings.continual.strategy!r} needs a replay buffer (--replay DIR)")
     c = settings.continual
     if joint and c.new_classes:
-        raise ValueError("continual.new_classes: `joint` retrains from scratch on data.classes, so every batch "
-                         "must label every class; leave new_classes empty for it")
+        raise ValueError(
+            "continual.new_classes: `joint` retrains from scratch on data.classes, so every batch "
+            "must label every class; leave new_classes empty for it"
+        )
     extra = None
     if distill:
         teacher, _ = load_model(parent)
-        extra = Distillation(teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight, c.unbiased,
-                             c.lwf.replay_only and use_replay)
+        extra = Distillation(
+            teacher.to(pick_device()), c.lwf.temperature, c.lwf.weight, c.unbiased, c.lwf.replay_only and use_replay
+        )
     data = [*seen, *new] if joint else list(new)
-    ratio = replay_ratio(settings, replay) if use_replay else 0.0
+    replay_dir = replay if use_replay else None
+    ratio = replay_ratio(settings, replay_dir) if replay_dir is not None else 0.0
     meta = {
         "strategy": c.strategy,
         "update_parent": str(parent),
         "data_md5": {str(d): dir_md5(d) for d in data},
-        **({"replay_md5": dir_md5(replay), "replay_ratio": ratio} if use_replay else {}),
+        **({"replay_md5": dir_md5(replay_dir), "replay_ratio": ratio} if replay_dir is not None else {}),
         **({"new_classes": list(c.new_classes), "unbiased": c.unbiased} if c.new_classes else {}),
     }
     return train(
-        settings if joint else _update_settings(settings), data, out, val, init=None if joint else parent, log=log,
-        replay_dir=replay if use_replay else None, replay_ratio=ratio, extra_loss=extra, freeze_encoder=freeze,
+        settings if joint else _update_settings(settings),
+        data,
+        out,
+        val,
+        init=None if joint else parent,
+        log=log,
+        replay_dir=replay_dir,
+        replay_ratio=ratio,
+        extra_loss=extra,
+        freeze_encoder=freeze,
         new_classes=() if joint else c.new_classes,
-        seg_loss=None if joint else _class_incremental_loss(settings, parent), meta=meta, **hooks,
+        seg_loss=None if joint else _class_incremental_loss(settings, parent),
+        meta=meta,
+        **hooks,
     )
 
 
@@ -126,12 +159,19 @@ STRATEGIES: dict[str, dict] = {
     "freeze_encoder": {"freeze": True},
 }
 # config validates continual.strategy against its Literal (without importing torch): one list of names.
-assert set(STRATEGIES) == set(get_args(Strategy)), f"segloop.config.Strategy {get_args(Strategy)} != STRATEGIES {list(STRATEGIES)}"
+assert set(STRATEGIES) == set(get_args(Strategy)), (
+    f"segloop.config.Strategy {get_args(Strategy)} != STRATEGIES {list(STRATEGIES)}"
+)
 
 
 def update(
-    settings: Settings, parent: Path, new: Path | Sequence[Path], out: Path, val: Path | Sequence[Path] | None = None,
-    seen: Sequence[Path] = (), replay: Path | None = None,
+    settings: Settings,
+    parent: Path,
+    new: Path | Sequence[Path],
+    out: Path,
+    val: Path | Sequence[Path] | None = None,
+    seen: Sequence[Path] = (),
+    replay: Path | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     **hooks,
 ) -> TrainResult:
@@ -155,7 +195,9 @@ def update(
     base = parent_scores(settings, parent, vals)
     log(f"parent val mIoU per folder: {' '.join(f'{m:.4f}' for m in base)} (gate-constrained selection)")
     rule = partial(gate_score, parent=base, gate=settings.registry.gate, margin=c.select_margin)
-    result = _run(settings, parent, new, out, vals, seen, replay, log, {**hooks, "select": rule}, **STRATEGIES[c.strategy])
+    result = _run(
+        settings, parent, new, out, vals, seen, replay, log, {**hooks, "select": rule}, **STRATEGIES[c.strategy]
+    )
     if c.interpolate:
         interpolate_with_parent(settings, parent, out / "best.pt", vals, rule, log)
     return result
@@ -191,8 +233,14 @@ def gate_score(per_folder: Sequence[float], parent: Sequence[float], gate: GateS
 ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
 
-def interpolate_with_parent(settings: Settings, parent: Path, best: Path, vals: Sequence[Path],
-                            rule: Callable[[list[float]], float], log: Callable[[str], None]) -> float:
+def interpolate_with_parent(
+    settings: Settings,
+    parent: Path,
+    best: Path,
+    vals: Sequence[Path],
+    rule: Callable[[list[float]], float],
+    log: Callable[[str], None],
+) -> float:
     """WiSE-FT: rewrite `best` as parent + alpha * (best - parent) for the largest alpha in
     ALPHAS whose weights pass `rule` on `vals` (else the alpha that comes nearest). Moving
     back towards the parent trades new-domain gain for old-domain retention, which is
@@ -208,13 +256,17 @@ def interpolate_with_parent(settings: Settings, parent: Path, best: Path, vals: 
         model.to(device).eval()
         per = [miou_on(model, v, settings, device)[0] for v in vals]
         tried.append((rule(per), alpha))
-        log(f"interpolation alpha {alpha:.1f}: val mIoU per folder {' '.join(f'{m:.4f}' for m in per)} score {tried[-1][0]:.4f}")
+        log(
+            f"interpolation alpha {alpha:.1f}: val mIoU per folder {' '.join(f'{m:.4f}' for m in per)} score "
+            f"{tried[-1][0]:.4f}"
+        )
         if tried[-1][0] >= 1.0:  # feasible: the largest such alpha keeps the most of the update
             break
     score, alpha = max(tried, key=lambda t: (t[0] >= 1.0, t[0] if t[0] < 1.0 else t[1]))
     if alpha != 1.0:
-        save_checkpoint(best, {**ckpt, "model": mix_weights(start, ckpt["model"], alpha), "wise_alpha": alpha,
-                               "val_score": score})
+        save_checkpoint(
+            best, {**ckpt, "model": mix_weights(start, ckpt["model"], alpha), "wise_alpha": alpha, "val_score": score}
+        )
     return alpha
 
 

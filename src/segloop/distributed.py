@@ -8,12 +8,13 @@ on the GPU.
 
 This module must not train or write anything; importing it touches nothing.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist

@@ -3,10 +3,12 @@
 Metrics come from per-image confusion matrices (segloop.metrics), summed over
 the dataset, then reduced.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,7 +25,9 @@ from segloop.plots import palette, save_confusion, save_overlay
 BACKENDS = ("torch", "onnx")
 
 
-def _predict(model: Backend, sample: Sample, channels: int, cfg: EvalSettings, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+def _predict(
+    model: Backend, sample: Sample, channels: int, cfg: EvalSettings, device: torch.device
+) -> tuple[np.ndarray, torch.Tensor]:
     """(image (H, W, C) uint8, predicted mask (H, W) int64 on CPU)."""
     image = read_image(sample.image, channels)
     x = to_tensor(image)[None].to(device)
@@ -32,8 +36,14 @@ def _predict(model: Backend, sample: Sample, channels: int, cfg: EvalSettings, d
 
 
 def confusion_over(
-    model: Backend, samples: list[Sample], channels: int, num_classes: int, cfg: EvalSettings,
-    device: torch.device, progress: bool = False, on_image=None,
+    model: Backend,
+    samples: list[Sample],
+    channels: int,
+    num_classes: int,
+    cfg: EvalSettings,
+    device: torch.device,
+    progress: bool = False,
+    on_image=None,
 ) -> torch.Tensor:
     """Summed (K, K) confusion of `model` over labelled `samples`; `on_image(i, image, truth, pred)` sees each."""
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -48,7 +58,9 @@ def confusion_over(
 
 def miou_on(model: Backend, data_dir: Path, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
     """(mIoU, per-class IoU) of `model` on the labelled folder `data_dir`, with settings' classes and eval."""
-    cm = confusion_over(model, list_samples(data_dir), settings.data.channels, settings.num_classes, settings.eval, device)
+    cm = confusion_over(
+        model, list_samples(data_dir), settings.data.channels, settings.num_classes, settings.eval, device
+    )
     iou = per_class_iou(cm)
     return nanmean(iou), iou.tolist()
 
@@ -102,23 +114,29 @@ def check_predict_out(input_dir: Path, out_dir: Path, overwrite: bool = False) -
     allowed: masks would replace or mix with the images), or a non-empty one (unless `overwrite`)."""
     inp, out = Path(input_dir).resolve(), Path(out_dir).resolve()
     if out == inp or inp in out.parents:
-        raise FileExistsError(f"--out {out_dir}: is {'the input folder' if out == inp else f'inside the input folder {input_dir}'}; "
-                              "masks would be written among the images; choose a folder outside it")
+        raise FileExistsError(
+            f"--out {out_dir}: is {'the input folder' if out == inp else f'inside the input folder {input_dir}'}; "
+            "masks would be written among the images; choose a folder outside it"
+        )
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out_dir}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out_dir}: exists and is not empty; refusing to overwrite it (pass --overwrite, or choose a new folder)")
+        raise FileExistsError(
+            f"--out {out_dir}: exists and is not empty; refusing to overwrite it (pass --overwrite, or choose a new "
+            "folder)"
+        )
 
 
-def save_mask(path: Path, mask: np.ndarray, num_classes: int) -> None:
+def save_mask(path: Path | BinaryIO, mask: np.ndarray, num_classes: int, compress_level: int = 6) -> None:
     """A palette PNG: pixel values are the class ids (read back as such), shown in the class colours."""
     img = Image.fromarray(mask.astype(np.uint8), mode="P")
     img.putpalette(palette(num_classes).reshape(-1).tolist())
-    img.save(path)
+    img.save(path, format="PNG", compress_level=compress_level)  # also into a file object (segloop serve's answers)
 
 
-def predict_folder(model_path: Path, input_dir: Path, out_dir: Path, cfg: EvalSettings, backend: str = "torch",
-                   overwrite: bool = False) -> int:
+def predict_folder(
+    model_path: Path, input_dir: Path, out_dir: Path, cfg: EvalSettings, backend: str = "torch", overwrite: bool = False
+) -> int:
     """Write one palette mask PNG (class ids) per image of `input_dir` (or its images/ subfolder)."""
     check_predict_out(input_dir, out_dir, overwrite)  # before the model loads: a refusal costs nothing
     model, channels, device, classes = load_backend(model_path, backend)
@@ -128,4 +146,3 @@ def predict_folder(model_path: Path, input_dir: Path, out_dir: Path, cfg: EvalSe
         _, pred = _predict(model, sample, channels, cfg, device)
         save_mask(out_dir / f"{sample.stem}.png", pred.numpy(), len(classes))
     return len(samples)
-

@@ -9,23 +9,24 @@ Parity: the same images through eager PyTorch and ONNX Runtime, with the same pa
 and tiling; max |logit difference| and the mIoU of each, written beside the file as
 `<FILE>.parity.json`. This module trains nothing and decides nothing about promotion.
 """
+
 from __future__ import annotations
 
 import json
 import random
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
-from segloop.config import EvalSettings, ExportSettings
+from segloop.config import EvalSettings, ExportSettings, redact_settings
 from segloop.data.dataset import list_samples, read_image, read_mask, to_tensor
-from segloop.inference import INPUT, META, OUTPUT, PROVIDER, Backend, OnnxBackend, pad_to_stride, predict_logits
+from segloop.inference import INPUT, META, OUTPUT, Backend, OnnxBackend, pad_to_stride, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou
 
 FORMATS = ("onnx",)
@@ -45,6 +46,7 @@ def int8_path(onnx_path: Path) -> Path:
 
 # ---------------------------------------------------------------- export
 
+
 def export_onnx(model: nn.Module, channels: int, path: Path, opset: int, metadata: Mapping[str, str]) -> None:
     """Write `model` (eval mode) as ONNX with dynamic batch, height and width, plus `metadata`."""
     import onnx
@@ -59,8 +61,14 @@ def export_onnx(model: nn.Module, channels: int, path: Path, opset: int, metadat
         # which this project does not install.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model.eval(), (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: axes, OUTPUT: axes},
+            model.eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_axes={INPUT: axes, OUTPUT: axes},
         )
     proto = onnx.load(str(path))
     _constant_upsample_scales(proto, channels)
@@ -113,10 +121,15 @@ def _resize_shapes(proto, channels: int, h: int, w: int) -> dict[str, tuple[list
         dim.Clear()
         dim.dim_value = value
     probe = shape_inference.infer_shapes(probe, data_prop=True)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*probe.graph.value_info, *probe.graph.output]}
-    return {n.output[0]: (shapes.get(n.input[0], []), shapes.get(n.output[0], []))
-            for n in probe.graph.node if n.op_type == "Resize"}
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*probe.graph.value_info, *probe.graph.output]
+    }
+    return {
+        n.output[0]: (shapes.get(n.input[0], []), shapes.get(n.output[0], []))
+        for n in probe.graph.node
+        if n.op_type == "Resize"
+    }
 
 
 def _set_metadata(proto, metadata: Mapping[str, str]) -> None:
@@ -129,6 +142,7 @@ def _set_metadata(proto, metadata: Mapping[str, str]) -> None:
 
 
 # ---------------------------------------------------------------- int8
+
 
 class CalibrationImages:
     """Feeds ONNX Runtime's calibrator a seeded sample of images, one padded image per batch.
@@ -165,17 +179,32 @@ def quantize_int8(fp32_path: Path, out_path: Path, reader: CalibrationImages, pe
         # uint8 activations, int8 weights, full range: ORT's advice for x86 CPUs (VNNI or AMX run
         # u8s8 without the saturation that reduce_range guards against on older cores).
         quantize_static(
-            str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(prepared),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            reduce_range=False,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
-    return {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": per_channel,
-            "calibration": "MinMax", "calib_images": len(reader.samples)}
+    return {
+        "format": "QDQ",
+        "activations": "uint8",
+        "weights": "int8",
+        "per_channel": per_channel,
+        "calibration": "MinMax",
+        "calib_images": len(reader.samples),
+    }
 
 
 # ---------------------------------------------------------------- parity
 
-def parity_inputs(data_dir: Path | None, channels: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+
+def parity_inputs(
+    data_dir: Path | None, channels: int, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(images (N, C, H, W) float in [0, 1], masks (N, H, W) int64 or None) to compare backends on.
 
     A folder gives its images one by one (with masks when it has them); no folder gives
@@ -193,8 +222,11 @@ def parity_inputs(data_dir: Path | None, channels: int, seed: int = 0) -> Iterat
 
 
 def check_parity(
-    model: Backend, backends: Mapping[str, Backend], inputs: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
-    num_classes: int, cfg: EvalSettings,
+    model: Backend,
+    backends: Mapping[str, Backend],
+    inputs: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
+    num_classes: int,
+    cfg: EvalSettings,
 ) -> dict:
     """Each backend against eager `model` on the same inputs, padded and tiled alike.
 
@@ -225,25 +257,39 @@ def check_parity(
     if not n_images:
         raise ValueError("parity check: no inputs")
     miou = {name: nanmean(per_class_iou(cm)) if labelled else None for name, cm in cms.items()}
-    report = {"n_images": n_images, "input_sizes": sorted([list(s) for s in sizes]), "labelled": labelled,
-              "eager": {"miou": miou["eager"]}}
+    report = {
+        "n_images": n_images,
+        "input_sizes": sorted([list(s) for s in sizes]),
+        "labelled": labelled,
+        "eager": {"miou": miou["eager"]},
+    }
+    eager = miou["eager"]
     for name, d in diff.items():
+        m = miou[name]  # None exactly when unlabelled
         report[name] = {
             "max_abs_logit_diff": d["max"],
             "mean_abs_logit_diff": d["sum"] / n_pixels,
             "pixel_agreement": d["agree"] / n_pixels,
-            "miou": miou[name],
-            "miou_diff": None if not labelled else miou[name] - miou["eager"],
+            "miou": m,
+            "miou_diff": None if m is None or eager is None else m - eager,
         }
     return report
 
 
 # ---------------------------------------------------------------- the `segloop export` step
 
+
 def export_model(
-    checkpoint: Path, out: Path, cfg: ExportSettings, eval_cfg: EvalSettings, fmt: str = "onnx",
-    quantize: str | None = None, calib: Path | None = None, parity_data: Path | None = None,
-    label: str | None = None, log: Callable[[str], None] = print,
+    checkpoint: Path,
+    out: Path,
+    cfg: ExportSettings,
+    eval_cfg: EvalSettings,
+    fmt: str = "onnx",
+    quantize: str | None = None,
+    calib: Path | None = None,
+    parity_data: Path | None = None,
+    label: str | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Export `checkpoint` to `out` (and `<stem>.int8.onnx` with `quantize="int8"`), check parity.
 
@@ -278,8 +324,10 @@ def export_model(
         list_samples(Path(parity_data), require_masks=False)  # a clear error now, not after the export
 
     metadata = {
-        f"{META}classes": json.dumps(classes), f"{META}channels": str(channels),
-        f"{META}settings": json.dumps(ckpt["settings"]), f"{META}source": label or str(checkpoint),
+        f"{META}classes": json.dumps(classes),
+        f"{META}channels": str(channels),
+        f"{META}settings": json.dumps(redact_settings(ckpt["settings"])),
+        f"{META}source": label or str(checkpoint),
         f"{META}input": "images (N, C, H, W) float32 in [0, 1], H and W multiples of 32",
     }
     export_onnx(model, channels, out, cfg.opset, {**metadata, f"{META}precision": "fp32"})
@@ -297,9 +345,15 @@ def export_model(
     backends = {name: OnnxBackend(path) for name, path in files.items()}
     parity = check_parity(model, backends, parity_inputs(parity_data, channels), len(classes), eval_cfg)
     report = {
-        "model": label or str(checkpoint), "checkpoint": str(checkpoint), "format": fmt, "opset": cfg.opset,
-        "provider": backends["fp32"].provider, "onnxruntime": ort.__version__, "torch": torch.__version__,
-        "classes": classes, "channels": channels,
+        "model": label or str(checkpoint),
+        "checkpoint": str(checkpoint),
+        "format": fmt,
+        "opset": cfg.opset,
+        "provider": backends["fp32"].provider,
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "classes": classes,
+        "channels": channels,
         "data": str(parity_data) if parity_data is not None else "random noise images (no --parity-data)",
         "eval": {"max_size": eval_cfg.max_size, "overlap": eval_cfg.overlap},
         **parity,
@@ -316,9 +370,11 @@ def export_model(
 
 def parity_lines(report: dict) -> list[str]:
     """Human summary of a parity report, one line per exported file."""
-    lines = [f"parity vs eager PyTorch ({report['provider']}, opset {report['opset']}): {report['n_images']} images "
-             f"of {report['data']}, sizes {' '.join(f'{h}x{w}' for h, w in report['input_sizes'][:6])}"
-             + (" ..." if len(report["input_sizes"]) > 6 else "")]
+    lines = [
+        f"parity vs eager PyTorch ({report['provider']}, opset {report['opset']}): {report['n_images']} images "
+        f"of {report['data']}, sizes {' '.join(f'{h}x{w}' for h, w in report['input_sizes'][:6])}"
+        + (" ..." if len(report["input_sizes"]) > 6 else "")
+    ]
     if report["eager"]["miou"] is not None:
         lines.append(f"  eager  mIoU {report['eager']['miou']:.4f}")
     for name in ("fp32", "int8"):
@@ -326,8 +382,10 @@ def parity_lines(report: dict) -> list[str]:
         if r is None:
             continue
         miou = "" if r["miou"] is None else f"  mIoU {r['miou']:.4f} ({100 * r['miou_diff']:+.2f} pts)"
-        lines.append(f"  {name:5s}  max |logit diff| {r['max_abs_logit_diff']:.2e}  mean {r['mean_abs_logit_diff']:.2e}  "
-                     f"pixels agreeing {100 * r['pixel_agreement']:.2f}%{miou}  ({r['bytes'] / 2**20:.1f} MiB)")
+        lines.append(
+            f"  {name:5s}  max |logit diff| {r['max_abs_logit_diff']:.2e}  mean {r['mean_abs_logit_diff']:.2e}  "
+            f"pixels agreeing {100 * r['pixel_agreement']:.2f}%{miou}  ({r['bytes'] / 2**20:.1f} MiB)"
+        )
     return lines
 
 

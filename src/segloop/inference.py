@@ -3,11 +3,12 @@
 The padding and tiling run the same for every backend: anything that maps a padded
 batch to logits (an eager `nn.Module`, or `OnnxBackend`: a `segloop export` file in ONNX Runtime).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -63,16 +64,18 @@ def predict_logits(model: Backend, x: torch.Tensor, max_size: int = 512, overlap
     if max(h, w) <= max_size:
         return _forward_padded(model, x).float()
     step = max(STRIDE, int(max_size * (1 - overlap)) // STRIDE * STRIDE)
-    total = counts = None
+    total: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
     for top in _starts(h, max_size, step):
         for left in _starts(w, max_size, step):
             tile = x[..., top : top + max_size, left : left + max_size]
             logits = _forward_padded(model, tile).float()
-            if total is None:
+            if total is None or counts is None:
                 total = x.new_zeros((x.shape[0], logits.shape[1], h, w), dtype=torch.float32)
                 counts = x.new_zeros((1, 1, h, w), dtype=torch.float32)
             total[..., top : top + tile.shape[-2], left : left + tile.shape[-1]] += logits
             counts[..., top : top + tile.shape[-2], left : left + tile.shape[-1]] += 1
+    assert total is not None and counts is not None  # _starts() is never empty
     return total / counts
 
 
@@ -100,8 +103,10 @@ class OnnxBackend:
             raise ValueError(f"{path}: not a loadable ONNX model ({type(err).__name__}: {str(err)[:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if f"{META}classes" not in meta or f"{META}channels" not in meta:
-            raise ValueError(f"{path}: not a segloop ONNX export (no {META}classes / {META}channels metadata; "
-                             "write one with `segloop export`)")
+            raise ValueError(
+                f"{path}: not a segloop ONNX export (no {META}classes / {META}channels metadata; "
+                "write one with `segloop export`)"
+            )
         self.path = path
         self.classes: list[str] = json.loads(meta[f"{META}classes"])
         self.channels = int(meta[f"{META}channels"])

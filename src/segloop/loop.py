@@ -2,21 +2,32 @@
 
 One batch = one step (`process_batch`, which flows/ wraps): ingest (validate, quarantine,
 split) -> version with DVC -> drift check against the champion's references -> bootstrap
-or update (`should_update`) -> gate (protecting the domains the champion has learnt) -> on
+or update (`update_reason`) -> gate (protecting the domains the champion has learnt) -> on
 promotion, new replay buffer; on refusal, the batch's training split stays in its domain's
 pool for the next update of that domain -> step record, state and marker committed together.
 
 The workspace is the loop's own git + DVC repository (`flows.workspace`):
 
-    incoming/<batch>/          batches arrive here (images/, masks/, optional batch.json {"domain": ...})
+    incoming/<batch>/          batches arrive here (images/, masks/, batch.json {"domain": ...} or READY, written last)
     batches/<batch>/           accepted files and their train/val/test split (tracked by batches/<batch>.dvc)
-    quarantine/<batch>/        rejected files with reasons.jsonl
+    quarantine/<batch>/        rejected files (ignored by git) and reasons.jsonl (tracked: reason and sha256 of each)
     models/<batch>/            the model trained on the batch (out of DVC stage train-/update-<batch>)
     replay/<batch>/            replay buffer version after the batch (stage replay-<batch>)
-    reference/v<N>/<domain>/   drift reference of champion v<N> for each domain it was trained on
+    reference/v<N>/<domain>/   drift reference of champion v<N> for each domain it was trained on (tracked by its .dvc)
     steps/<batch>/             drift and gate reports of the step
-    processed/<batch>.json     the step record; its presence means "done, never again"
-    params.yaml, dvc.yaml, dvc.lock, state.json (segloop.records.LoopState)
+    params/<batch>.yaml        the settings the step ran with: its stages' params (a later run's
+                               settings never touch them)
+    processed/<batch>.json     the step record; committed (in HEAD), it means "done, never again"
+    failed/<batch>/            dead letters: a batch refused or failing flows.max_attempts times,
+                               with FAILED.json (ignored by git)
+    .attempts/<batch>.json     attempts and errors of a pending batch (ignored by git: survives the reset of a retry)
+    params.yaml, dvc.yaml, dvc.lock, state.json (segloop.records.LoopState); params.yaml holds the
+                               latest run's settings, for reading: no stage depends on it
+
+The batch contract: a batch folder's name is `[A-Za-z0-9][A-Za-z0-9_-]*` (it names DVC stages
+and paths in their commands; another name is refused into failed/ at once), and a batch is
+ready, so picked up, only once it holds `READY` or `batch.json`, written after everything
+else (a half-copied folder is left alone). Folders starting with "." are never batches.
 
 Training and updates are DVC stages (train-/update-<batch>) that the loop runs with
 `dvc repro -s`; the replay buffer step is written to dvc.yaml and `dvc commit`ted. So
@@ -24,28 +35,50 @@ Training and updates are DVC stages (train-/update-<batch>) that the loop runs w
 dvc repro -s -f <stage>` rebuilds a step. The git
 commit made at the end of a step is the only thing that makes it count: a crash before
 it leaves the batch pending and the next run starts the batch again from that commit.
+Recovery first resets the workspace to that commit and only then reads state.json.
+Every command the loop runs (git, dvc, the training under `dvc repro`) dies with the
+process that runs the loop, even under `kill -9` (`segloop.lifeline`).
 """
+
 from __future__ import annotations
 
 import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
+from segloop import lifeline
 from segloop.config import Settings
 from segloop.records import BatchInfo, LoopState, StepRecord, write_json
+from segloop.redaction import redact
 
-STATE, MARKER_DIR, BATCH_INFO = "state.json", "processed", "batch.json"
+STATE, MARKER_DIR, BATCH_INFO, READY = "state.json", "processed", "batch.json", "READY"
+FAILED_DIR, FAILED_INFO, ATTEMPTS_DIR = "failed", "FAILED.json", ".attempts"
+BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# What the loop writes at the top of the workspace: a reset to the last step commit cleans these.
+LOOP_FOLDERS = ("batches", "quarantine", "models", "replay", "reference", "steps", "params", MARKER_DIR)
+IGNORED = (
+    "/incoming/",
+    "/steps/",
+    "/.cache/",
+    "/.lock",
+    f"/{FAILED_DIR}/",
+    f"/{ATTEMPTS_DIR}/",
+    "/quarantine/*/*",
+    "!/quarantine/*/reasons.jsonl",
+)
 # What a model step's output depends on (where it is logged and registered does not).
 STAGE_PARAMS = ["data", "model", "train", "continual"]
 
@@ -54,11 +87,19 @@ STAGE_PARAMS = ["data", "model", "train", "continual"]
 class Workspace:
     root: Path
     incoming: Path
+    # The resolved store, given to the stages DVC runs in their environment when it holds a
+    # secret (never written to the workspace's params.yaml); None: params.yaml names it.
+    tracking_uri: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def of(cls, settings: Settings) -> "Workspace":
+    def of(cls, settings: Settings) -> Workspace:
         f = settings.flows
-        return cls(f.workspace.resolve(), f.incoming_dir.resolve())
+        uri = None
+        if settings.tracking.enabled:
+            from segloop.tracking import resolve_store
+
+            uri = resolve_store(settings.tracking).uri
+        return cls(f.workspace.resolve(), f.incoming_dir.resolve(), uri)
 
     def batch(self, b: str) -> Path:
         return self.root / "batches" / b
@@ -69,27 +110,51 @@ class Workspace:
     def marker(self, b: str) -> Path:
         return self.root / MARKER_DIR / f"{b}.json"
 
+    def step_params(self, b: str) -> Path:
+        return self.root / "params" / f"{b}.yaml"
+
+    def failed(self, b: str) -> Path:
+        return self.root / FAILED_DIR / b
+
+    def attempts(self, b: str) -> Path:
+        return self.root / ATTEMPTS_DIR / f"{b}.json"
+
     def rel(self, path: Path) -> str:
         return os.path.relpath(path, self.root)
 
     def per_batch(self, b: str) -> list[Path]:
         """Everything a step on batch `b` writes: removed before a retry."""
         r = self.root
-        return [self.batch(b), r / "batches" / f"{b}.dvc", r / "quarantine" / b, r / "models" / b,
-                r / "replay" / b, r / "steps" / b]
+        return [
+            self.batch(b),
+            r / "batches" / f"{b}.dvc",
+            r / "quarantine" / b,
+            r / "models" / b,
+            r / "replay" / b,
+            r / "steps" / b,
+            self.step_params(b),
+            self.marker(b),
+        ]
 
 
 # ---------------------------------------------------------------- workspace repo
 
-def _env() -> dict[str, str]:
-    """Stages DVC runs call `segloop` (and we call `dvc`): the ones installed beside this Python."""
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+def _env(ws: Workspace) -> dict[str, str]:
+    """Stages DVC runs call `segloop` (and we call `dvc`): the ones installed beside this Python.
+    A store URI with a secret reaches them as $MLFLOW_TRACKING_URI (params.yaml says null)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if ws.tracking_uri and redact(ws.tracking_uri) != ws.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = ws.tracking_uri
+    return env
 
 
 def _run(ws: Workspace, *cmd: str) -> str:
-    proc = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True, env=_env())
+    proc = lifeline.run(list(cmd), cwd=ws.root, env=_env(ws))
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} (in {ws.root}) failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(
+            redact(f"{shlex.join(cmd)} (in {ws.root}) failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
+        )
     return proc.stdout.strip()
 
 
@@ -102,7 +167,11 @@ def dvc(ws: Workspace, *args: str) -> str:
 
 
 def init_workspace(ws: Workspace, settings: Settings) -> None:
-    """Create the workspace repo on first use; always refresh params.yaml from `settings`."""
+    """Create the workspace repo on first use; always refresh params.yaml from `settings`
+    (the latest run's settings, for reading: a step's stages read params/<batch>.yaml).
+
+    Commits only its own files (params, state, git/DVC config): anything else in the tree
+    is a crashed step's leftovers, which `reset_to_last_step` removes, never commits."""
     ws.root.mkdir(parents=True, exist_ok=True)
     ws.incoming.mkdir(parents=True, exist_ok=True)
     if not (ws.root / ".git").exists():
@@ -111,18 +180,41 @@ def init_workspace(ws: Workspace, settings: Settings) -> None:
         dvc(ws, "init", "-q")
         dvc(ws, "config", "core.analytics", "false")
     ignore = ws.root / ".gitignore"
-    if not ignore.exists():
-        # incoming/ is the operator's drop box; steps/ holds reports (also logged to MLflow)
-        ignore.write_text("/incoming/\n/steps/\n/.cache/\n/.lock\n")
-    raw = settings.model_dump(mode="json")
-    # The store as an absolute URI: stages run from the workspace must log to the same one.
-    from segloop.tracking import resolve_store
-
-    raw["tracking"]["uri"] = resolve_store(settings.tracking).uri if settings.tracking.enabled else None
-    (ws.root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    # incoming/ is the operator's drop box; steps/ holds reports (also logged to MLflow);
+    # failed/ holds dead-lettered batches (raw images) and .attempts/ must survive a reset.
+    # Git holds text only: of quarantine/<batch>/, reasons.jsonl (each file's reason and sha256);
+    # the rejected files themselves may be anything (a link, a huge image) and stay beside it.
+    lines = ignore.read_text().splitlines() if ignore.exists() else []
+    missing = [x for x in IGNORED if x not in lines]
+    if missing:
+        ignore.write_text("".join(f"{x}\n" for x in lines + missing))
+    _write_params(settings, ws.root / "params.yaml")
     if not (ws.root / STATE).exists():
         write_state(ws, LoopState())
-    commit(ws, "workspace: params")
+    own = [".gitignore", "params.yaml", STATE, ".dvc/config", ".dvc/.gitignore", ".dvcignore"]
+    git(ws, "add", "--", *[x for x in own if (ws.root / x).exists()])
+    if git(ws, "diff", "--cached", "--name-only"):
+        git(ws, "commit", "-q", "-m", "workspace: params")
+
+
+def _write_params(settings: Settings, path: Path) -> None:
+    """`settings` as a params file for the stages run in the workspace."""
+    raw = settings.model_dump(mode="json")
+    # The store as an absolute URI: stages run from the workspace must log to the same one.
+    # One with a password or token is never written: the stages get it in their environment.
+    from segloop.tracking import resolve_store
+
+    uri = resolve_store(settings.tracking).uri if settings.tracking.enabled else None
+    raw["tracking"]["uri"] = uri if uri is None or redact(uri) == uri else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def write_step_params(ws: Workspace, settings: Settings, batch: str) -> None:
+    """params/<batch>.yaml: the settings this step runs with, the only params file its stages
+    read and depend on. Written once per step and committed with it, so a later run with
+    other settings (which rewrites the workspace's params.yaml) leaves `dvc status` clean."""
+    _write_params(settings, ws.step_params(batch))
 
 
 def commit(ws: Workspace, message: str) -> str:
@@ -141,11 +233,40 @@ def write_state(ws: Workspace, state: LoopState) -> None:
     state.write(ws.root / STATE)
 
 
+def has_head(ws: Workspace) -> bool:
+    if not (ws.root / ".git").exists():
+        return False
+    return (
+        subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=ws.root, capture_output=True).returncode == 0
+    )
+
+
+def processed(ws: Workspace) -> set[str]:
+    """Batches whose step is committed: their marker is in HEAD (a marker on disk only is a crashed step's)."""
+    if not has_head(ws):
+        return set()
+    names = git(ws, "ls-tree", "-z", "--name-only", "HEAD", f"{MARKER_DIR}/").split("\0")
+    return {Path(n).name.removesuffix(".json") for n in names if n.endswith(".json")}
+
+
+def is_ready(batch_dir: Path) -> bool:
+    """The readiness rule: `READY` or `batch.json` is written last, once every file is in place."""
+    return (batch_dir / READY).is_file() or (batch_dir / BATCH_INFO).is_file()
+
+
 def pending_batches(ws: Workspace) -> list[Path]:
-    """Batch folders in incoming/ without a marker, oldest first (modification time, then name)."""
+    """Ready batch folders in incoming/ not processed at HEAD, oldest first (modification time, then name).
+
+    Not ready (no READY/batch.json yet) and hidden folders wait; names are checked by
+    `process_batch`, which refuses a bad one into failed/ (so it is listed, once)."""
     if not ws.incoming.is_dir():
         return []
-    batches = [p for p in ws.incoming.iterdir() if p.is_dir() and not p.name.startswith(".") and not ws.marker(p.name).exists()]
+    done = processed(ws)
+    batches = [
+        p
+        for p in ws.incoming.iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and p.name not in done and is_ready(p)
+    ]
     return sorted(batches, key=lambda p: (p.stat().st_mtime, p.name))
 
 
@@ -204,56 +325,103 @@ def undo_unfinished_promotion(ws: Workspace, settings: Settings, batch: str) -> 
         move_alias(settings, CHAMPION, known, "rollback", reason)
 
 
-def reset_batch(ws: Workspace, batch: str) -> None:
-    """Undo a crashed attempt on `batch`: tracked files back to the last completed step, the batch's outputs gone."""
-    if ws.marker(batch).exists():
-        raise ValueError(f"batch {batch}: already processed ({ws.marker(batch)}); a batch is processed once")
+def reset_to_last_step(ws: Workspace) -> None:
+    """The workspace back to its last commit (a step's, or init's): tracked files reset, and
+    whatever a crashed step left untracked in the loop's folders removed (ignored files,
+    e.g. earlier steps' DVC outputs, the DVC cache and incoming/, stay)."""
+    if not has_head(ws):
+        return
     git(ws, "reset", "-q", "--hard", "HEAD")
+    git(ws, "clean", "-q", "-d", "-f", "--", *LOOP_FOLDERS, f".{STATE}.tmp")
+
+
+def reset_batch(ws: Workspace, batch: str) -> None:
+    """Undo a crashed attempt on `batch`: back to the last completed step, the batch's outputs gone."""
+    if batch in processed(ws):
+        raise ValueError(f"batch {batch}: already processed ({ws.marker(batch)} committed); a batch is processed once")
+    reset_to_last_step(ws)
     for path in ws.per_batch(batch):
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif os.path.lexists(path):
             path.unlink()
 
 
-def _stage_add(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
+def _stage_add(
+    ws: Workspace,
+    name: str,
+    cmd: str,
+    deps: list[Path],
+    outs: list[Path],
+    params: list[str],
+    params_file: Path | None = None,
+) -> None:
     args = ["stage", "add", "--force", "-n", name]
     for d in deps:
         args += ["-d", ws.rel(d)]
     for o in outs:
         args += ["-o", ws.rel(o)]
-    if params:
-        args += ["-p", ",".join(params)]
+    if params:  # keys of `params_file` (a step's params/<batch>.yaml), else of params.yaml
+        args += ["-p", (f"{ws.rel(params_file)}:" if params_file else "") + ",".join(params)]
     dvc(ws, *args, cmd)
 
 
 # DVC's hints after `repro` (git add, autostage, dvc push) do not apply here: the step's
 # commit adds everything, and pushing is the operator's choice (see the README).
-_DVC_ADVICE = re.compile(r"^\s*$|^To track the changes with git|^\s*git add |^To enable auto staging|"
-                         r"^\s*dvc config core.autostage|^Use `dvc push`")
+_DVC_ADVICE = re.compile(
+    r"^\s*$|^To track the changes with git|^\s*git add |^To enable auto staging|"
+    r"^\s*dvc config core.autostage|^Use `dvc push`"
+)
 
 
-def run_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
+def run_stage(
+    ws: Workspace,
+    name: str,
+    cmd: str,
+    deps: list[Path],
+    outs: list[Path],
+    params: list[str],
+    params_file: Path | None = None,
+) -> None:
     """Write stage `name` to dvc.yaml and run it (`dvc repro -s`), its output shown as it comes."""
-    _stage_add(ws, name, cmd, deps, outs, params)
-    proc = subprocess.Popen(["dvc", "repro", "-s", name], cwd=ws.root, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _stage_add(ws, name, cmd, deps, outs, params, params_file)
     tail: list[str] = []
-    for line in proc.stdout:
-        if not _DVC_ADVICE.match(line):
-            print(line.rstrip(), flush=True)
-        tail = (tail + [line])[-30:]
-    if proc.wait():
-        raise RuntimeError(f"stage {name} failed (dvc repro -s {name} in {ws.root}):\n{''.join(tail)}")
+    # Its own process group (with the training it starts), killed if this process dies or gives up.
+    with lifeline.child(
+        ["dvc", "repro", "-s", name],
+        cwd=ws.root,
+        env=_env(ws),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
+        for line in proc.stdout:
+            line = redact(line)
+            if not _DVC_ADVICE.match(line):
+                print(line.rstrip(), flush=True)
+            tail = (tail + [line])[-30:]
+        proc.wait()
+    if proc.returncode:
+        raise RuntimeError(redact(f"stage {name} failed (dvc repro -s {name} in {ws.root}):\n{''.join(tail)}"))
 
 
-def record_stage(ws: Workspace, name: str, cmd: str, deps: list[Path], outs: list[Path], params: list[str]) -> None:
+def record_stage(
+    ws: Workspace,
+    name: str,
+    cmd: str,
+    deps: list[Path],
+    outs: list[Path],
+    params: list[str],
+    params_file: Path | None = None,
+) -> None:
     """Write `name` to dvc.yaml as the command that produced `outs` here, and commit their hashes to dvc.lock."""
-    _stage_add(ws, name, cmd, deps, outs, params)
+    _stage_add(ws, name, cmd, deps, outs, params, params_file)
     dvc(ws, "commit", "--force", name)
 
 
 # ---------------------------------------------------------------- the step
+
 
 def batch_domain(batch_dir: Path) -> str:
     """The domain a batch claims in batch.json, else "default"."""
@@ -263,32 +431,37 @@ def batch_domain(batch_dir: Path) -> str:
     try:
         domain = json.loads(info.read_text()).get("domain")
     except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"{info}: expected a JSON object like {{\"domain\": \"fog\"}}") from None
+        raise ValueError(f'{info}: expected a JSON object like {{"domain": "fog"}}') from None
     if not isinstance(domain, str) or not domain.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"{info}: 'domain' must be a name of letters, digits, - or _ (got {domain!r})")
     return domain
 
 
 def ingest(ws: Workspace, batch_dir: Path, settings: Settings) -> BatchInfo:
-    """Validate the batch (bad files to quarantine/ with reasons), split what is accepted."""
+    """Validate the batch (bad files to quarantine/ with reasons), split what is accepted.
+
+    Fewer accepted pairs than a step needs (an empty or wholly rejected batch): nothing is
+    split (`BatchInfo.split` empty) and the step records the batch as skipped."""
     from segloop.data.split import split_dataset
-    from segloop.data.validate import validate_folder
+    from segloop.data.validate import SizeLimits, validate_folder
 
     b = batch_dir.name
     domain = batch_domain(batch_dir)
-    result = validate_folder(batch_dir, ws.batch(b) / "accepted", ws.root / "quarantine" / b, settings.num_classes)
+    limits = SizeLimits(settings.data.min_side, settings.data.max_pixels)
+    result = validate_folder(
+        batch_dir, ws.batch(b) / "accepted", ws.root / "quarantine" / b, settings.num_classes, limits, allow_empty=True
+    )
     if len(result.accepted) < settings.drift.min_images:
-        raise ValueError(f"batch {b}: {len(result.accepted)} files accepted ({len(result.rejected)} quarantined, "
-                         f"see {ws.root / 'quarantine' / b / 'reasons.jsonl'}); a step needs at least "
-                         f"{settings.drift.min_images} (drift.min_images)")
+        shutil.rmtree(ws.batch(b), ignore_errors=True)
+        return BatchInfo(b, domain, len(result.accepted), len(result.rejected), {})
     counts = split_dataset(ws.batch(b) / "accepted", ws.batch(b) / "split", settings.split)
     return BatchInfo(b, domain, len(result.accepted), len(result.rejected), counts)
 
 
-def version_batch(ws: Workspace, batch: str) -> str:
-    """`dvc add` the accepted batch and commit its .dvc file; returns the commit."""
+def version_batch(ws: Workspace, batch: str) -> None:
+    """`dvc add` the accepted batch; its .dvc file is committed with the step (a commit here
+    would be a step commit without a marker: recovery resets to step commits only)."""
     dvc(ws, "add", "-q", ws.rel(ws.batch(batch)))
-    return commit(ws, f"batch {batch}: accepted data")
 
 
 def champion(settings: Settings) -> tuple[str, Path] | None:
@@ -312,8 +485,20 @@ def _reference(ws: Workspace, state: LoopState, version: str, domain: str, model
     if not (out / "reference.json").exists():
         shutil.rmtree(out, ignore_errors=True)
         d = settings.drift
-        build_reference(ws.root / state.trained_domains[domain], d.reference_size, d.reference_seed, out,
-                        file_sha256(model)[:16], f"models:/{settings.registry.model_name}/{version}")
+        build_reference(
+            ws.root / state.trained_domains[domain],
+            d.reference_size,
+            d.reference_seed,
+            out,
+            file_sha256(model)[:16],
+            f"models:/{settings.registry.model_name}/{version}",
+        )
+    # Its images in DVC, not git (committed with the step). Checked apart from the build: a
+    # crashed attempt's reset removes the untracked .dvc file but leaves the built (ignored) folder.
+    if not Path(f"{out}.dvc").exists():
+        if git(ws, "ls-files", "--", ws.rel(out)):  # a workspace from before: its git copy moves to DVC
+            git(ws, "rm", "-r", "-q", "--cached", "--", ws.rel(out))
+        dvc(ws, "add", "-q", ws.rel(out))
     return out
 
 
@@ -331,9 +516,18 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
     state = read_state(ws)
     trained = state.trained_domains
     if not trained:  # a champion made outside the loop: its training data is unknown here
-        return {"drift": True, "data_drift": None, "performance_drift": None, "score": None, "closest_domain": None,
-                "drifted_features": [], "quality": "not checked", "report": None, "per_reference": {},
-                "reason": "no reference: the loop has not seen the champion's training data; updating on this batch"}
+        return {
+            "drift": True,
+            "data_drift": None,
+            "performance_drift": None,
+            "score": None,
+            "closest_domain": None,
+            "drifted_features": [],
+            "quality": "not checked",
+            "report": None,
+            "per_reference": {},
+            "reason": "no reference: the loop has not seen the champion's training data; updating on this batch",
+        }
     version, path = champ
     model = load_champion(path)
     scores = state.scores.get(version, {})
@@ -342,8 +536,13 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
     for domain in trained:
         ref = _reference(ws, state, version, domain, path, settings)
         results[domain], _ = drift_step(
-            settings, ref, ws.batch(batch.batch) / "accepted", ws.root / "steps" / batch.batch / "drift" / domain,
-            model, ws.root / ".cache" / "drift", held_out,
+            settings,
+            ref,
+            ws.batch(batch.batch) / "accepted",
+            ws.root / "steps" / batch.batch / "drift" / domain,
+            model,
+            ws.root / ".cache" / "drift",
+            held_out,
             {"segloop.batch": batch.batch, "segloop.reference_domain": domain, "segloop.model_version": version},
             name=f"{batch.batch} vs {domain}",
         )
@@ -351,19 +550,33 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
     r = results[closest]
     data_drift = all(x["data_drift"] for x in results.values())
     return {
-        "drift": bool(data_drift or r["performance_drift"]), "data_drift": data_drift,
-        "performance_drift": r["performance_drift"], "score": r["score"], "closest_domain": closest,
-        "drifted_features": r["drifted_features"], "quality": r["quality"]["reason"],
+        "drift": bool(data_drift or r["performance_drift"]),
+        "data_drift": data_drift,
+        "performance_drift": r["performance_drift"],
+        "score": r["score"],
+        "closest_domain": closest,
+        "drifted_features": r["drifted_features"],
+        "quality": r["quality"]["reason"],
         "report": ws.rel(ws.root / "steps" / batch.batch / "drift" / closest / "drift.html"),
         "per_reference": {d: {"data_drift": x["data_drift"], "score": x["score"]} for d, x in results.items()},
     }
 
 
-def should_update(champ: tuple[str, Path] | None, drift: dict | None) -> bool:
-    """The loop's policy for training: bootstrap when there is no champion, update the
-    champion when the batch drifted (its data looks like none of the champion's domains,
-    or the champion's quality on it dropped); otherwise the champion already serves it."""
-    return champ is None or bool(drift and drift["drift"])
+def update_reason(champ: tuple[str, Path] | None, drift: dict | None, state: LoopState, domain: str) -> str:
+    """The loop's policy for training ("" = no update): bootstrap when there is no champion;
+    update the champion when the batch drifted (its data looks like none of the champion's
+    domains, or the champion's quality on it dropped), or when the batch is labelled data of
+    a domain the champion is known to be poor at: met but never learnt (its update was
+    refused) or weak (LoopState.weak). Otherwise the champion already serves it."""
+    if champ is None:
+        return "bootstrap"
+    if drift and drift["drift"]:
+        return "drift"
+    if domain in state.weak:
+        return f"domain {domain} weak (under continual.learnt_ratio of the best domain)"
+    if domain in state.heldout and domain not in state.trained_domains:
+        return f"domain {domain} not learnt yet (its last update was refused)"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -389,11 +602,26 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
     train, val, out = ws.split(b, "train"), ws.split(b, "val"), ws.root / "models" / b
     pooled = [ws.root / p for p in state.pool.get(domain, [])] if champ is not None else []
     # The loop's stages are the ones that register into the loop's model (ad-hoc runs register nowhere).
-    data = ("".join(f"--data {ws.rel(x)} " for x in [train, *pooled])
-            + f"--val {ws.rel(val)} --out {ws.rel(out)} --domain {domain} --register {settings.registry.model_name}")
+    q = shlex.quote  # a stage's command runs through a shell: every path and name quoted
+    params = ws.step_params(b)
+    data = (
+        "".join(f"--data {q(ws.rel(x))} " for x in [train, *pooled])
+        + f"--val {q(ws.rel(val))} --out {q(ws.rel(out))} --domain {q(domain)} --register "
+        f"{q(settings.registry.model_name)}"
+    )
     if champ is None:
-        run_stage(ws, f"train-{b}", f"segloop train --params params.yaml {data}", [train, val], [out], STAGE_PARAMS)
-        return Candidate(registered_version(ws, settings, out, {"segloop.batch": b}), [ws.rel(train)], [], _images_seen(out))
+        run_stage(
+            ws,
+            f"train-{b}",
+            f"segloop train --params {q(ws.rel(params))} {data}",
+            [train, val],
+            [out],
+            STAGE_PARAMS,
+            params,
+        )
+        return Candidate(
+            registered_version(ws, settings, out, {"segloop.batch": b}), [ws.rel(train)], [], _images_seen(out)
+        )
     parent = _parent_checkpoint(ws, state, champ)
     replay = ws.root / state.replay if state.replay else None
     joint = settings.continual.strategy == "joint"  # the only strategy that retrains on earlier batches
@@ -402,10 +630,14 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
     # the epoch that passes the gate's rules on them (continual.select), not one that
     # forgot the old domains for the new one.
     old_vals = [ws.root / Path(p).parent / "val" for d, p in state.trained_domains.items() if d != domain]
-    cmd = (f"segloop update --params params.yaml --parent {ws.rel(parent)} {data}" + "".join(f" --val {ws.rel(v)}" for v in old_vals)
-           + (f" --replay {ws.rel(replay)}" if replay else "") + "".join(f" --seen {ws.rel(x)}" for x in seen))
+    cmd = (
+        f"segloop update --params {q(ws.rel(params))} --parent {q(ws.rel(parent))} {data}"
+        + "".join(f" --val {q(ws.rel(v))}" for v in old_vals)
+        + (f" --replay {q(ws.rel(replay))}" if replay else "")
+        + "".join(f" --seen {q(ws.rel(x))}" for x in seen)
+    )
     deps = [parent, train, *pooled, val, *old_vals, *([replay] if replay else []), *seen]
-    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS)
+    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS, params)
     version = registered_version(ws, settings, out, {"segloop.batch": b, "segloop.parent_version": champ[0]})
     return Candidate(version, [ws.rel(x) for x in [train, *pooled]], [ws.rel(x) for x in pooled], _images_seen(out))
 
@@ -421,7 +653,9 @@ def registered_version(ws: Workspace, settings: Settings, out: Path, tags: dict[
 
     path = out / REGISTERED
     if not path.exists():
-        raise ValueError(f"{path}: missing; the loop needs tracking.enabled: true (models are promoted through the registry)")
+        raise ValueError(
+            f"{path}: missing; the loop needs tracking.enabled: true (models are promoted through the registry)"
+        )
     version = json.loads(path.read_text())["version"]
     tag_version(settings, version, tags)
     return version
@@ -461,9 +695,14 @@ def gate_candidate(ws: Workspace, batch: BatchInfo, version: str, settings: Sett
     out = ws.root / "steps" / batch.batch / "gate"
     learnt = learnt_domains(read_state(ws))
     d = gate(settings, version, held_out_sets(ws, batch), batch.domain, out, learnt=learnt)
-    return {"promoted": d["promoted"], "reasons": d["reasons"], "decision": d["decision_uri"],
-            "learnt": d["learnt"], "before": {k: v["champion"] for k, v in d["metrics"].items()},
-            "after": {k: v["candidate"] for k, v in d["metrics"].items()}}
+    return {
+        "promoted": d["promoted"],
+        "reasons": d["reasons"],
+        "decision": d["decision_uri"],
+        "learnt": d["learnt"],
+        "before": {k: v["champion"] for k, v in d["metrics"].items()},
+        "after": {k: v["candidate"] for k, v in d["metrics"].items() if v["candidate"] is not None},
+    }  # None: not servable
 
 
 def champion_scores(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settings: Settings) -> dict[str, float]:
@@ -474,36 +713,56 @@ def champion_scores(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], se
     out = {}
     for domain, folder in held_out_sets(ws, batch).items():
         if domain not in cached:
-            cached[domain] = evaluate(champ[1], folder, ws.root / "steps" / batch.batch / "eval" / domain, settings.eval)["miou"]
+            cached[domain] = evaluate(
+                champ[1], folder, ws.root / "steps" / batch.batch / "eval" / domain, settings.eval
+            )["miou"]
         out[domain] = cached[domain]
     return out
 
 
 def new_replay(ws: Workspace, batch: BatchInfo, settings: Settings) -> str:
-    """The replay buffer after a promotion: the previous one plus the batch's training split (reservoir)."""
+    """The replay buffer after a promotion: the previous one plus the batch's training split."""
     from segloop.data.replay import update_buffer
 
     b, state = batch.batch, read_state(ws)
     prev = ws.root / state.replay if state.replay else None
     out, train = ws.root / "replay" / b, ws.split(b, "train")
     r = settings.continual.replay
-    update_buffer(prev, train, b, r.size, settings.split.seed, out, r.sampling)
-    cmd = (f"segloop replay-update --params params.yaml --batch {ws.rel(train)} --batch-id {b} --out {ws.rel(out)}"
-           + (f" --buffer {ws.rel(prev)}" if prev else ""))
-    record_stage(ws, f"replay-{b}", cmd, [train, *([prev] if prev else [])], [out], ["continual.replay", "split.seed"])
+    update_buffer(prev, train, b, r.size, settings.split.seed, out, r.sampling, batch.domain)
+    q = shlex.quote  # a stage's command runs through a shell
+    cmd = (
+        f"segloop replay-update --params {q(ws.rel(ws.step_params(b)))} --batch {q(ws.rel(train))} "
+        f"--batch-id {q(b)} --domain {q(batch.domain)} --out {q(ws.rel(out))}"
+        + (f" --buffer {q(ws.rel(prev))}" if prev else "")
+    )
+    record_stage(
+        ws,
+        f"replay-{b}",
+        cmd,
+        [train, *([prev] if prev else [])],
+        [out],
+        ["continual.replay", "split.seed"],
+        ws.step_params(b),
+    )
     return ws.rel(out)
 
 
-def fold_step(state: LoopState, ws: Workspace, record: StepRecord, replay: str | None) -> LoopState:
+def fold_step(
+    state: LoopState, ws: Workspace, record: StepRecord, replay: str | None, learnt_ratio: float
+) -> LoopState:
     """state.json after the step: the domain's held-out set known; a promotion makes the domain
-    learnt (its pool is now in the champion); a refusal keeps the batch's training split in
-    its domain's pool for the next update of that domain."""
+    learnt (its pool is now in the champion) and marks weak every learnt domain under
+    `learnt_ratio` of the best one's held-out mIoU; a refusal keeps the batch's training split
+    in its domain's pool for the next update of that domain."""
     b, domain, train = record.batch, record.domain, ws.rel(ws.split(record.batch, "train"))
     state.heldout.setdefault(domain, ws.rel(ws.split(b, "test")))
     if record.promoted:
         state.trained_domains.setdefault(domain, train)
         state.champion_batch, state.replay = b, replay
         state.pool.pop(domain, None)
+        scores = record.miou_after
+        best = max((scores[d] for d in state.trained_domains if d in scores), default=0.0)
+        state.weak = [d for d in state.trained_domains if d in scores and scores[d] < learnt_ratio * best]
     elif record.kept_in_pool:
         state.pool.setdefault(domain, []).append(train)
     if record.champion_version is not None:
@@ -512,11 +771,17 @@ def fold_step(state: LoopState, ws: Workspace, record: StepRecord, replay: str |
     return state
 
 
-def finish(ws: Workspace, record: StepRecord, replay: str | None) -> str:
-    """Fold the step into state.json, write the marker and commit both: the step is now done."""
-    write_state(ws, fold_step(read_state(ws), ws, record, replay))
+def write_marker(ws: Workspace, record: StepRecord) -> None:
+    """processed/<batch>.json, atomically; it counts once committed."""
     ws.marker(record.batch).parent.mkdir(exist_ok=True)
     write_json(ws.marker(record.batch), record.to_dict())
+
+
+def finish(ws: Workspace, record: StepRecord, replay: str | None, settings: Settings) -> str:
+    """Fold the step into state.json, write the marker and commit both: the step is now done."""
+    state = read_state(ws)
+    write_state(ws, state if record.skipped else fold_step(state, ws, record, replay, settings.continual.learnt_ratio))
+    write_marker(ws, record)
     return commit(ws, f"batch {record.batch}: {record.summary}")
 
 
@@ -527,8 +792,13 @@ def summary_line(rec: StepRecord) -> str:
     elif d["score"] is None:
         parts = ["drift (no reference yet)"]
     else:
-        parts = [f"{'drift' if d['drift'] else 'no drift'} (score {d['score']:.2g}, closest {d['closest_domain']}"
-                 + (", performance drop" if d["performance_drift"] else "") + ")"]
+        parts = [
+            f"{'drift' if d['drift'] else 'no drift'} (score {d['score']:.2g}, closest {d['closest_domain']}"
+            + (", performance drop" if d["performance_drift"] else "")
+            + ")"
+        ]
+    if rec.update_reason.startswith("domain"):  # trained without drift
+        parts.append(rec.update_reason)
     if rec.updated:
         pooled = f" (+{len(rec.pooled)} pooled batch{'es' if len(rec.pooled) > 1 else ''})" if rec.pooled else ""
         parts.append(f"v{rec.candidate_version}{pooled} " + ("promoted" if rec.promoted else "rejected"))
@@ -543,7 +813,7 @@ def summary_line(rec: StepRecord) -> str:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def tag_version(settings: Settings, version: str, tags: dict[str, Any]) -> None:
@@ -556,38 +826,174 @@ def tag_version(settings: Settings, version: str, tags: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- one transactional step
 
+
 def direct(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Run a sub-step as a plain call (tests, benchmarks); a flow passes a Prefect task wrapper."""
     return fn(*args)
 
 
 def prepare(ws: Workspace, settings: Settings, batch: str) -> None:
-    """Workspace repo ready; leftovers of a crashed attempt on this batch undone."""
+    """Workspace repo ready; leftovers of a crashed attempt on this batch undone.
+
+    Order matters: first back to the last step commit (so nothing a crashed attempt
+    wrote is committed or read), then init (commits only its own files), and only then
+    state.json is read to put back a champion the crashed attempt promoted."""
+    reset_to_last_step(ws)
     init_workspace(ws, settings)
+    if batch in processed(ws):
+        raise ValueError(f"batch {batch}: already processed ({ws.marker(batch)} committed); a batch is processed once")
     undo_unfinished_promotion(ws, settings, batch)
     reset_batch(ws, batch)
 
 
-def process_batch(ws: Workspace, batch_dir: Path, settings: Settings,
-                  call: Callable[..., Any] = direct) -> StepRecord:
-    """One batch through the whole step; returns its record (also processed/<batch>.json).
+class BatchRefused(ValueError):
+    """A batch folder that breaks the contract (name, link): refused into failed/ at once."""
 
-    prepare (undo a crashed attempt) -> ingest -> version -> champion -> drift -> update
-    if `should_update` -> gate -> replay on promotion -> state, marker, commit -> tags.
-    `call(name, fn, *args)` runs each sub-step: `direct` here, a Prefect task with retries
-    on I/O in continual_flow. The commit in `finish` is what makes the step count.
+
+class DeadLettered(RuntimeError):
+    """The batch was moved to failed/<batch>/ (refused, or failed flows.max_attempts times)."""
+
+
+def check_batch(batch_dir: Path) -> None:
+    """The batch contract: a safe name (it names DVC stages and paths in their commands), a real folder, ready."""
+    name = batch_dir.name
+    if not BATCH_NAME.fullmatch(name):
+        raise BatchRefused(
+            f"{batch_dir}: batch folder name {name!r} is not allowed; a batch name is letters, "
+            f"digits, '_' and '-' ({BATCH_NAME.pattern}), as it names the batch's DVC stages. "
+            f"Rename the folder (e.g. {re.sub(r'[^A-Za-z0-9_-]+', '-', name).strip('-_') or 'batch'!r})"
+        )
+    if batch_dir.is_symlink():
+        raise BatchRefused(f"{batch_dir}: a symbolic link; a batch must be a real folder (links are never followed)")
+    if not batch_dir.is_dir():
+        raise FileNotFoundError(f"{batch_dir}: batch folder does not exist")
+    if not is_ready(batch_dir):
+        raise ValueError(
+            f"{batch_dir}: not ready; a batch is picked up once it holds {READY} or {BATCH_INFO} "
+            "(written after every other file)"
+        )
+
+
+def _attempts(ws: Workspace, b: str) -> dict:
+    path = ws.attempts(b)
+    return json.loads(path.read_text()) if path.exists() else {"batch": b, "attempts": 0, "errors": []}
+
+
+def dead_letter(ws: Workspace, batch_dir: Path, kind: str, error: str, attempts: int = 0) -> Path:
+    """Move the batch folder to failed/<batch>/ with FAILED.json (kind, error, attempts); returns where."""
+    dest = ws.failed(batch_dir.name)
+    k = 1
+    while os.path.lexists(dest):  # a batch of the same name failed before: keep both
+        dest, k = ws.failed(f"{batch_dir.name}.{k}"), k + 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(batch_dir), dest)
+    write_json(
+        dest / FAILED_INFO,
+        {
+            "batch": batch_dir.name,
+            "kind": kind,
+            "error": error,
+            "attempts": attempts,
+            "time": now(),
+            "from": str(batch_dir),
+        },
+    )
+    if ws.attempts(batch_dir.name).exists():
+        ws.attempts(batch_dir.name).unlink()
+    return dest
+
+
+@contextmanager
+def batch_attempt(ws: Workspace, batch_dir: Path, settings: Settings, call: Callable[..., Any] = direct):
+    """One counted attempt at a batch, under the batch contract.
+
+    A bad name is refused into failed/ at once (`DeadLettered`). Each attempt is counted
+    before it starts (in .attempts/, so a process that dies counts too); the attempt that
+    would exceed `flows.max_attempts`, or a failure on the last one, undoes the step and
+    moves the batch to failed/<batch>/ with its error (`DeadLettered`): the loop goes on
+    with the next batch, and `segloop batches retry` puts it back.
     """
     b = batch_dir.name
-    with workspace_lock(ws):
+    try:
+        check_batch(batch_dir)
+    except BatchRefused as err:
+        ws.root.mkdir(parents=True, exist_ok=True)
+        dest = dead_letter(ws, batch_dir, "refused", str(err))
+        raise DeadLettered(f"{err}\nmoved to {dest}") from err
+    done = processed(ws)
+    if b in done:
+        raise ValueError(f"batch {b}: already processed ({ws.marker(b)} committed); a batch is processed once")
+    for stale in (ws.root / ATTEMPTS_DIR).glob("*.json"):  # a step that died right after its commit
+        if stale.stem in done:
+            stale.unlink()
+    record, limit = _attempts(ws, b), settings.flows.max_attempts
+    if record["attempts"] >= limit:  # every attempt died without a word (killed, out of memory)
         call("prepare", prepare, ws, settings, b)
+        error = record["errors"][-1]["error"] if record["errors"] else "the process died during the attempt"
+        dest = dead_letter(ws, batch_dir, "failed", error, record["attempts"])
+        raise DeadLettered(
+            f"batch {b}: {record['attempts']} attempts (flows.max_attempts {limit}) did not finish; "
+            f"moved to {dest}: {error}"
+        )
+    record["attempts"] += 1
+    record["errors"].append(
+        {"attempt": record["attempts"], "time": now(), "error": "the process died during the attempt"}
+    )
+    ws.attempts(b).parent.mkdir(parents=True, exist_ok=True)
+    write_json(ws.attempts(b), record)
+    try:
+        yield
+    except Exception as err:
+        if b in processed(ws):  # failed after its commit (tagging the version): the step counts
+            ws.attempts(b).unlink()
+            raise
+        error = record["errors"][-1]["error"] = redact(f"{type(err).__name__}: {err}")
+        write_json(ws.attempts(b), record)
+        if record["attempts"] < limit:
+            raise
+        call("prepare", prepare, ws, settings, b)  # undo the attempt before the batch leaves
+        dest = dead_letter(ws, batch_dir, "failed", error, record["attempts"])
+        raise DeadLettered(
+            f"batch {b}: failed {record['attempts']} times (flows.max_attempts {limit}); moved to {dest}: {error}"
+        ) from err
+    ws.attempts(b).unlink()
+
+
+def process_batch(ws: Workspace, batch_dir: Path, settings: Settings, call: Callable[..., Any] = direct) -> StepRecord:
+    """One batch through the whole step; returns its record (also processed/<batch>.json).
+
+    A counted attempt (`batch_attempt`: contract, dead letters) of: prepare (undo a crashed
+    attempt) -> the step's settings (params/<batch>.yaml) -> ingest -> [too few accepted:
+    recorded as skipped] -> version -> champion -> drift -> update if `update_reason` ->
+    gate -> replay on promotion -> state, marker, commit -> tags. `call(name, fn, *args)`
+    runs each sub-step: `direct` here, a Prefect task with retries on I/O in continual_flow.
+    The commit in `finish` is what makes the step count.
+    """
+    b = batch_dir.name
+    lifeline.guard()  # from now on, nothing this process starts outlives it
+    with workspace_lock(ws), batch_attempt(ws, batch_dir, settings, call):
+        call("prepare", prepare, ws, settings, b)
+        call("settings", write_step_params, ws, settings, b)
         info = call("ingest", ingest, ws, batch_dir, settings)
+        if not info.split:  # empty or wholly rejected: recorded (quarantine committed) and skipped
+            rec = StepRecord(
+                b, info.domain, now(), info.accepted, info.quarantined, champion_version=read_state(ws).champion
+            )
+            rec.skipped = (
+                f"{info.accepted} pair(s) accepted, {info.quarantined} file(s) quarantined; a step needs "
+                f"at least {settings.drift.min_images} (drift.min_images)"
+            )
+            rec.summary = f"skipped: {rec.skipped}"
+            rec.commit = call("record", finish, ws, rec, None, settings)
+            return rec
         call("version", version_batch, ws, b)
         champ = call("champion", champion, settings)
         rec = StepRecord(b, info.domain, now(), info.accepted, info.quarantined)
         if champ is not None:
             rec.drift = call("drift", check_drift, ws, info, champ, settings)
         candidate = None
-        if should_update(champ, rec.drift):
+        rec.update_reason = update_reason(champ, rec.drift, read_state(ws), info.domain)
+        if rec.update_reason:
             candidate = call("update", train_model, ws, info, champ, settings)
             decision = call("gate", gate_candidate, ws, info, candidate.version, settings)
             rec.updated, rec.candidate_version, rec.promoted = True, candidate.version, decision["promoted"]
@@ -602,12 +1008,21 @@ def process_batch(ws: Workspace, batch_dir: Path, settings: Settings,
         rec.miou_after = {} if rec.champion_version is None else after
         replay = call("replay", new_replay, ws, info, settings) if rec.promoted else None
         rec.summary = summary_line(rec)
-        commit_sha = call("record", finish, ws, rec, replay)
+        commit_sha = call("record", finish, ws, rec, replay, settings)
         if candidate is not None:
             stage = ("train-" if champ is None else "update-") + b
-            call("tag", tag_version, settings, candidate.version,
-                 {"segloop.loop.commit": commit_sha, "segloop.loop.stage": stage, "segloop.loop.workspace": str(ws.root),
-                  "segloop.loop.params_md5": _md5(ws.root / "params.yaml")})
+            call(
+                "tag",
+                tag_version,
+                settings,
+                candidate.version,
+                {
+                    "segloop.loop.commit": commit_sha,
+                    "segloop.loop.stage": stage,
+                    "segloop.loop.workspace": str(ws.root),
+                    "segloop.loop.params_md5": _md5(ws.step_params(b)),
+                },
+            )
         rec.commit = commit_sha
     return rec
 
@@ -616,3 +1031,70 @@ def _md5(path: Path) -> str:
     from segloop.tracking import file_md5
 
     return file_md5(path)
+
+
+# ---------------------------------------------------------------- batches (segloop batches)
+
+
+def list_batches(ws: Workspace) -> list[dict]:
+    """Every batch the loop knows: pending (ready or not), failed (dead letters) and processed, by name."""
+    rows: dict[str, dict] = {}
+    done = processed(ws)
+    for b in sorted(done):
+        rec = StepRecord.read(ws.marker(b)) if ws.marker(b).exists() else None
+        rows[b] = {"batch": b, "status": "processed", "detail": rec.summary if rec else ""}
+    if ws.incoming.is_dir():
+        for p in sorted(ws.incoming.iterdir()):
+            if p.is_dir() and not p.name.startswith(".") and p.name not in done:
+                tries = _attempts(ws, p.name)
+                detail = (
+                    "not ready (no READY or batch.json yet)"
+                    if not is_ready(p)
+                    else f"{tries['attempts']} attempt(s), last error: {tries['errors'][-1]['error']}"
+                    if tries["errors"]
+                    else ""
+                )
+                rows[p.name] = {"batch": p.name, "status": "pending", "detail": detail}
+    if (ws.root / FAILED_DIR).is_dir():
+        for p in sorted((ws.root / FAILED_DIR).iterdir()):
+            info = json.loads((p / FAILED_INFO).read_text()) if (p / FAILED_INFO).is_file() else {}
+            rows[f"failed/{p.name}"] = {
+                "batch": p.name,
+                "status": info.get("kind", "failed"),
+                "detail": info.get("error", ""),
+                "attempts": info.get("attempts"),
+            }
+    return list(rows.values())
+
+
+def retry_batch(ws: Workspace, name: str) -> Path:
+    """A dead letter back into incoming/ with a fresh attempt count; returns its folder there."""
+    src = ws.failed(name)
+    if not (src / FAILED_INFO).is_file():
+        raise ValueError(f"{src}: no failed batch of that name (see `segloop batches list`)")
+    info = json.loads((src / FAILED_INFO).read_text())
+    original = info.get("batch", name)
+    if original in processed(ws):
+        raise ValueError(f"batch {original}: already processed; a batch is processed once")
+    dest = ws.incoming / original
+    if os.path.lexists(dest):
+        raise FileExistsError(f"{dest}: exists; move it away before retrying {src}")
+    with workspace_lock(ws):
+        (src / FAILED_INFO).unlink()
+        ws.incoming.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), dest)
+        if ws.attempts(original).exists():
+            ws.attempts(original).unlink()
+    return dest
+
+
+def skip_batch(ws: Workspace, name: str, reason: str) -> Path:
+    """A pending batch out of the loop's way, into failed/ as skipped (with `reason`); returns where."""
+    src = ws.incoming / name
+    if name in processed(ws):
+        raise ValueError(f"batch {name}: already processed; nothing to skip")
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no pending batch of that name (see `segloop batches list`)")
+    with workspace_lock(ws):
+        ws.root.mkdir(parents=True, exist_ok=True)
+        return dead_letter(ws, src, "skipped", reason, _attempts(ws, name)["attempts"])

@@ -3,6 +3,7 @@
 A class absent from both truth and prediction has no defined IoU/Dice: it is
 NaN and left out of the means (written as null in JSON).
 """
+
 from __future__ import annotations
 
 import math

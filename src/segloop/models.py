@@ -3,6 +3,7 @@
 Nothing is downloaded: encoders start random (`encoder_weights: null`) or from a
 local state_dict file given by path.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,6 +35,9 @@ class InputNorm(nn.Module):
     ([0, 1] images) whatever the recipe chose. The statistics live in the settings, not the
     state_dict (non-persistent buffers): checkpoints keep their keys."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, norm: NormSettings | None, channels: int):
         super().__init__()
         self.kind = "none" if norm is None else norm.kind
@@ -49,6 +53,9 @@ class InputNorm(nn.Module):
             return x
         if self.clip is not None:
             x = x.clamp(*self.clip)
+        if self.kind == "image":
+            centred = x - x.mean(dim=(2, 3), keepdim=True)
+            return centred / (centred.square().mean(dim=(2, 3), keepdim=True) + 1e-6).sqrt()
         return (x - self.mean) / self.std
 
 
@@ -58,6 +65,7 @@ _NORMALIZED: dict[type, type] = {}
 def _normalized(cls: type[nn.Module]) -> type[nn.Module]:
     """`cls` whose forward first applies `self.input_norm` (an SMP model otherwise unchanged)."""
     if cls not in _NORMALIZED:
+
         def forward(self, x):
             return cls.forward(self, self.input_norm(x))
 
@@ -103,8 +111,9 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
     state = state.get("state_dict", state)
     # Classification heads of ImageNet-style checkpoints have no place in an encoder.
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-    if not set(state) & set(model.encoder.state_dict()):
+    encoder = model.get_submodule("encoder")
+    if not set(state) & set(encoder.state_dict()):
         raise ValueError(f"model.encoder_weights: {path} matches none of the encoder's parameters")
-    _, unexpected = nn.Module.load_state_dict(model.encoder, state, strict=False)
+    _, unexpected = nn.Module.load_state_dict(encoder, state, strict=False)
     if unexpected:
         raise ValueError(f"model.encoder_weights: {path} has keys the encoder lacks: {unexpected[:5]}")

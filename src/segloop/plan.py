@@ -22,6 +22,7 @@ The rules (docs/recipe.md says why each one holds):
 - epoch length: one pass over the training folder but at least `MIN_ITERS` optimiser steps,
   so a folder of 20 images still gets a validation every so many steps, not every 3.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,6 +60,10 @@ class Fingerprint:
     vertical_layout: float  # max over classes of |share of the top third - share of the bottom third|, all images
 
 
+def count_images(folder: Path) -> int:
+    return len(_dataset_files(folder))
+
+
 def _dataset_files(folder: Path) -> list[tuple[Path, Path | None]]:
     """(image, mask or None) pairs of a dataset folder, read without the torch-side loader."""
     images = folder / "images"
@@ -81,7 +86,9 @@ def fingerprint(folder: Path, channels: int | None = None, sample: int = SAMPLE_
     files = _dataset_files(folder)
     rng = np.random.default_rng(seed)
     picked = [files[i] for i in sorted(rng.choice(len(files), min(sample, len(files)), replace=False))]
-    sizes, pixels, color = [], [], False
+    sizes: list[tuple[int, ...]] = []
+    pixels: list[np.ndarray] = []
+    color = False
     shares: dict[int, int] = {}
     widths: dict[int, list[float]] = {}
     diameters: list[float] = []
@@ -126,16 +133,25 @@ def fingerprint(folder: Path, channels: int | None = None, sample: int = SAMPLE_
     hw = np.array(sizes)
     class_widths = [float(np.median(v)) for v in widths.values()]
     return Fingerprint(
-        images=len(files), channels=3 if color else 1,
-        median_size=tuple(int(v) for v in np.median(hw, 0)), min_size=tuple(int(v) for v in hw.min(0)),
-        max_size=tuple(int(v) for v in hw.max(0)),
-        mean=_r(px.mean(0)), std=_r(px.std(0)), p005=_r(np.percentile(px, 0.5, 0)), p995=_r(np.percentile(px, 99.5, 0)),
+        images=len(files),
+        channels=3 if color else 1,
+        median_size=_hw(np.median(hw, 0)),
+        min_size=_hw(hw.min(0)),
+        max_size=_hw(hw.max(0)),
+        mean=_r(px.mean(0)),
+        std=_r(px.std(0)),
+        p005=_r(np.percentile(px, 0.5, 0)),
+        p995=_r(np.percentile(px, 99.5, 0)),
         class_share={k: round(v / total, 4) for k, v in sorted(shares.items())},
         structure_px=round(max(class_widths), 1) if class_widths else 0.0,
         thinnest_px=round(min(class_widths), 1) if class_widths else 0.0,
         object_px=round(float(np.median(diameters)), 1) if diameters else 0.0,
         vertical_layout=round(max((abs(top[k] - bottom[k]) / third_px for k in top), default=0.0), 3),
     )
+
+
+def _hw(values: np.ndarray) -> tuple[int, int]:
+    return int(values[0]), int(values[1])
 
 
 def _r(values) -> list[float]:
@@ -161,48 +177,97 @@ class Recipe:
         self.settings[key], self.reasons[key] = value, why
 
 
-def recipe(fp: Fingerprint, channels: int, num_classes: int, memory_mb: float, pretrained: bool = False) -> Recipe:
-    """Settings for a dataset with fingerprint `fp`, trained with `channels` input channels."""
+def recipe(
+    fp: Fingerprint,
+    channels: int,
+    num_classes: int,
+    memory_mb: float,
+    pretrained: bool = False,
+    batch_size: int | None = None,
+) -> Recipe:
+    """Settings for a dataset with fingerprint `fp`, trained with `channels` input channels
+    (`batch_size`: the one params.yaml sets, which the epoch length then follows)."""
     r = Recipe()
     budget_px = memory_mb * 2**20 / BYTES_PER_PIXEL
     side = min(fp.median_size)
     context = max(4 * fp.structure_px, 64)
     memory_cap = _down32(math.sqrt(budget_px / 2))
     crop = min(_up32(context), _down32(side), memory_cap)
-    r.set("data.crop_size", crop, f"4 structure widths ({fp.structure_px:.0f} px) of context, a multiple of 32, "
-          f"at most the median image side ({side}) and what memory holds at batch 2 ({memory_cap})")
+    r.set(
+        "data.crop_size",
+        crop,
+        f"4 structure widths ({fp.structure_px:.0f} px) of context, a multiple of 32, "
+        f"at most the median image side ({side}) and what memory holds at batch 2 ({memory_cap})",
+    )
     batch = int(max(2, min(MAX_BATCH, budget_px // (crop * crop))))
-    r.set("train.batch_size", batch, f"{crop}x{crop} crops in {memory_mb:g} MB at ~{BYTES_PER_PIXEL} B/px, 2..{MAX_BATCH}")
-    r.set("train.iters_per_epoch", max(MIN_ITERS, math.ceil(fp.images / batch)),
-          f"one pass over {fp.images} images, at least {MIN_ITERS} steps")
+    r.set(
+        "train.batch_size", batch, f"{crop}x{crop} crops in {memory_mb:g} MB at ~{BYTES_PER_PIXEL} B/px, 2..{MAX_BATCH}"
+    )
+    r.set(
+        "train.iters_per_epoch",
+        max(MIN_ITERS, math.ceil(fp.images / (batch_size or batch))),
+        f"one pass over {fp.images} images, at least {MIN_ITERS} steps",
+    )
     if channels == 1:
         lo, hi = fp.p005[0], fp.p995[0]
         clipped = min(max(fp.mean[0], lo), hi)
-        r.set("model.norm", {"kind": "zscore", "mean": [clipped], "std": [max(fp.std[0], 1e-3)], "clip": [lo, hi]},
-              "grayscale: clip to the 0.5/99.5 percentiles, z-score with the dataset's mean/std")
+        r.set(
+            "model.norm",
+            {"kind": "zscore", "mean": [clipped], "std": [max(fp.std[0], 1e-3)], "clip": [lo, hi]},
+            "grayscale: clip to the 0.5/99.5 percentiles, z-score with the dataset's mean/std",
+        )
     elif pretrained:
-        r.set("model.norm", {"kind": "zscore", "mean": list(IMAGENET[0]), "std": list(IMAGENET[1]), "clip": None},
-              "colour, pretrained encoder: ImageNet's per-channel mean/std")
+        r.set(
+            "model.norm",
+            {"kind": "zscore", "mean": list(IMAGENET[0]), "std": list(IMAGENET[1]), "clip": None},
+            "colour, pretrained encoder: ImageNet's per-channel mean/std",
+        )
     else:
         mean = fp.mean if len(fp.mean) == 3 else fp.mean * 3
         std = fp.std if len(fp.std) == 3 else fp.std * 3
-        r.set("model.norm", {"kind": "zscore", "mean": mean, "std": [max(s, 1e-3) for s in std], "clip": None},
-              "colour: per-channel z-score with the dataset's mean/std")
+        r.set(
+            "model.norm",
+            {"kind": "zscore", "mean": mean, "std": [max(s, 1e-3) for s in std], "clip": None},
+            "colour: per-channel z-score with the dataset's mean/std",
+        )
     upright = fp.vertical_layout > 0.2
-    aug = {"hflip": 0.5, "vflip": 0.0 if upright else 0.5, "rot90": 0.0 if upright else 0.5,
-           "brightness": 0.2, "contrast": 0.2, "gamma": 0.2, "noise_sigma": 0.03 if channels == 1 else 0.0}
-    r.set("train.augment", aug, "scenes with an up and a down: horizontal flips only" if upright else
-          f"no up/down in the masks (layout {fp.vertical_layout:.2f} <= 0.2): flips and 90-degree turns"
-          + ("; noise for grayscale" if channels == 1 else ""))
+    aug = {
+        "hflip": 0.5,
+        "vflip": 0.0 if upright else 0.5,
+        "rot90": 0.0 if upright else 0.5,
+        "brightness": 0.2,
+        "contrast": 0.2,
+        "gamma": 0.2,
+        "noise_sigma": 0.03 if channels == 1 else 0.0,
+    }
+    r.set(
+        "train.augment",
+        aug,
+        "scenes with an up and a down: horizontal flips only"
+        if upright
+        else f"no up/down in the masks (layout {fp.vertical_layout:.2f} <= 0.2): flips and 90-degree turns"
+        + ("; noise for grayscale" if channels == 1 else ""),
+    )
     rare = [k for k, v in fp.class_share.items() if v < RARE and k < num_classes]
-    r.set("train.foreground", {"classes": rare, "share": 0.33 if rare else 0.0},
-          f"classes {rare} below {RARE:.0%} of pixels: a third of the crops centred on them" if rare
-          else f"no class below {RARE:.0%} of pixels: plain random crops")
+    r.set(
+        "train.foreground",
+        {"classes": rare, "share": 0.33 if rare else 0.0},
+        f"classes {rare} below {RARE:.0%} of pixels: a third of the crops centred on them"
+        if rare
+        else f"no class below {RARE:.0%} of pixels: plain random crops",
+    )
     return r
 
 
 # The settings a plan fills in when params.yaml leaves them null.
-PLANNED = ("data.crop_size", "train.batch_size", "train.iters_per_epoch", "model.norm", "train.augment", "train.foreground")
+PLANNED = (
+    "data.crop_size",
+    "train.batch_size",
+    "train.iters_per_epoch",
+    "model.norm",
+    "train.augment",
+    "train.foreground",
+)
 
 
 def _get(raw: dict, key: str) -> Any:
@@ -229,8 +294,14 @@ def resolve(settings, folder: Path, fp: Fingerprint | None = None):
     raw = settings.model_dump(mode="json")
     auto = [k for k in PLANNED if _get(raw, k) is None]
     fp = fp or fingerprint(folder, settings.data.channels)
-    r = recipe(fp, settings.data.channels, settings.num_classes, settings.train.memory_mb,
-               settings.model.encoder_weights is not None)
+    r = recipe(
+        fp,
+        settings.data.channels,
+        settings.num_classes,
+        settings.train.memory_mb,
+        settings.model.encoder_weights is not None,
+        settings.train.batch_size,
+    )
     applied = Recipe({k: r.settings[k] for k in auto}, {k: r.reasons[k] for k in auto})
     for key in auto:
         _put(raw, key, r.settings[key])
@@ -243,12 +314,15 @@ def write_plan(path: Path, folder: Path, fp: Fingerprint, r: Recipe) -> None:
 
 
 def describe(fp: Fingerprint, r: Recipe) -> str:
-    lines = [f"{fp.images} images, {fp.channels} channel(s), median {fp.median_size[0]}x{fp.median_size[1]} "
-             f"(min {fp.min_size[0]}x{fp.min_size[1]}, max {fp.max_size[0]}x{fp.max_size[1]})",
-             f"intensity mean {fp.mean} std {fp.std} p0.5 {fp.p005} p99.5 {fp.p995}",
-             f"class pixel share {fp.class_share}",
-             f"structure width {fp.structure_px} px (thinnest {fp.thinnest_px} px), region diameter {fp.object_px} px, vertical layout {fp.vertical_layout}",
-             "recipe:"]
+    lines = [
+        f"{fp.images} images, {fp.channels} channel(s), median {fp.median_size[0]}x{fp.median_size[1]} "
+        f"(min {fp.min_size[0]}x{fp.min_size[1]}, max {fp.max_size[0]}x{fp.max_size[1]})",
+        f"intensity mean {fp.mean} std {fp.std} p0.5 {fp.p005} p99.5 {fp.p995}",
+        f"class pixel share {fp.class_share}",
+        f"structure width {fp.structure_px} px (thinnest {fp.thinnest_px} px), region diameter {fp.object_px} px, "
+        f"vertical layout {fp.vertical_layout}",
+        "recipe:",
+    ]
     for key, value in r.settings.items():
         lines.append(f"  {key} = {value}\n      because {r.reasons[key]}")
     return "\n".join(lines)

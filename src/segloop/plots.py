@@ -1,4 +1,5 @@
 """Pictures people would rather look at than read: confusion matrices, overlays."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,14 @@ def palette(num_classes: int) -> np.ndarray:
     return colours
 
 
-def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int,
-                 classes: list[str] | None = None) -> None:
+def save_overlay(
+    path: Path,
+    image: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    num_classes: int,
+    classes: list[str] | None = None,
+) -> None:
     """image (H, W, C) uint8 | truth | prediction, side by side, titled, with a legend of the class colours."""
     from matplotlib.patches import Patch
 
@@ -33,7 +40,9 @@ def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndar
     h, w = image.shape[:2]
     scale = max(1.0, 160 / max(h, w))  # small images get room for the titles and legend text
     fig, axes = plt.subplots(1, 3, figsize=(3 * w * scale / 100 + 0.4, h * scale / 100 + 0.9), dpi=100)
-    for ax, title, panel in zip(axes, ("image", "truth", "prediction"), (rgb, colours[truth.astype(np.uint8)], colours[pred.astype(np.uint8)])):
+    for ax, title, panel in zip(
+        axes, ("image", "truth", "prediction"), (rgb, colours[truth.astype(np.uint8)], colours[pred.astype(np.uint8)])
+    ):
         ax.imshow(panel, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
@@ -66,8 +75,11 @@ def save_confusion(path: Path, cm: np.ndarray, classes: list[str]) -> None:
     plt.close(fig)
 
 
-def save_accuracy_matrix(path: Path, r: np.ndarray, domains: list[str], title: str = "", steps: list[str] | None = None) -> None:
-    """Heatmap of R[i][j] = mIoU on domain j after step i (steps: row labels, default "after <domain i>"); NaN = not measured."""
+def save_accuracy_matrix(
+    path: Path, r: np.ndarray, domains: list[str], title: str = "", steps: list[str] | None = None
+) -> None:
+    """Heatmap of R[i][j] = mIoU on domain j after step i (steps: row labels, default
+    "after <domain i>"); NaN = not measured."""
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(domains), 1.0 + 0.8 * len(r)))
     im = ax.imshow(r, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
@@ -84,8 +96,11 @@ def save_accuracy_matrix(path: Path, r: np.ndarray, domains: list[str], title: s
     plt.close(fig)
 
 
-def save_domain_curves(path: Path, curves: dict[str, np.ndarray], domains: list[str], steps: list[str] | None = None) -> None:
-    """One panel per strategy: mIoU of each domain over the steps of the stream (steps: x labels, default the domains)."""
+def save_domain_curves(
+    path: Path, curves: dict[str, np.ndarray], domains: list[str], steps: list[str] | None = None
+) -> None:
+    """One panel per strategy: mIoU of each domain over the steps of the stream
+    (steps: x labels, default the domains)."""
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), sharey=True, squeeze=False)
     for ax, (name, r) in zip(axes[0], curves.items()):
         for j, domain in enumerate(domains):

@@ -6,6 +6,7 @@ found. Each file carries `schema`: a file of an unknown schema fails to load wit
 path and both versions instead of being half-read as a dict. Nothing here does I/O
 beyond reading and writing these files.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,10 @@ class LoopState:
 
     `trained_domains`: the domains the loop has *learnt*: some promoted champion was
     trained on them (domain -> the training split its drift reference is drawn from).
-    The gate protects these only. `heldout`: every domain's held-out set, learnt or not.
+    The gate protects these only. `weak`: those of them where the champion's held-out mIoU
+    is under `continual.learnt_ratio` of its best domain's (set at each promotion): learnt
+    a little, so the next labelled batch of the domain is trained on, drift or not.
+    `heldout`: every domain's held-out set, learnt or not.
     `pool`: labelled training splits of batches whose update was refused, per domain;
     the next update on that domain trains on them too, so no labelled data is wasted.
     """
@@ -59,13 +63,14 @@ class LoopState:
     champion: str | None = None
     champion_batch: str | None = None
     trained_domains: dict[str, str] = field(default_factory=dict)
+    weak: list[str] = field(default_factory=list)
     heldout: dict[str, str] = field(default_factory=dict)
     replay: str | None = None
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     pool: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path) -> "LoopState":
+    def read(cls, path: Path) -> LoopState:
         return _load(cls, path, json.loads(path.read_text()))
 
     def write(self, path: Path) -> None:
@@ -93,15 +98,17 @@ class StepRecord:
     miou_after: dict[str, float] = field(default_factory=dict)  # champion after the step
     candidate_miou: dict[str, float] = field(default_factory=dict)  # what the candidate reached, promoted or not
     learnt: list[str] = field(default_factory=list)  # domains the gate protected (learnt by the champion)
+    update_reason: str = ""  # why the step trained: bootstrap, drift, or the batch's domain not learnt yet
     trained_on: list[str] = field(default_factory=list)  # training folders of the update (pooled ones included)
     pooled: list[str] = field(default_factory=list)  # of those, earlier refused batches' splits
     kept_in_pool: bool = False  # refused: this batch's training split waits for the next update of its domain
     images_seen: int | None = None  # training images the update processed (replayed ones included)
     summary: str = ""
     commit: str | None = None
+    skipped: str | None = None  # why the batch was recorded without a step (too few accepted pairs)
 
     @classmethod
-    def read(cls, path: Path) -> "StepRecord":
+    def read(cls, path: Path) -> StepRecord:
         return _load(cls, path, json.loads(path.read_text()))
 
     def to_dict(self) -> dict:

@@ -13,6 +13,7 @@ in the artifacts of a per-model history run. `champion` moves only after the pro
 decision and its evidence are logged; if the history cannot be written the alias is
 put back. Nothing here trains models or imports Prefect.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -21,16 +22,22 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
 
 # torch (through segloop.checkpoint) and numpy are imported where a model is touched:
 # `segloop models list|history` and ref resolution by path must answer in about a second.
-from segloop.config import GateSettings, Settings
+from segloop.config import GateSettings, Settings, redact_settings
 from segloop.tracking import (
-    Store, TrackedRun, dir_md5, ensure_experiment, open_store, resolve_store,
+    Store,
+    TrackedRun,
+    dir_md5,
+    ensure_experiment,
+    open_store,
+    resolve_store,
 )
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -51,8 +58,22 @@ MODEL_DESCRIPTION = (
 # segloop version, loop stage, gate decision file and reasons) goes to the version's run; the
 # version's description restates both in words. `version_tags` reads them back flat.
 RECORD_TAG = "segloop"
-RECORD_KEYS = frozenset({"domain", "strategy", "parent", "parent_version", "batch", "val_miou", "classes", "channels", "sha256",
-                         "gate.promoted", "loop.commit", "miou"})  # miou: {domain: held-out mIoU} of the latest gates
+RECORD_KEYS = frozenset(
+    {
+        "domain",
+        "strategy",
+        "parent",
+        "parent_version",
+        "batch",
+        "val_miou",
+        "classes",
+        "channels",
+        "sha256",
+        "gate.promoted",
+        "loop.commit",
+        "miou",
+    }
+)  # miou: {domain: held-out mIoU} of the latest gates
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
 
@@ -77,7 +98,11 @@ def registry_client(settings: Settings) -> tuple[Any, Store]:
 def set_version_tags(client, name: str, version: str, tags: Mapping[str, Any]) -> None:
     """Record `segloop.<key>` tags about a version: RECORD_KEYS into its `segloop` JSON tag, the rest on its run."""
     mv = client.get_model_version(name, str(version))
-    record = {k.removeprefix("segloop."): v for k, v in tags.items() if v is not None and k.removeprefix("segloop.") in RECORD_KEYS}
+    record = {
+        k.removeprefix("segloop."): v
+        for k, v in tags.items()
+        if v is not None and k.removeprefix("segloop.") in RECORD_KEYS
+    }
     if record:
         merged = json.loads((mv.tags or {}).get(RECORD_TAG) or "{}") | record
         client.set_model_version_tag(name, str(version), RECORD_TAG, json.dumps(merged, separators=(",", ":")))
@@ -91,8 +116,9 @@ def version_tags(mv) -> dict[str, str]:
     (lists, dicts as JSON; booleans as true/false), as the run's tags look."""
     tags = dict(mv.tags or {})
     for k, v in json.loads(tags.pop(RECORD_TAG, None) or "{}").items():
-        tags[f"segloop.{k}"] = (str(v).lower() if isinstance(v, bool) else
-                                json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+        tags[f"segloop.{k}"] = (
+            str(v).lower() if isinstance(v, bool) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        )
     return tags
 
 
@@ -105,10 +131,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- logging a model
+
 
 def _pip_requirements() -> list[str]:
     # Explicit pins: MLflow's inference of requirements re-imports the model in a subprocess
@@ -135,6 +162,8 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, extra_tags: Ma
     model, settings = model_from_checkpoint(ckpt, str(checkpoint))
     channels, classes = ckpt["channels"], list(ckpt["classes"])
     size = settings.data.crop_size
+    if size is None:  # a checkpoint's settings are resolved: planned values are filled in
+        raise ValueError(f"{checkpoint}: its settings have no data.crop_size")
     # Batch 2: torch.export specializes size-1 dims, and the batch dim must stay dynamic.
     example = np.random.default_rng(0).random((2, channels, size, size), dtype=np.float32)
     # Unnamed specs: a named tensor makes MLflow's serving example a dict, which the
@@ -148,7 +177,7 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, extra_tags: Ma
     # log_model only attaches to the fluent active run; resume ours for the call.
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run.run_id):
         settings_file = Path(tmp) / "settings.yaml"
-        settings_file.write_text(json.dumps(ckpt["settings"], indent=1))  # JSON is valid YAML
+        settings_file.write_text(json.dumps(redact_settings(ckpt["settings"]), indent=1))  # JSON is valid YAML
         info = mlflow.pytorch.log_model(
             pytorch_model=model,
             name=MODEL_ARTIFACT,
@@ -158,8 +187,12 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, extra_tags: Ma
             input_example=example,
             extra_files=[str(checkpoint), str(settings_file)],
             pip_requirements=_pip_requirements(),
-            metadata={"segloop_checkpoint": f"extra_files/{CHECKPOINT_FILE}", "classes": classes,
-                      "channels": channels, "input": "images (N, C, H, W) float32 in [0, 1], H and W multiples of 32"},
+            metadata={
+                "segloop_checkpoint": f"extra_files/{CHECKPOINT_FILE}",
+                "classes": classes,
+                "channels": channels,
+                "input": "images (N, C, H, W) float32 in [0, 1], H and W multiples of 32",
+            },
             registered_model_name=model_name,
         )
     version = str(info.registered_model_version)
@@ -169,8 +202,13 @@ def log_model(run: TrackedRun, checkpoint: Path, model_name: str, extra_tags: Ma
     # sha256 is the registered checkpoint file's, so a copy anywhere can be checked against it.
     run_tags = run.client.get_run(run.run_id).data.tags
     tags = {k: v for k, v in run_tags.items() if k.removeprefix("segloop.") in RECORD_KEYS}
-    tags |= {"segloop.classes": classes, "segloop.channels": channels, "segloop.val_miou": ckpt.get("val_miou"),
-             "segloop.sha256": file_sha256(checkpoint), **extra_tags}
+    tags |= {
+        "segloop.classes": classes,
+        "segloop.channels": channels,
+        "segloop.val_miou": ckpt.get("val_miou"),
+        "segloop.sha256": file_sha256(checkpoint),
+        **extra_tags,
+    }
     set_version_tags(run.client, model_name, version, tags)
     describe_version(run.client, model_name, version)
     return version
@@ -189,11 +227,18 @@ def describe_version(client, name: str, version: str) -> str:
     parent = f"v{parent_version}" if parent_version else parent_ref or "none"
     gate = {"true": "promoted", "false": "NOT promoted"}.get(tags.get("segloop.gate.promoted", ""), "not gated yet")
     # Plain first line: the UI's versions table shows only its first few words.
-    lines = [f"{tags.get('segloop.domain') or 'unknown'} model: {tags.get('segloop.strategy', '-')}, parent {parent}; gate: {gate}",
-             "", f"- parent: `{parent_ref}`" if parent_ref else "- parent: none (trained from scratch)"]
+    lines = [
+        f"{tags.get('segloop.domain') or 'unknown'} model: {tags.get('segloop.strategy', '-')}, parent {parent}; "
+        f"gate: {gate}",
+        "",
+        f"- parent: `{parent_ref}`" if parent_ref else "- parent: none (trained from scratch)",
+    ]
     roles = sorted({k.split(".")[2] for k in tags if k.startswith("segloop.data.") and k.endswith(".md5")})
     for role in roles:
-        lines.append(f"- data `{role}`: `{tags.get(f'segloop.data.{role}.path', '?')}` (md5 `{tags[f'segloop.data.{role}.md5']}`)")
+        lines.append(
+            f"- data `{role}`: `{tags.get(f'segloop.data.{role}.path', '?')}` (md5 "
+            f"`{tags[f'segloop.data.{role}.md5']}`)"
+        )
     commit = tags.get("segloop.git_commit")
     code = f"git `{commit[:10]}`{' (dirty)' if tags.get('segloop.git_dirty') == 'true' else ''}, " if commit else ""
     lines.append(f"- code: {code}segloop {tags.get('segloop.version', '?')}; run `{tags.get('segloop.run_id', '?')}`")
@@ -201,7 +246,9 @@ def describe_version(client, name: str, version: str) -> str:
         lines.append(f"- validation mIoU at training: {float(tags['segloop.val_miou']):.4f}")
     miou = version_miou(tags)
     if miou:  # set by every gate this version took part in, as candidate or as champion
-        lines.append(f"- held-out mIoU (latest gate evaluations): {', '.join(f'{d} {float(v):.3f}' for d, v in miou.items())}")
+        lines.append(
+            f"- held-out mIoU (latest gate evaluations): {', '.join(f'{d} {float(v):.3f}' for d, v in miou.items())}"
+        )
     if "segloop.gate.promoted" in tags:
         lines.append(f"- its last gate as candidate: **{gate.upper()}**")
         lines += [f"  - {r}" for r in tags.get("segloop.gate.reasons", "").splitlines()]
@@ -209,8 +256,10 @@ def describe_version(client, name: str, version: str) -> str:
     record = alias_record(tags, CHAMPION)
     if record.get("since"):
         since, until = record["since"], record.get("until")
-        lines.append(f"- champion since {since} ({record.get('kind')}: {(record.get('reason') or '')[:300]})"
-                     + (f", replaced {until}" if until and until >= since else ""))
+        lines.append(
+            f"- champion since {since} ({record.get('kind')}: {(record.get('reason') or '')[:300]})"
+            + (f", replaced {until}" if until and until >= since else "")
+        )
     text = "\n".join(lines)
     client.update_model_version(name, str(version), description=text)
     return text
@@ -222,7 +271,8 @@ def version_miou(tags: Mapping[str, str]) -> dict[str, float]:
 
 
 def alias_record(tags: Mapping[str, str], alias: str) -> dict:
-    """The version's record of holding `alias` (tag segloop.<alias>, JSON: since, kind, reason, decision, replaced, until)."""
+    """The version's record of holding `alias` (tag segloop.<alias>, JSON: since, kind,
+    reason, decision, replaced, until)."""
     return json.loads(tags.get(f"segloop.{alias}") or "{}")
 
 
@@ -242,6 +292,7 @@ def log_training(run: TrackedRun, result, out_dir: Path, model_name: str | None)
 
 
 # ---------------------------------------------------------------- resolving refs
+
 
 def get_version(client, ref: str):
     name, alias, version = parse_ref(ref)
@@ -280,12 +331,16 @@ def download_checkpoint(client, store: Store, mv) -> Path:
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{location}/extra_files/{CHECKPOINT_FILE}", dst_path=tmp, tracking_uri=store.uri,
+            artifact_uri=f"{location}/extra_files/{CHECKPOINT_FILE}",
+            dst_path=tmp,
+            tracking_uri=store.uri,
         )
         expected = version_tags(mv).get("segloop.sha256")  # the registered file's hash (versions registered with one)
         if expected and file_sha256(Path(path)) != expected:
-            raise ValueError(f"models:/{mv.name}/{mv.version}: downloaded {CHECKPOINT_FILE} does not match the version's "
-                             f"sha256 {expected[:12]}...: the registered file was changed; refusing to use it")
+            raise ValueError(
+                f"models:/{mv.name}/{mv.version}: downloaded {CHECKPOINT_FILE} does not match the version's "
+                f"sha256 {expected[:12]}...: the registered file was changed; refusing to use it"
+            )
         load_checkpoint(path)  # a torn or foreign file must not enter the cache
         os.replace(path, cached)
     return cached
@@ -302,25 +357,34 @@ def resolve_model(ref: str | Path, settings: Settings) -> tuple[Path, str, Any]:
 
 # ---------------------------------------------------------------- alias history
 
+
 def _history_run(client, settings: Settings, store: Store, name: str, create: bool = True) -> str | None:
     """The run whose artifacts hold `name`'s alias history (created on first write)."""
     exp_id = ensure_experiment(client, store, settings.tracking.experiment)
     found = client.search_runs(
-        [exp_id], filter_string=f"tags.`segloop.kind` = 'alias_history' and tags.`segloop.model_name` = '{name}'",
-        order_by=["attributes.start_time ASC"], max_results=1,
+        [exp_id],
+        filter_string=f"tags.`segloop.kind` = 'alias_history' and tags.`segloop.model_name` = '{name}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
     )
     if found:
         return found[0].info.run_id
     if not create:
         return None
-    run = client.create_run(exp_id, run_name=f"alias-history:{name}",
-                            tags={"segloop.kind": "alias_history", "segloop.model_name": name})
+    run = client.create_run(
+        exp_id, run_name=f"alias-history:{name}", tags={"segloop.kind": "alias_history", "segloop.model_name": name}
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
 
 def move_alias(
-    settings: Settings, alias: str, version: str, kind: str, reason: str, decision: str | None = None,
+    settings: Settings,
+    alias: str,
+    version: str,
+    kind: str,
+    reason: str,
+    decision: str | None = None,
     extra: Mapping[str, Any] = {},
 ) -> dict:
     """Point `alias` at `version` and record the change (time, from -> to, kind, reason, decision, `extra`).
@@ -329,10 +393,37 @@ def move_alias(
     """
     client, store = registry_client(settings)
     name = settings.registry.model_name
-    get_version(client, f"models:/{name}/{version}")  # a ValueError naming the ref if absent
+    mv = get_version(client, f"models:/{name}/{version}")  # a ValueError naming the ref if absent
     previous = _alias_version(client, name, alias)
-    entry = {"time": _now(), "model": name, "alias": alias, "from": previous, "to": str(version),
-             "kind": kind, "reason": reason, "decision": decision, "user": getpass.getuser(), **extra}
+    record = alias_record(version_tags(mv), alias)
+    if previous == str(version) and record.get("kind") == kind and record.get("reason") == reason:
+        # Already done and recorded (a retry): no second history entry; finish the descriptions.
+        for v in {r for r in (record.get("replaced"), str(version)) if r is not None}:
+            describe_version(client, name, v)
+        return {
+            "time": record.get("since"),
+            "model": name,
+            "alias": alias,
+            "from": record.get("replaced"),
+            "to": str(version),
+            "kind": kind,
+            "reason": reason,
+            "decision": record.get("decision"),
+            "user": getpass.getuser(),
+            **extra,
+        }
+    entry = {
+        "time": _now(),
+        "model": name,
+        "alias": alias,
+        "from": previous,
+        "to": str(version),
+        "kind": kind,
+        "reason": reason,
+        "decision": decision,
+        "user": getpass.getuser(),
+        **extra,
+    }
     client.set_registered_model_alias(name, alias, str(version))
     try:
         run_id = _history_run(client, settings, store, name)
@@ -343,11 +434,20 @@ def move_alias(
             path.write_text(json.dumps(entry, indent=1))
             client.log_artifact(run_id, str(path), HISTORY_FOLDER)
         # One JSON tag per alias on each version (the model page stays one row per version).
-        record = {"since": entry["time"], "kind": kind, "reason": reason, "decision": decision, "replaced": previous, **extra}
+        record = {
+            "since": entry["time"],
+            "kind": kind,
+            "reason": reason,
+            "decision": decision,
+            "replaced": previous,
+            **extra,
+        }
         client.set_model_version_tag(name, str(version), f"segloop.{alias}", json.dumps(record))
         if previous and previous != str(version):
             old = alias_record(client.get_model_version(name, previous).tags or {}, alias)
-            client.set_model_version_tag(name, previous, f"segloop.{alias}", json.dumps({**old, "until": entry["time"]}))
+            client.set_model_version_tag(
+                name, previous, f"segloop.{alias}", json.dumps({**old, "until": entry["time"]})
+            )
     except BaseException:
         # An alias change without a record is worse than no change: put it back.
         if previous:
@@ -356,7 +456,7 @@ def move_alias(
             client.delete_registered_model_alias(name, alias)
         raise
     # Descriptions only restate the tags (not evidence): written after the record.
-    for v in {previous, str(version)} - {None}:
+    for v in {r for r in (previous, str(version)) if r is not None}:
         describe_version(client, name, v)
     return entry
 
@@ -405,11 +505,17 @@ def promote(settings: Settings, alias: str, version: str, reason: str, force: bo
     champion = _alias_version(client, name, CHAMPION)
     differences = []
     if champion is not None and champion != str(version):
-        differences = incompatibilities(interface(client, store, name, version), interface(client, store, name, champion))
+        differences = incompatibilities(
+            interface(client, store, name, version), interface(client, store, name, champion)
+        )
     if differences and not force:
-        raise ValueError(f"models:/{name}/{version} does not fit champion v{champion} ({'; '.join(differences)}); "
-                         f"refusing to point {alias} at it (pass --force with a --reason for a deliberate change)")
-    return move_alias(settings, alias, str(version), "manual", reason, extra={"forced": differences} if differences else {})
+        raise ValueError(
+            f"models:/{name}/{version} does not fit champion v{champion} ({'; '.join(differences)}); "
+            f"refusing to point {alias} at it (pass --force with a --reason for a deliberate change)"
+        )
+    return move_alias(
+        settings, alias, str(version), "manual", reason, extra={"forced": differences} if differences else {}
+    )
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:
@@ -426,8 +532,9 @@ def history(settings: Settings) -> list[dict]:
     from segloop import registry_sqlite
 
     try:  # a local sqlite store answers without importing MLflow
-        files = registry_sqlite.history_files(resolve_store(settings.tracking), settings.tracking.experiment,
-                                              settings.registry.model_name, HISTORY_FOLDER)
+        files = registry_sqlite.history_files(
+            resolve_store(settings.tracking), settings.tracking.experiment, settings.registry.model_name, HISTORY_FOLDER
+        )
         return [json.loads(f.read_text()) for f in files]
     except registry_sqlite.Unsupported:
         return _history_mlflow(settings)
@@ -442,8 +549,11 @@ def _history_mlflow(settings: Settings) -> list[dict]:
     if not files:
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=HISTORY_FOLDER,
-                                                         dst_path=tmp, tracking_uri=store.uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=HISTORY_FOLDER, dst_path=tmp, tracking_uri=store.uri
+            )
+        )
         return [json.loads((local / Path(f).name).read_text()) for f in files]
 
 
@@ -471,7 +581,10 @@ def rollback(settings: Settings, reason: str | None = None) -> dict:
         stack.append(current)
     previous = stack[-2] if len(stack) >= 2 else None
     if previous is None:
-        raise ValueError(f"{settings.registry.model_name}: no champion before v{current} in the alias history; nothing to roll back to")
+        raise ValueError(
+            f"{settings.registry.model_name}: no champion before v{current} in the alias history; nothing to roll "
+            "back to"
+        )
     return move_alias(settings, CHAMPION, previous, "rollback", reason or f"rollback: v{current} -> v{previous}")
 
 
@@ -490,17 +603,19 @@ def list_versions(settings: Settings) -> list[dict]:
     rows = []
     for mv in mvs:
         tags = version_tags(mv)
-        rows.append({
-            "version": int(mv.version),
-            "aliases": sorted(aliases.get(str(mv.version), [])),
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
-            "domain": tags.get("segloop.domain"),
-            "val_miou": float(tags["segloop.val_miou"]) if tags.get("segloop.val_miou") else None,
-            "miou": version_miou(tags),
-            "parent": tags.get("segloop.parent_version") or tags.get("segloop.parent"),
-            "strategy": tags.get("segloop.strategy"),
-            "run_id": mv.run_id,
-        })
+        rows.append(
+            {
+                "version": int(mv.version),
+                "aliases": sorted(aliases.get(str(mv.version), [])),
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
+                "domain": tags.get("segloop.domain"),
+                "val_miou": float(tags["segloop.val_miou"]) if tags.get("segloop.val_miou") else None,
+                "miou": version_miou(tags),
+                "parent": tags.get("segloop.parent_version") or tags.get("segloop.parent"),
+                "strategy": tags.get("segloop.strategy"),
+                "run_id": mv.run_id,
+            }
+        )
     return sorted(rows, key=lambda r: r["version"])
 
 
@@ -520,6 +635,7 @@ def _versions_mlflow(settings: Settings, name: str) -> tuple[dict[str, list[str]
 
 # ---------------------------------------------------------------- promotion gate
 
+
 @dataclass
 class Check:
     """One explicit rule applied to one domain's mIoU."""
@@ -535,20 +651,34 @@ class Check:
     def reason(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         if self.rule == "floor_miou":
-            return (f"{verdict} {self.domain} mIoU {self.candidate:.4f} {'>=' if self.passed else '<'} floor {self.threshold:.4f} "
-                    f"(registry.gate.floor_miou, no champion yet)")
+            return (
+                f"{verdict} {self.domain} mIoU {self.candidate:.4f} {'>=' if self.passed else '<'} floor "
+                f"{self.threshold:.4f} "
+                f"(registry.gate.floor_miou, no champion yet)"
+            )
+        assert self.champion is not None  # every rule but floor_miou compares with a champion
         delta = self.candidate - self.champion
         if self.rule == "not_learnt":
-            return (f"INFO {self.domain} mIoU {self.candidate:.4f} vs champion {self.champion:.4f} ({delta:+.4f}); "
-                    "not learnt by the champion (no promoted model trained on it): reported, not protected")
+            return (
+                f"INFO {self.domain} mIoU {self.candidate:.4f} vs champion {self.champion:.4f} ({delta:+.4f}); "
+                "not learnt by the champion (no promoted model trained on it): reported, not protected"
+            )
         what = "target domain must gain" if self.rule == "min_gain" else "old domain may lose at most"
-        return (f"{verdict} {self.domain} mIoU {self.candidate:.4f} vs champion {self.champion:.4f} "
-                f"({delta:+.4f}); {what} {self.setting:.4f} (registry.gate.{self.rule}): "
-                f"needs >= {self.threshold:.4f}")
+        return (
+            f"{verdict} {self.domain} mIoU {self.candidate:.4f} vs champion {self.champion:.4f} "
+            f"({delta:+.4f}); {what} {self.setting:.4f} (registry.gate.{self.rule}): "
+            f"needs >= {self.threshold:.4f}"
+        )
 
 
-def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None, target: str, cfg: GateSettings,
-           learnt: Collection[str] | None = None) -> dict:
+def decide(
+    candidate: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    target: str,
+    cfg: GateSettings,
+    learnt: Collection[str] | None = None,
+    servability: Mapping[str, Any] | None = None,
+) -> dict:
     """Promote or not, from per-domain mIoU of candidate and champion (None: no champion yet).
 
     With a champion: target mIoU >= champion + min_gain, and every other domain the
@@ -559,7 +689,9 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
     learn that domain; such domains are reported, not protected (their own update, with
     its min_gain, is what lifts them). Without a champion: every domain >= floor_miou. Each rule becomes
     an absolute MetricThreshold checked by mlflow.validate_evaluation_results; the
-    reasons list every threshold, passed or failed.
+    reasons list every threshold, passed or failed. `servability`: the result of
+    `segloop.serve.servability` (None: not checked); a candidate that fails it is refused,
+    and its reason ends the list.
     """
     import mlflow
     from mlflow.models import MetricThreshold
@@ -571,7 +703,9 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
     checks = []
     for domain, value in candidate.items():
         if champion is None:
-            checks.append(Check(domain, "floor_miou", value, None, cfg.floor_miou, cfg.floor_miou, value >= cfg.floor_miou))
+            checks.append(
+                Check(domain, "floor_miou", value, None, cfg.floor_miou, cfg.floor_miou, value >= cfg.floor_miou)
+            )
             continue
         if domain == target:
             rule, setting, threshold = "min_gain", cfg.min_gain, champion[domain] + cfg.min_gain
@@ -581,28 +715,71 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
         else:
             rule, setting, threshold = "max_forgetting", cfg.max_forgetting, champion[domain] - cfg.max_forgetting
         checks.append(Check(domain, rule, value, champion[domain], threshold, setting, value >= threshold))
-    thresholds = {f"{c.domain}/miou": MetricThreshold(threshold=float(c.threshold), greater_is_better=True)
-                  for c in checks if c.rule != "not_learnt"}
+    thresholds = {
+        f"{c.domain}/miou": MetricThreshold(threshold=float(c.threshold), greater_is_better=True)
+        for c in checks
+        if c.rule != "not_learnt"
+    }
     try:
-        mlflow.validate_evaluation_results(thresholds, EvaluationResult({f"{d}/miou": float(v) for d, v in candidate.items()}, {}))
+        mlflow.validate_evaluation_results(
+            thresholds, EvaluationResult({f"{d}/miou": float(v) for d, v in candidate.items()}, {})
+        )
         mlflow_passed, mlflow_message = True, "passed"
     except ModelValidationFailedException as err:
         mlflow_passed, mlflow_message = False, err.message
     promoted = all(c.passed for c in checks)
     if promoted != mlflow_passed:  # same thresholds, same comparison: a mismatch is a bug here
         raise RuntimeError(f"gate checks disagree with mlflow.validate_evaluation_results: {mlflow_message}")
-    table = {d: {"candidate": candidate[d], "champion": None if champion is None else champion[d],
-                 "delta": None if champion is None else candidate[d] - champion[d],
-                 "role": "target" if d == target else "old" if learnt is None or d in learnt else "not_learnt"}
-             for d in candidate}
+    reasons = [c.reason() for c in checks]
+    if servability is not None:
+        promoted = promoted and bool(servability["passed"])
+        reasons.append(servability["reason"])
+    table = {
+        d: {
+            "candidate": candidate[d],
+            "champion": None if champion is None else champion[d],
+            "delta": None if champion is None else candidate[d] - champion[d],
+            "role": "target" if d == target else "old" if learnt is None or d in learnt else "not_learnt",
+        }
+        for d in candidate
+    }
     return {
         "promoted": promoted,
-        "reasons": [c.reason() for c in checks],
+        "reasons": reasons,
         "metrics": table,
         "checks": [asdict(c) for c in checks],
         "learnt": None if learnt is None else sorted(learnt),
         "mlflow_validation": mlflow_message,
         "rules": cfg.model_dump(),
+        "servability": None if servability is None else dict(servability),
+    }
+
+
+def refuse_unservable(
+    champion: Mapping[str, float] | None,
+    cfg: GateSettings,
+    learnt: Collection[str] | None,
+    servability: Mapping[str, Any],
+) -> dict:
+    """The decision on a candidate that could not be loaded or answer on the serving backend:
+    refused, its mIoU never measured (the champion's, when there is one, still recorded)."""
+    return {
+        "promoted": False,
+        "reasons": [servability["reason"]],
+        "metrics": {
+            d: {
+                "candidate": None,
+                "champion": v,
+                "delta": None,
+                "role": "old" if learnt is None or d in learnt else "not_learnt",
+            }
+            for d, v in (champion or {}).items()
+        },
+        "checks": [],
+        "learnt": None if learnt is None else sorted(learnt),
+        "mlflow_validation": "not run: the candidate is not servable",
+        "rules": cfg.model_dump(),
+        "servability": dict(servability),
     }
 
 
@@ -610,19 +787,52 @@ class AlreadyChampion(ValueError):
     """The candidate holds the champion alias already (e.g. a re-run with nothing new)."""
 
 
-def gate(
-    settings: Settings, candidate_version: str, data: Mapping[str, Path], target: str, out_dir: Path,
-    log: Callable[[str], None] = print, learnt: Collection[str] | None = None,
-) -> dict:
-    """Evaluate candidate and champion on the same held-out sets, decide, log, then promote.
+def _promoted_by_gate(client, store: Store, candidate) -> dict | None:
+    """The decision of the gate that made `candidate` champion (its alias record says so), or None.
 
+    Makes `gate` idempotent: a retry that finds its own candidate promoted returns that
+    decision, finishing what the first attempt may have left (version descriptions)."""
+    import mlflow
+
+    record = alias_record(version_tags(candidate), CHAMPION)
+    if record.get("kind") != "gate" or not record.get("decision"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=record["decision"], dst_path=tmp, tracking_uri=store.uri
+        )
+        decision = json.loads(Path(path).read_text())
+    if str(decision.get("candidate_version")) != str(candidate.version) or not decision.get("promoted"):
+        return None
+    for v in {decision.get("champion_version"), str(candidate.version)} - {None}:
+        describe_version(client, candidate.name, v)
+    return {**decision, "decision_uri": record["decision"]}
+
+
+def gate(
+    settings: Settings,
+    candidate_version: str,
+    data: Mapping[str, Path],
+    target: str,
+    out_dir: Path,
+    log: Callable[[str], None] = print,
+    learnt: Collection[str] | None = None,
+) -> dict:
+    """Check the candidate serves, evaluate candidate and champion on the same held-out sets,
+    decide, log, then promote.
+
+    Servability first (`segloop.serve.servability`, on the first image of the target domain's
+    set): a candidate that cannot be loaded on serve.backend or answer is refused without
+    being evaluated; its latency there is held to registry.gate.max_latency_ratio x the champion's.
     `learnt`: the domains the champion has learnt, the only ones protected from forgetting
     (None: all of them; see `decide`).
 
     Writes `out_dir/promotion_decision.json` and per-model, per-domain reports; logs them
     to the candidate's run; moves `champion` only after all of that is logged.
     """
+    from segloop.data.dataset import list_samples
     from segloop.evaluate import evaluate
+    from segloop.serve import servability
 
     client, store = registry_client(settings)
     name = settings.registry.model_name
@@ -636,26 +846,48 @@ def gate(
     candidate = get_version(client, f"models:/{name}/{candidate_version}")
     champion_version = _alias_version(client, name, CHAMPION)
     if champion_version == str(candidate.version):
-        raise AlreadyChampion(f"{name} v{candidate.version} is already the champion: nothing to decide")
+        done = _promoted_by_gate(client, store, candidate)
+        if done is None:
+            raise AlreadyChampion(f"{name} v{candidate.version} is already the champion: nothing to decide")
+        return done  # a retried gate (e.g. after an error once the alias had moved): it succeeded
     models = {"candidate": candidate}
     if champion_version:
         models["champion"] = client.get_model_version(name, champion_version)
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {role: download_checkpoint(client, store, mv) for role, mv in models.items()}
+    sample = list_samples(Path(data[target]), require_masks=False)[0].image
+    served = servability(
+        settings,
+        (paths["candidate"], candidate),
+        (paths["champion"], models["champion"]) if "champion" in models else None,
+        sample,
+    )
+    log(f"candidate v{candidate.version}: {served['reason']} ({served['seconds']:.1f}s)")
+    servable = served["error"] is None  # loaded and answered (the latency rule is decide's)
     scores: dict[str, dict[str, float]] = {}
     for role, mv in models.items():
-        path = download_checkpoint(client, store, mv)
+        if role == "candidate" and not servable:
+            continue  # it could not even be loaded or answer: nothing to evaluate
         scores[role] = {}
         for domain, folder in data.items():
-            m = evaluate(path, Path(folder), out_dir / role / domain, settings.eval, label=f"models:/{name}/{mv.version}")
+            m = evaluate(
+                paths[role], Path(folder), out_dir / role / domain, settings.eval, label=f"models:/{name}/{mv.version}"
+            )
             scores[role][domain] = m["miou"]
             log(f"{role} v{mv.version} {domain}: mIoU {m['miou']:.4f}")
-    decision = decide(scores["candidate"], scores.get("champion"), target, settings.registry.gate, learnt)
+    if servable:
+        decision = decide(scores["candidate"], scores.get("champion"), target, settings.registry.gate, learnt, served)
+    else:
+        decision = refuse_unservable(scores.get("champion"), settings.registry.gate, learnt, served)
     decision = {
         "promoted": decision["promoted"],
         "reasons": decision["reasons"],
         "metrics": decision["metrics"],
-        "model": name, "candidate_version": str(candidate.version), "champion_version": champion_version,
-        "target": target, "time": _now(),
+        "model": name,
+        "candidate_version": str(candidate.version),
+        "champion_version": champion_version,
+        "target": target,
+        "time": _now(),
         "data": {d: {"path": str(p), "md5": dir_md5(Path(p))} for d, p in data.items()},
         **{k: v for k, v in decision.items() if k not in ("promoted", "reasons", "metrics")},
     }
@@ -664,26 +896,45 @@ def gate(
 
     # Evidence first: the decision, the reports and the metrics go to the candidate's run.
     # Microseconds: two gates within a second must never share (and overwrite) a folder.
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    folder = f"gate/{stamp}-vs-{'v' + champion_version if champion_version else 'none'}"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    gate_folder = f"gate/{stamp}-vs-{'v' + champion_version if champion_version else 'none'}"
     run_id = candidate.run_id
-    client.log_artifacts(run_id, str(out_dir), folder)
+    client.log_artifacts(run_id, str(out_dir), gate_folder)
     run = TrackedRun(client, run_id, store, "")
-    run.log_metrics({f"gate.{role}.{d}.miou": v for role, s in scores.items() for d, v in s.items()})
-    decision_uri = f"{client.get_run(run_id).info.artifact_uri}/{folder}/{DECISION_FILE}"
+    run.log_metrics(
+        {f"gate.{role}.{d}.miou": v for role, s in scores.items() for d, v in s.items()}
+        | {
+            f"gate.servability.{k}": served[k]
+            for k in ("candidate_ms", "champion_ms", "ratio")
+            if served[k] is not None
+        }
+    )
+    decision_uri = f"{client.get_run(run_id).info.artifact_uri}/{gate_folder}/{DECISION_FILE}"
     for role, mv in models.items():
-        miou = version_miou(version_tags(client.get_model_version(name, mv.version))) | {d: round(v, 5) for d, v in scores[role].items()}
+        if role not in scores:
+            continue
+        miou = version_miou(version_tags(client.get_model_version(name, mv.version))) | {
+            d: round(v, 5) for d, v in scores[role].items()
+        }
         set_version_tags(client, name, mv.version, {"segloop.miou": miou})
-    set_version_tags(client, name, candidate.version, {
-        "segloop.gate.promoted": decision["promoted"],
-        "segloop.gate.decision": decision_uri, "segloop.gate.reasons": "\n".join(decision["reasons"]),  # to the run
-    })
+    set_version_tags(
+        client,
+        name,
+        candidate.version,
+        {
+            "segloop.gate.promoted": decision["promoted"],
+            "segloop.gate.decision": decision_uri,
+            "segloop.gate.reasons": "\n".join(decision["reasons"]),  # to the run
+        },
+    )
     for mv in models.values():
         describe_version(client, name, mv.version)
     if decision["promoted"]:
         if _alias_version(client, name, CHAMPION) != champion_version:  # another gate or a person moved it
-            raise ValueError(f"{name}: champion changed while v{candidate.version} was being gated "
-                             f"(was {champion_version}); decision logged, nothing promoted; gate again")
+            raise ValueError(
+                f"{name}: champion changed while v{candidate.version} was being gated "
+                f"(was {champion_version}); decision logged, nothing promoted; gate again"
+            )
         summary = "; ".join(r for r in decision["reasons"])
         move_alias(settings, CHAMPION, str(candidate.version), "gate", f"gate passed: {summary}", decision_uri)
     decision["decision_uri"] = decision_uri

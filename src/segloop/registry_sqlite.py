@@ -6,6 +6,7 @@ sqlite store whose tables have the columns read here, without MLflow workspaces 
 and with local artifact folders; in every other case (`Unsupported`) the callers in
 `segloop.registry` go through MLflow's client. Never writes (the file is opened read-only).
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -63,18 +64,26 @@ def _connect(store: Store) -> sqlite3.Connection:
 def versions(store: Store, name: str) -> tuple[dict[str, list[str]], list[Version]] | None:
     """({version: [aliases]}, versions) of registered model `name`; None if it is not registered."""
     with closing(_connect(store)) as con:
-        if con.execute("select 1 from registered_models where name = ? and workspace = 'default'", (name,)).fetchone() is None:
+        if (
+            con.execute("select 1 from registered_models where name = ? and workspace = 'default'", (name,)).fetchone()
+            is None
+        ):
             return None
         aliases: dict[str, list[str]] = {}
         for alias, version in con.execute(
-                "select alias, version from registered_model_aliases where name = ? and workspace = 'default'", (name,)):
+            "select alias, version from registered_model_aliases where name = ? and workspace = 'default'", (name,)
+        ):
             aliases.setdefault(str(version), []).append(alias)
         tags: dict[str, dict[str, str]] = {}
         for version, key, value in con.execute(
-                "select version, key, value from model_version_tags where name = ? and workspace = 'default'", (name,)):
+            "select version, key, value from model_version_tags where name = ? and workspace = 'default'", (name,)
+        ):
             tags.setdefault(str(version), {})[key] = value
-        rows = con.execute("select version, creation_time, run_id from model_versions "
-                           "where name = ? and workspace = 'default' and current_stage != ?", (name, _DELETED)).fetchall()
+        rows = con.execute(
+            "select version, creation_time, run_id from model_versions "
+            "where name = ? and workspace = 'default' and current_stage != ?",
+            (name, _DELETED),
+        ).fetchall()
     return aliases, [Version(str(v), int(t), run_id, tags.get(str(v), {})) for v, t, run_id in rows]
 
 
@@ -86,7 +95,9 @@ def history_files(store: Store, experiment: str, name: str, folder: str) -> list
             "join tags k on k.run_uuid = r.run_uuid and k.key = 'segloop.kind' and k.value = 'alias_history' "
             "join tags m on m.run_uuid = r.run_uuid and m.key = 'segloop.model_name' and m.value = ? "
             "where e.name = ? and e.workspace = 'default' and r.lifecycle_stage = 'active' "
-            "order by r.start_time asc limit 1", (name, experiment)).fetchone()
+            "order by r.start_time asc limit 1",
+            (name, experiment),
+        ).fetchone()
     if row is None:
         return []
     uri = urlparse(row[0])

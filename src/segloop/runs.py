@@ -4,12 +4,14 @@ drift checks as runs of their own.
 The CLI (`segloop train|update|drift`) and the continual loop call these, so a step run
 by hand, by DVC or by a Prefect flow is recorded the same way.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from segloop.config import Settings
 from segloop.train import TrainResult
@@ -34,8 +36,10 @@ def prepare_out(out: Path, resume: bool = False, overwrite: bool = False, remove
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(f"--out {out}: exists and is not empty (an earlier model?); refusing to overwrite it "
-                              "(pass --resume to continue it, --overwrite to replace it, or choose a new folder)")
+        raise FileExistsError(
+            f"--out {out}: exists and is not empty (an earlier model?); refusing to overwrite it "
+            "(pass --resume to continue it, --overwrite to replace it, or choose a new folder)"
+        )
     if remove_stale:
         (out / REGISTERED).unlink(missing_ok=True)
 
@@ -48,8 +52,15 @@ def _parent(ref: str, settings: Settings) -> tuple[Path, str, dict[str, Any]]:
 
 
 def train_step(
-    settings: Settings, data: Path, out: Path, val: Path | None = None, init: str | None = None,
-    resume: bool = False, domain: str | None = None, register: str | None = None, overwrite: bool = False,
+    settings: Settings,
+    data: Path,
+    out: Path,
+    val: Path | None = None,
+    init: str | None = None,
+    resume: bool = False,
+    domain: str | None = None,
+    register: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[TrainResult, str | None]:
     """Train (from scratch, or from `init`: a path or models:/ ref); returns (result, registered version or None).
 
@@ -62,21 +73,35 @@ def train_step(
     # Under torchrun every rank checks (all refuse alike, before any rank writes); rank 0 alone removes.
     primary = world_from_env().primary
     prepare_out(out, resume, overwrite, remove_stale=primary)
-    init_path, label, run_tags = None, None, {"segloop.strategy": "resume" if resume else "scratch"}
+    init_path, label = None, None
+    run_tags: dict[str, str | None] = {"segloop.strategy": "resume" if resume else "scratch"}
     if init:
         init_path, label, parent_tags = _parent(init, settings)
         run_tags |= {"segloop.strategy": "transfer", **parent_tags}
     run_tags["segloop.domain"] = domain
     inputs = {"train": data, **({"val": val} if val else {})}
     # The store is checked here, before any training starts. Under torchrun only rank 0 tracks.
-    with tracked_run(settings, "train", inputs, run_tags, run_name=f"train:{out.name}") if primary else nullcontext() as run:
-        result = train(settings, data, out, val, init_path, resume, on_epoch=run.log_epoch if run else None, init_label=label)
+    with (
+        tracked_run(settings, "train", inputs, run_tags, run_name=f"train:{out.name}")
+        if primary
+        else nullcontext() as run
+    ):
+        result = train(
+            settings, data, out, val, init_path, resume, on_epoch=run.log_epoch if run else None, init_label=label
+        )
         return result, _register(run, result, out, register)
 
 
 def update_step(
-    settings: Settings, parent: str, data: Path | Sequence[Path], out: Path, val: Path | Sequence[Path] | None = None,
-    seen: Sequence[Path] = (), replay: Path | None = None, domain: str | None = None, register: str | None = None,
+    settings: Settings,
+    parent: str,
+    data: Path | Sequence[Path],
+    out: Path,
+    val: Path | Sequence[Path] | None = None,
+    seen: Sequence[Path] = (),
+    replay: Path | None = None,
+    domain: str | None = None,
+    register: str | None = None,
     overwrite: bool = False,
 ) -> tuple[TrainResult, str | None]:
     """Update `parent` (a path or models:/ ref) with a new batch (one folder or several) by
@@ -92,10 +117,15 @@ def update_step(
     run_tags = {"segloop.strategy": settings.continual.strategy, "segloop.domain": domain, **parent_tags}
     vals = [val] if isinstance(val, (str, Path)) else list(val or [])
     datas = [data] if isinstance(data, (str, Path)) else list(data)
-    inputs = {**{f"train{i}" if i else "train": d for i, d in enumerate(datas)},
-              **{f"val{i}" if i else "val": v for i, v in enumerate(vals)}, **({"replay": replay} if replay else {})}
+    inputs = {
+        **{f"train{i}" if i else "train": d for i, d in enumerate(datas)},
+        **{f"val{i}" if i else "val": v for i, v in enumerate(vals)},
+        **({"replay": replay} if replay else {}),
+    }
     with tracked_run(settings, "update", inputs, run_tags, run_name=f"update:{out.name}") as run:
-        result = update(settings, path, datas, out, val, seen, replay, on_epoch=run.log_epoch if run else None, init_label=label)
+        result = update(
+            settings, path, datas, out, val, seen, replay, on_epoch=run.log_epoch if run else None, init_label=label
+        )
         return result, _register(run, result, out, register)
 
 
@@ -114,8 +144,15 @@ def _register(run, result: TrainResult, out: Path, model_name: str | None) -> st
 
 
 def drift_step(
-    settings: Settings, reference: Path, current: Path, out: Path, champion=None, cache: Path | None = None,
-    champion_miou: float | None = None, tags: Mapping[str, Any] = {}, name: str | None = None,
+    settings: Settings,
+    reference: Path,
+    current: Path,
+    out: Path,
+    champion=None,
+    cache: Path | None = None,
+    champion_miou: float | None = None,
+    tags: Mapping[str, Any] = {},
+    name: str | None = None,
 ) -> tuple[dict, str | None]:
     """`detect_drift` inside an MLflow run of `<experiment>-drift` named `drift:<name>` (default: the
     current folder's label); returns (drift.json payload, run id or None)."""
@@ -124,8 +161,25 @@ def drift_step(
 
     tags = {"segloop.model_id": champion.model_id if champion else None, **tags}
     inputs = {"reference": reference, "current": current}
-    with tracked_run(settings, "drift", inputs, tags, run_name=f"drift:{name or folder_label(current)}", experiment=drift_experiment(settings)) as run:
-        r = detect_drift(reference, current, out, settings.drift, settings.data.channels, champion, cache, settings.eval, champion_miou)
+    with tracked_run(
+        settings,
+        "drift",
+        inputs,
+        tags,
+        run_name=f"drift:{name or folder_label(current)}",
+        experiment=drift_experiment(settings),
+    ) as run:
+        r = detect_drift(
+            reference,
+            current,
+            out,
+            settings.drift,
+            settings.data.channels,
+            champion,
+            cache,
+            settings.eval,
+            champion_miou,
+        )
         if run:
             log_drift(run, r, out)
     return r, run.run_id if run else None

@@ -10,6 +10,7 @@ which code (git commit, segloop version), and its metrics and files.
 This module must not train, evaluate or decide anything; importing it touches
 nothing (no folders, no connections).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,14 +20,16 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from segloop import __version__
-from segloop.config import DEFAULT_MLRUNS, Settings, TrackingSettings
+from segloop.config import DEFAULT_MLRUNS, Settings, TrackingSettings, settings_record
+from segloop.redaction import redact
 
 EPOCH_METRICS = ("loss", "val_miou", "lr", "img_per_s")
 
@@ -58,7 +61,7 @@ def sqlite_path(uri: str) -> Path | None:
     """`sqlite:///rel/x.db` -> rel/x.db, `sqlite:////abs/x.db` -> /abs/x.db; None for other stores."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):])
+    return Path(uri[len("sqlite:///") :])
 
 
 def open_store(store: Store, timeout_s: float = 5.0):
@@ -67,6 +70,8 @@ def open_store(store: Store, timeout_s: float = 5.0):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # Per-file download bars would drown the CLI's own output (refs download a checkpoint).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if redact(store.uri) != store.uri:  # MLflow prints "View run at: <uri>/#/..." with the password in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     from mlflow import MlflowClient
 
     hint = "set tracking.uri / MLFLOW_TRACKING_URI to a reachable store, or tracking.enabled: false"
@@ -75,22 +80,31 @@ def open_store(store: Store, timeout_s: float = 5.0):
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise TrackingError(f"tracking store {store.uri}: cannot create {db.parent} ({err.strerror}); {hint}") from None
+            raise TrackingError(
+                f"tracking store {redact(store.uri)}: cannot create {db.parent} ({err.strerror}); {hint}"
+            ) from None
         if not os.access(db.parent, os.W_OK):
-            raise TrackingError(f"tracking store {store.uri}: {db.parent} is not writable; {hint}")
+            raise TrackingError(f"tracking store {redact(store.uri)}: {db.parent} is not writable; {hint}")
     elif urlparse(store.uri).scheme in ("http", "https"):
         # MLflow's own client retries for minutes; one short probe of /health answers at once.
+        # (urllib takes no user:password@ in a URL: the probe goes without; /health needs no login.)
+        parts = urlparse(store.uri)
+        probe = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         try:
-            with urllib.request.urlopen(store.uri.rstrip("/") + "/health", timeout=timeout_s):
+            with urllib.request.urlopen(probe.rstrip("/") + "/health", timeout=timeout_s):
                 pass
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise TrackingError(f"tracking server {store.uri} did not answer within {timeout_s:g}s ({reason}); {hint}") from None
+            raise TrackingError(
+                f"tracking server {redact(store.uri)} did not answer within {timeout_s:g}s ({reason}); {hint}"
+            ) from None
     client = MlflowClient(tracking_uri=store.uri, registry_uri=store.uri)
     try:
         client.search_experiments(max_results=1)
     except Exception as err:  # any backend failure means: do not start work
-        raise TrackingError(f"tracking store {store.uri}: {type(err).__name__}: {str(err)[:300]}; {hint}") from None
+        raise TrackingError(
+            redact(f"tracking store {store.uri}: {type(err).__name__}: {str(err)[:300]}; {hint}")
+        ) from None
     return client
 
 
@@ -154,22 +168,44 @@ def dir_md5(path: Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: Path | None = None) -> str | None:
     try:
-        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+def _installed_commit() -> str | None:
+    """The commit pip recorded at install (PEP 610 direct_url.json), e.g. `pip install git+URL@rev`."""
+    from importlib import metadata
+
+    try:
+        raw = metadata.distribution("segloop").read_text("direct_url.json")
+        return (json.loads(raw or "{}").get("vcs_info") or {}).get("commit_id")
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+
+
 def code_tags() -> dict[str, str]:
-    """segloop version and the git commit of the current folder (when it is a git checkout)."""
+    """segloop's version and the commit of the code that is running: the git checkout the
+    imported `segloop` package lives in (never the current folder: a loop stage runs in the
+    workspace, a data repo), else the commit recorded when it was installed from git."""
     tags = {"segloop.version": __version__}
-    commit = _git("rev-parse", "HEAD")
+    package = Path(__file__).resolve().parent
+    # The package's own files must be tracked there: a copy installed into a venv that sits
+    # inside some other checkout is not that checkout's code.
+    tracked = _git("ls-files", "--", "__init__.py", cwd=package)
+    if tracked:
+        commit = _git("rev-parse", "HEAD", cwd=package)
+        dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=package)
+    else:
+        commit, dirty = _installed_commit(), None
     if commit:
         tags["segloop.git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit  # shown in the MLflow UI's Source column
-        tags["segloop.git_dirty"] = "true" if _git("status", "--porcelain", "--untracked-files=no") else "false"
+        if dirty is not None:
+            tags["segloop.git_dirty"] = "true" if dirty else "false"
     return tags
 
 
@@ -259,7 +295,7 @@ def tracked_run(
     tracked = TrackedRun(client, run.info.run_id, store, exp_id)
     status = "FAILED"
     try:
-        tracked.log_params(flatten(settings.model_dump(mode="json")))
+        tracked.log_params(flatten(settings_record(settings)))
         yield tracked
         status = "FINISHED"
     finally:
@@ -281,23 +317,29 @@ def log_drift(run: TrackedRun, record: Mapping[str, Any], out_dir: Path) -> None
     `record` is the drift.json payload (segloop.drift.detect.detect_drift); a labelled
     batch's champion evaluation (`out_dir/quality/`) is logged too when present.
     """
-    metrics = {"score": record["score"], "share_drifted": record["share_drifted"],
-               "n_reference": record["n_reference"], "n_current": record["n_current"],
-               "n_drifted": len(record["drifted_features"])}
+    metrics = {
+        "score": record["score"],
+        "share_drifted": record["share_drifted"],
+        "n_reference": record["n_reference"],
+        "n_current": record["n_current"],
+        "n_drifted": len(record["drifted_features"]),
+    }
     if (record.get("embeddings") or {}).get("p_value") is not None:
         metrics["embeddings_p_value"] = record["embeddings"]["p_value"]
     quality = record.get("quality") or {}
     if quality.get("batch_miou") is not None:
         metrics |= {"quality.batch_miou": quality["batch_miou"], "quality.drop": quality["drop"]}
     run.log_metrics(metrics)
-    run.set_tags({
-        "segloop.drift": _verdict(record["drift"]),
-        "segloop.drift.data": _verdict(record["data_drift"]),
-        "segloop.drift.performance": _verdict(record["performance_drift"]),  # None: not checked
-        # MLflow tag values are short strings: the strongest few, the full list is in drift.json
-        "segloop.drift.features": ", ".join(record["drifted_features"][:10]) or "-",
-        "segloop.drift.method": record["method"],
-    })
+    run.set_tags(
+        {
+            "segloop.drift": _verdict(record["drift"]),
+            "segloop.drift.data": _verdict(record["data_drift"]),
+            "segloop.drift.performance": _verdict(record["performance_drift"]),  # None: not checked
+            # MLflow tag values are short strings: the strongest few, the full list is in drift.json
+            "segloop.drift.features": ", ".join(record["drifted_features"][:10]) or "-",
+            "segloop.drift.method": record["method"],
+        }
+    )
     for name in ("drift.json", "drift.html"):
         run.log_file(Path(out_dir) / name)
     if quality.get("batch_miou") is not None:  # evaluated in this check (not a stale folder of an earlier one)

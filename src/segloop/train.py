@@ -9,22 +9,25 @@ and `resume`. Each epoch is reseeded from
 (seed, epoch), so a resumed run replays the same shuffles and augmentations
 (segloop.data.loader).
 
-channels_last on every device (oneDNN's CPU convolutions gain too). On CUDA: bf16 autocast, pinned memory with non-blocking copies,
-optional torch.compile. Under `torchrun --nproc-per-node N` the same call trains
-with DistributedDataParallel (segloop.distributed): each rank takes every N-th
-batch, rank 0 alone validates, logs and writes; checkpoints hold the plain
-module's weights, as in a single process. Nothing in the step loop waits for
-the GPU (the loss is summed on the device and read once per epoch).
+channels_last on every device (oneDNN's CPU convolutions gain too). On CUDA: bf16
+autocast, pinned memory with non-blocking copies, optional torch.compile. Under
+`torchrun --nproc-per-node N` the same call trains with DistributedDataParallel
+(segloop.distributed): each rank takes every N-th batch, rank 0 alone validates, logs
+and writes; checkpoints hold the plain module's weights, as in a single process. Nothing
+in the step loop waits for the GPU (the loss is summed on the device and read once per
+epoch).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TypedDict, cast
 
 import segmentation_models_pytorch as smp
 import torch
@@ -37,12 +40,25 @@ from segloop.checkpoint import load_checkpoint, save_checkpoint
 from segloop.class_incremental import grow_head
 from segloop.config import Settings, TrainSettings, save_settings
 from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, train_transform
-from segloop.data.loader import SEED_STRIDE, training_loader
+from segloop.data.loader import SEED_STRIDE, EpochBatches, sized, training_loader
+from segloop.data.replay import MixedBatchSampler
 from segloop.distributed import any_rank, device_for, from_primary, mean_over_ranks, process_group, world_from_env
 from segloop.evaluate import miou_on
 from segloop.models import build_model
 
 LAST, BEST = "last.pt", "best.pt"
+
+
+class TrainState(TypedDict):
+    """The loop's progress, saved in `last.pt` (and read back on resume)."""
+
+    epoch: int
+    step: int
+    best_miou: float
+    bad_epochs: int
+    history: list[dict]
+    images_seen: int
+    elapsed: float
 
 
 @dataclass
@@ -88,13 +104,17 @@ def init_from(model: nn.Module, ckpt: dict, path: Path, settings: Settings, new_
     channels must match, except `new_classes` (class-incremental): the parent lacks them and its head grows."""
     if list(ckpt["classes"]) + list(new_classes) != list(settings.data.classes):
         grown = f" + continual.new_classes {list(new_classes)}" if new_classes else ""
-        raise ValueError(f"--init {path}: classes {ckpt['classes']}{grown} differ from data.classes {settings.data.classes}")
+        raise ValueError(
+            f"--init {path}: classes {ckpt['classes']}{grown} differ from data.classes {settings.data.classes}"
+        )
     if ckpt["channels"] != settings.data.channels:
         raise ValueError(f"--init {path}: {ckpt['channels']} channels, data.channels is {settings.data.channels}")
     try:
         model.load_state_dict(grow_head(ckpt["model"], len(new_classes)) if new_classes else ckpt["model"])
     except RuntimeError as err:
-        raise ValueError(f"--init {path}: weights do not fit model {settings.model.arch}/{settings.model.encoder}: {err}") from None
+        raise ValueError(
+            f"--init {path}: weights do not fit model {settings.model.arch}/{settings.model.encoder}: {err}"
+        ) from None
     return str(path)
 
 
@@ -143,10 +163,10 @@ def train(
     e.g. every domain seen so far), write `out_dir`.
 
     Settings left null (crop, batch, epoch length, normalisation, augmentation) come from the
-    recipe of the first training folder (segloop.plan); a transfer or update keeps its
-    parent's input normalisation. `train.max_minutes` is the budget and the lr schedule
-    ends where it ends (or at `train.epochs`, whichever is first); the weights validated
-    and kept are an exponential moving average (`train.ema`).
+    recipe of the first training folder (segloop.plan; an epoch is one pass over all of
+    them); a transfer or update keeps its parent's input normalisation. `train.max_minutes`
+    is the budget and the lr schedule ends where it ends (or at `train.epochs`, whichever is
+    first); the weights validated and kept are an exponential moving average (`train.ema`).
 
     `options` are TrainJob's other fields. Continual strategies use them: `replay_dir`
     mixes its samples into each batch at `replay_ratio`; `extra_loss` is added to the
@@ -176,10 +196,12 @@ def _silent(line: str) -> None:
     pass
 
 
-def planned_settings(settings: Settings, job: TrainJob, parent: dict | None, primary: bool = True) -> tuple[Settings, list[str]]:
+def planned_settings(
+    settings: Settings, job: TrainJob, parent: dict | None, primary: bool = True
+) -> tuple[Settings, list[str]]:
     """Settings with the recipe filled in (see `train`), and log lines saying what was planned;
     the primary process writes the plan to `<out>/plan.yaml`."""
-    from segloop.plan import describe, resolve, write_plan
+    from segloop.plan import count_images, describe, fingerprint, resolve, write_plan
 
     lines = []
     if parent is not None and parent["channels"] == settings.data.channels:  # else init_from says why not
@@ -189,7 +211,10 @@ def planned_settings(settings: Settings, job: TrainJob, parent: dict | None, pri
         raw = settings.model_dump(mode="json")
         raw["model"]["norm"] = parent_norm
         settings = type(settings).model_validate(raw)
-    settings, recipe, fp = resolve(settings, job.data_dirs[0])
+    fp = fingerprint(job.data_dirs[0], settings.data.channels)
+    if len(job.data_dirs) > 1:  # an epoch is one pass over every training folder, not the first one
+        fp = replace(fp, images=sum(count_images(d) for d in job.data_dirs))
+    settings, recipe, fp = resolve(settings, job.data_dirs[0], fp)
     if primary:
         job.out_dir.mkdir(parents=True, exist_ok=True)
         write_plan(job.out_dir / "plan.yaml", job.data_dirs[0], fp, recipe)
@@ -231,31 +256,44 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
     for line in plan_lines:
         job.log(line)
     cfg, cuda, primary = settings.train, device.type == "cuda", rank == 0
+    crop_size, batch_size, augment = settings.data.crop_size, cfg.batch_size, cfg.augment
+    assert crop_size is not None and batch_size is not None and augment is not None  # planned: no nulls left
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels once
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    transform = train_transform(settings.data.crop_size, cfg.augment, cfg.foreground)
+    transform = train_transform(crop_size, augment, cfg.foreground)
     parts = [SegmentationDataset(d, settings.data.channels, transform) for d in job.data_dirs]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     replay = SegmentationDataset(job.replay_dir, settings.data.channels, transform) if job.replay_dir else None
-    if len(dataset) < cfg.batch_size * world:
-        raise ValueError(f"{job.data_dirs[0]}: {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}"
-                         + (f" x {world} processes" if world > 1 else ""))
+    if len(sized(dataset)) < batch_size * world:
+        raise ValueError(
+            f"{job.data_dirs[0]}: {len(sized(dataset))} images, fewer than train.batch_size={cfg.batch_size}"
+            + (f" x {world} processes" if world > 1 else "")
+        )
 
     torch.manual_seed(cfg.seed)  # weight init too: a run depends on its seed, not on what ran before
     model = build_model(settings.model, settings.data.channels, settings.num_classes)
-    parent = init_from(model, parent_ckpt, job.init, settings, job.new_classes) if parent_ckpt else None
+    parent = init_from(model, parent_ckpt, job.init, settings, job.new_classes) if parent_ckpt and job.init else None
     if job.freeze_encoder:
         model.encoder.requires_grad_(False)
     if parent and job.init_label:
         parent = job.init_label
     channels_last = cfg.channels_last  # NHWC: faster convolutions on GPUs and in oneDNN on CPUs
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    # Module.to takes memory_format (torch's overloads leave it out when a device is given too)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)  # type: ignore[call-overload]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if cuda else None)
     ema = Ema(model, cfg.ema) if cfg.ema else None
     loss_fn = job.seg_loss or SegLoss(cfg.dice_weight, cfg.ce_weight)
-    state = {"epoch": 0, "step": 0, "best_miou": -1.0, "bad_epochs": 0, "history": [], "images_seen": 0, "elapsed": 0.0}
+    state: TrainState = {
+        "epoch": 0,
+        "step": 0,
+        "best_miou": -1.0,
+        "bad_epochs": 0,
+        "history": [],
+        "images_seen": 0,
+        "elapsed": 0.0,
+    }
     if job.resume:
         ckpt = load_checkpoint(job.out_dir / LAST)
         model.load_state_dict(ckpt["model"])
@@ -263,7 +301,7 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         if ema is not None and "ema" in ckpt:
             ema.module.load_state_dict(ckpt["ema"])
             ema.updates = ckpt["step"]
-        state = {k: ckpt.get(k, v) for k, v in state.items()}
+        state = cast(TrainState, {k: ckpt.get(k, v) for k, v in state.items()})
         parent = ckpt.get("parent")
         started -= state["elapsed"]  # the budget counts the time already spent
         job.log(f"resuming {job.out_dir / LAST} after epoch {state['epoch']} (best val mIoU {state['best_miou']:.4f})")
@@ -273,11 +311,23 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
     net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     forward = torch.compile(net) if cfg.compile else net
 
-    loader = training_loader(dataset, replay, job.replay_ratio, cfg.batch_size, cfg.seed, cfg.num_workers,
-                             pin_memory=cuda, rank=rank, world=world, iters=cfg.iters_per_epoch)
+    loader = training_loader(
+        dataset,
+        replay,
+        job.replay_ratio,
+        batch_size,
+        cfg.seed,
+        cfg.num_workers,
+        pin_memory=cuda,
+        rank=rank,
+        world=world,
+        iters=cfg.iters_per_epoch,
+    )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"{job.data_dirs[0]}: too few images for one batch of train.batch_size={cfg.batch_size} per process")
+        raise ValueError(
+            f"{job.data_dirs[0]}: too few images for one batch of train.batch_size={cfg.batch_size} per process"
+        )
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.bf16 else nullcontext()
@@ -291,18 +341,23 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
     stopped = "completed"
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     kept = ema.module if ema is not None else model  # the weights validated, kept and exported
-    job.log(f"training {steps_per_epoch} steps/epoch x <= {cfg.epochs} epochs, batch {cfg.batch_size} of "
-            f"{settings.data.crop_size}x{settings.data.crop_size}"
-            + (f", budget {cfg.max_minutes:g} min" if cfg.max_minutes else "")
-            + (f", EMA {cfg.ema:g}" if ema is not None else ""))
+    job.log(
+        f"training {steps_per_epoch} steps/epoch x <= {cfg.epochs} epochs, batch {cfg.batch_size} of "
+        f"{settings.data.crop_size}x{settings.data.crop_size}"
+        + (f", budget {cfg.max_minutes:g} min" if cfg.max_minutes else "")
+        + (f", EMA {cfg.ema:g}" if ema is not None else "")
+    )
 
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, EpochBatches)  # training_loader's
     for epoch in range(state["epoch"], cfg.epochs):
         torch.manual_seed(cfg.seed * SEED_STRIDE + epoch + 1_000_003 * rank)  # anything else random (dropout)
-        loader.batch_sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         net.train()
-        n_replayed = loader.batch_sampler.batches.k if replay is not None else 0  # the last rows of each batch
+        # The last rows of each batch (a replay loader's batches are mixed, the others not).
+        n_replayed = sampler.batches.k if isinstance(sampler.batches, MixedBatchSampler) else 0
         if job.freeze_encoder:
-            model.encoder.eval()  # frozen means BatchNorm running statistics too
+            model.get_submodule("encoder").eval()  # frozen means BatchNorm running statistics too
         loss_sum, n_batches, epoch_start = torch.zeros((), device=device), 0, time.monotonic()
         for images, masks in loader:
             # The schedule ends where the budget ends: progress is steps or time, whichever is further.
@@ -337,7 +392,9 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         train_s = time.monotonic() - epoch_start
         loss_mean = mean_over_ranks(float(loss_sum) / max(1, n_batches), control)
         kept.eval()
-        per_dir, val_iou = _validate(kept, job.val_dirs, settings, device) if primary else ([0.0] * len(job.val_dirs), [])
+        per_dir, val_iou = (
+            _validate(kept, job.val_dirs, settings, device) if primary else ([0.0] * len(job.val_dirs), [])
+        )
         per_dir = from_primary(per_dir, control)  # every rank takes the same early-stopping decision
         val_miou = sum(per_dir) / len(per_dir)
         score = job.select(per_dir) if job.select is not None else val_miou
@@ -347,10 +404,13 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
             "epoch": epoch + 1,
             "loss": round(loss_mean, 5),
             "val_miou": round(val_miou, 5),
-            **({"val_per_folder": [round(m, 5) for m in per_dir], "val_score": round(score, 5)}
-               if len(per_dir) > 1 or job.select else {}),
+            **(
+                {"val_per_folder": [round(m, 5) for m in per_dir], "val_score": round(score, 5)}
+                if len(per_dir) > 1 or job.select
+                else {}
+            ),
             "lr": optimizer.param_groups[0]["lr"],
-            "img_per_s": round(n_batches * cfg.batch_size * world / max(train_s, 1e-9), 2),
+            "img_per_s": round(n_batches * batch_size * world / max(train_s, 1e-9), 2),
             "seconds": round(state["elapsed"], 1),
         }
         state["history"].append(record)
@@ -360,13 +420,29 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         if improved:
             state["best_miou"], state["bad_epochs"] = score, 0
             if primary:
-                save_checkpoint(job.out_dir / BEST, {**meta, "model": kept.state_dict(), "epoch": epoch + 1,
-                                                     "val_miou": val_miou, "val_per_class_iou": val_iou})
+                save_checkpoint(
+                    job.out_dir / BEST,
+                    {
+                        **meta,
+                        "model": kept.state_dict(),
+                        "epoch": epoch + 1,
+                        "val_miou": val_miou,
+                        "val_per_class_iou": val_iou,
+                    },
+                )
         else:
             state["bad_epochs"] += 1
         if primary:
-            save_checkpoint(job.out_dir / LAST, {**meta, **state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                 **({"ema": ema.module.state_dict()} if ema is not None else {})})
+            save_checkpoint(
+                job.out_dir / LAST,
+                {
+                    **meta,
+                    **state,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
+                },
+            )
         job.log(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['loss']:.4f}  val mIoU {val_miou:.4f}"
             f"{' *' if improved else '  '}  {record['img_per_s']:6.1f} img/s  {record['seconds']:6.1f}s"
@@ -395,7 +471,9 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
     return result
 
 
-def _validate(model: nn.Module, val_dirs: list[Path], settings: Settings, device: torch.device) -> tuple[list[float], list[float]]:
+def _validate(
+    model: nn.Module, val_dirs: list[Path], settings: Settings, device: torch.device
+) -> tuple[list[float], list[float]]:
     """(mIoU of each folder, per-class IoU averaged over the folders, each folder weighing the same)."""
     scores = [miou_on(model, d, settings, device) for d in val_dirs]
     per_class = torch.tensor([iou for _, iou in scores], dtype=torch.float64).nanmean(0)

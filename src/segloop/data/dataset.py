@@ -5,6 +5,7 @@ Images are PNG/JPEG, grayscale or RGB, any size; masks are single-channel PNG of
 class indices, 255 = ignore. `segloop validate` enforces the contract; the
 loader here assumes a validated folder and fails clearly when it is not one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ class Sample:
     image: Path
     mask: Path | None
 
+    @property
+    def labels(self) -> Path:
+        """The mask of a labelled sample (listed with `require_masks`, the default)."""
+        if self.mask is None:
+            raise FileNotFoundError(f"{self.image}: no mask")
+        return self.mask
+
 
 def list_samples(root: Path, require_masks: bool = True) -> list[Sample]:
     """Pairs of a validated dataset folder, sorted by stem.
@@ -48,11 +56,10 @@ def list_samples(root: Path, require_masks: bool = True) -> list[Sample]:
     samples = []
     for image in images:
         mask = root / MASKS / f"{image.stem}.png"
-        if not mask.is_file():
-            if require_masks:
-                raise FileNotFoundError(f"{mask}: mask missing for {image} (run `segloop validate` first)")
-            mask = None
-        samples.append(Sample(image.stem, image, mask))
+        has_mask = mask.is_file()
+        if not has_mask and require_masks:
+            raise FileNotFoundError(f"{mask}: mask missing for {image} (run `segloop validate` first)")
+        samples.append(Sample(image.stem, image, mask if has_mask else None))
     return samples
 
 
@@ -164,8 +171,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.samples[idx]
         image = tv_tensors.Image(to_tensor(read_image(sample.image, self.channels)))
-        mask = tv_tensors.Mask(torch.from_numpy(read_mask(sample.mask).astype(np.int64)))
+        mask = tv_tensors.Mask(torch.from_numpy(read_mask(sample.labels).astype(np.int64)))
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-

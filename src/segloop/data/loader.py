@@ -7,9 +7,11 @@ augmenting. So an epoch's batches and augmentations do not depend on what ran be
 epochs, or on how many processes share the epoch: under DDP every rank draws the same
 sequence and takes every world-th batch.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator, Sized
+from typing import cast
 
 import torch
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler
@@ -19,6 +21,11 @@ from segloop.data.replay import MixedBatchSampler
 SEED_STRIDE = 100_003  # epoch seeds of different run seeds never collide for < 100,003 epochs
 
 
+def sized(dataset: Dataset) -> Sized:
+    """`dataset` as Sized: torch types Dataset without __len__ (optional there); ours are map-style and have it."""
+    return cast(Sized, dataset)
+
+
 class SeededSamples(Dataset):
     """`dataset` indexed by (index, seed): the seed is set before the sample is read and augmented."""
 
@@ -26,7 +33,7 @@ class SeededSamples(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(sized(self.dataset))
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
@@ -42,7 +49,14 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
     and every rank the same number of them (the remainder of the epoch is dropped).
     """
 
-    def __init__(self, batches: Sampler[list[int]], generator: torch.Generator, seed: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        batches: BatchSampler | MixedBatchSampler,
+        generator: torch.Generator,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.batches, self.generator, self.seed = batches, generator, seed
         self.rank, self.world = rank, world
         self.set_epoch(0)
@@ -64,8 +78,16 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 
 def training_loader(
-    dataset: Dataset, replay: Dataset | None, ratio: float, batch_size: int, seed: int,
-    num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1, iters: int | None = None,
+    dataset: Dataset,
+    replay: Dataset | None,
+    ratio: float,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    rank: int = 0,
+    world: int = 1,
+    iters: int | None = None,
 ) -> DataLoader:
     """One loader for the whole run (workers persist); call `loader.batch_sampler.set_epoch(e)` per epoch.
 
@@ -76,10 +98,12 @@ def training_loader(
     generator = torch.Generator()
     total = None if iters is None else iters * world
     if replay is None:
-        n = len(dataset) // batch_size * batch_size if total is None else total * batch_size
-        batches = BatchSampler(RandomSampler(dataset, num_samples=n, generator=generator), batch_size, drop_last=True)
+        n = len(sized(dataset)) // batch_size * batch_size if total is None else total * batch_size
+        batches: BatchSampler | MixedBatchSampler = BatchSampler(
+            RandomSampler(sized(dataset), num_samples=n, generator=generator), batch_size, drop_last=True
+        )
     else:
-        batches = MixedBatchSampler(len(dataset), len(replay), batch_size, ratio, generator, total)
+        batches = MixedBatchSampler(len(sized(dataset)), len(sized(replay)), batch_size, ratio, generator, total)
         dataset = ConcatDataset([dataset, replay])
     return DataLoader(
         SeededSamples(dataset),

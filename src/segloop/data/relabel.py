@@ -5,6 +5,7 @@ pixels of every other class, past or future, are background (the MiB protocol).
 `relabel` derives such a batch from a fully labelled folder (e.g. the synthetic
 generator's) and leaves the source untouched.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -35,5 +36,5 @@ def relabel(src: Path, out: Path, mapping: dict[int, int]) -> int:
     (out / MASKS).mkdir(parents=True, exist_ok=True)
     for sample in samples:
         shutil.copy2(sample.image, out / IMAGES / sample.image.name)
-        Image.fromarray(lut[read_mask(sample.mask)], mode="L").save(out / MASKS / f"{sample.stem}.png")
+        Image.fromarray(lut[read_mask(sample.labels)], mode="L").save(out / MASKS / f"{sample.stem}.png")
     return len(samples)

@@ -1,4 +1,5 @@
 """Deterministic train/val/test split of a validated dataset folder."""
+
 from __future__ import annotations
 
 import shutil

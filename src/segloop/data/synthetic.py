@@ -6,11 +6,13 @@ alone does not separate classes; texture and shape do. A domain is a
 parameterised change of image statistics applied to the same scene: with the
 same seed, `base` and `fog` hold the same masks and the same layout.
 """
+
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, get_args
+from typing import get_args
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -24,7 +26,7 @@ CLASSES = ("background", "stripes", "checker", "speckle")
 def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Low-frequency noise in [0, 1]: a random grid upsampled bicubically."""
     grid = rng.random((cells, cells)).astype(np.float32)
-    img = Image.fromarray(grid, mode="F").resize((w, h), Image.BICUBIC)
+    img = Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC)
     field = np.asarray(img)
     return (field - field.min()) / max(float(np.ptp(field)), 1e-6)
 
@@ -33,7 +35,7 @@ def _pattern(kind: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
     """A texture in [0, 1] for class `kind` over the full canvas."""
     h, w = yy.shape
     if kind == 0:  # background: blotchy low-frequency noise
-        return _smooth_field(rng, h, w, cells=rng.integers(4, 9))
+        return _smooth_field(rng, h, w, cells=int(rng.integers(4, 9)))
     if kind == 1:  # stripes: fine oriented sine grating
         theta, freq = rng.uniform(0, np.pi), rng.uniform(0.1, 0.17)
         return 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)))
@@ -124,10 +126,13 @@ def _fog(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     h, w = img.shape[:2]
     depth = np.linspace(1.0, 0.3, h)[:, None] + 0.4 * _smooth_field(rng, h, w, cells=4)
     transmission = np.exp(-1.6 * s * depth)[..., None]
-    blurred = np.asarray(
-        Image.fromarray((img * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2 * s)),
-        dtype=np.float32,
-    ) / 255.0
+    blurred = (
+        np.asarray(
+            Image.fromarray((img * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2 * s)),
+            dtype=np.float32,
+        )
+        / 255.0
+    )
     return blurred * transmission + 0.85 * (1 - transmission)
 
 

@@ -1,12 +1,21 @@
 """Validate an incoming dataset folder and quarantine what breaks the contract.
 
 Accepted pairs are copied to the destination; every rejected file is copied to
-the quarantine folder with one JSON line in `reasons.jsonl`. The source folder
+the quarantine folder with one JSON line in `reasons.jsonl` (with the copy's sha256:
+a loop workspace versions that line, not the file's bytes). The source folder
 is only read: nothing in it is moved, deleted or overwritten.
+
+A symbolic link is never followed: it is rejected and quarantined as a link (its
+target is neither read nor copied), dangling or not. Images are checked against
+the size limits later steps need (`data.min_side`, `data.max_pixels`) from their
+header, before any pixel is decoded.
 """
+
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -33,16 +42,23 @@ class ValidationResult:
         return "\n".join(lines)
 
 
-def _open_checked(path: Path) -> Image.Image:
-    """Fully decode an image (truncation only shows on load) or raise."""
-    img = Image.open(path)
-    img.load()
-    return img
+@dataclass(frozen=True)
+class SizeLimits:
+    """What later steps can handle: every side at least `min_side`, at most `max_pixels` pixels."""
+
+    min_side: int = 1
+    max_pixels: int | None = None
 
 
-def _check_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+def _check_image(path: Path, limits: SizeLimits = SizeLimits()) -> tuple[str | None, tuple[int, int] | None]:
     try:
-        with _open_checked(path) as img:
+        with Image.open(path) as img:
+            w, h = img.size  # from the header: an oversized image is refused before it is decoded
+            if limits.max_pixels is not None and w * h > limits.max_pixels:
+                return f"image too large: {w}x{h} = {w * h} pixels > data.max_pixels {limits.max_pixels}", None
+            if min(w, h) < limits.min_side:
+                return f"image too small: {w}x{h}, a side below data.min_side {limits.min_side}", None
+            img.load()  # truncation only shows on load
             if img.mode not in IMAGE_MODES:
                 return f"unsupported image mode {img.mode}", None
             return None, img.size
@@ -52,11 +68,12 @@ def _check_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
 
 def _check_mask(path: Path, size: tuple[int, int], num_classes: int) -> str | None:
     try:
-        with _open_checked(path) as img:
+        with Image.open(path) as img:
             if img.mode not in MASK_MODES:
                 return f"mask not single-channel (mode {img.mode}, {len(img.getbands())} bands)"
-            if img.size != size:
+            if img.size != size:  # from the header: a mismatched (maybe huge) mask is never decoded
                 return f"image/mask size mismatch: image {size[0]}x{size[1]}, mask {img.size[0]}x{img.size[1]}"
+            img.load()
             values = np.unique(np.asarray(img))
     except Exception as err:
         return f"unreadable mask: {type(err).__name__}: {err}"
@@ -69,8 +86,15 @@ def _check_mask(path: Path, size: tuple[int, int], num_classes: int) -> str | No
 def _by_stem(folder: Path, suffixes: set[str], result: ValidationResult, kind: str) -> dict[str, Path]:
     """Files of `folder` keyed by stem; unsupported types and duplicate stems are rejected."""
     groups: dict[str, list[Path]] = defaultdict(list)
-    if folder.is_dir():
-        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    if folder.is_symlink():
+        result.rejected.append(_link(folder))
+    elif folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.is_symlink():
+                result.rejected.append(_link(path))
+                continue
+            if not path.is_file():
+                continue
             if path.suffix.lower() in suffixes:
                 groups[path.stem].append(path)
             else:
@@ -86,27 +110,38 @@ def _by_stem(folder: Path, suffixes: set[str], result: ValidationResult, kind: s
     return unique
 
 
-def check_folder(src: Path, num_classes: int) -> ValidationResult:
-    """Check every pair in `src` without writing anything."""
+def _link(path: Path) -> dict:
+    return {"file": str(path), "reason": f"symbolic link (-> {os.readlink(path)}) not followed", "link": True}
+
+
+def check_folder(
+    src: Path, num_classes: int, limits: SizeLimits = SizeLimits(), allow_empty: bool = False
+) -> ValidationResult:
+    """Check every pair in `src` without writing anything.
+
+    An empty folder is an error (a mistyped path, most likely) unless `allow_empty`.
+    """
+    if src.is_symlink():
+        raise ValueError(f"{src}: a symbolic link; a dataset folder must be a real folder (links are never followed)")
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: folder does not exist")
     result = ValidationResult()
     images = _by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image")
     masks = _by_stem(src / MASKS, MASK_SUFFIXES, result, "mask")
-    if not images and not masks and not result.rejected:
+    if not images and not masks and not result.rejected and not allow_empty:
         raise ValueError(f"{src}: empty folder (expected {IMAGES}/ and {MASKS}/ with files paired by stem)")
     for stem in sorted(set(masks) - set(images)):
         result.rejected.append({"file": str(masks[stem]), "reason": "image missing for mask"})
     for stem, image in sorted(images.items()):
         mask = masks.get(stem)
-        reason, size = _check_image(image)
+        reason, size = _check_image(image, limits)
         if reason is None and mask is None:
             reason = "mask missing"
-        if reason is None:
+        if reason is None and mask is not None and size is not None:  # no reason yet: both are there
             reason = _check_mask(mask, size, num_classes)
-        if reason is None:
-            result.accepted.append((image, mask))
-            continue
+            if reason is None:
+                result.accepted.append((image, mask))
+                continue
         result.rejected.append({"file": str(image), "reason": reason})
         if mask is not None:
             result.rejected.append({"file": str(mask), "reason": f"pair rejected: {reason}"})
@@ -114,22 +149,30 @@ def check_folder(src: Path, num_classes: int) -> ValidationResult:
 
 
 def _copy_new(src: Path, dst: Path) -> Path:
-    """Copy without ever overwriting: a taken name gets a numeric suffix."""
+    """Copy without ever overwriting: a taken name gets a numeric suffix. A link is copied
+    as a link (its target is never read)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     candidate, k = dst, 1
-    while candidate.exists():
+    while os.path.lexists(candidate):
         candidate = dst.with_name(f"{dst.stem}.{k}{dst.suffix}")
         k += 1
-    shutil.copy2(src, candidate)
+    shutil.copy2(src, candidate, follow_symlinks=False)
     return candidate
 
 
-def validate_folder(src: Path, out: Path, quarantine: Path, num_classes: int) -> ValidationResult:
+def validate_folder(
+    src: Path,
+    out: Path,
+    quarantine: Path,
+    num_classes: int,
+    limits: SizeLimits = SizeLimits(),
+    allow_empty: bool = False,
+) -> ValidationResult:
     """Copy accepted pairs of `src` to `out`, rejected files to `quarantine` with reasons."""
     src, out, quarantine = Path(src), Path(out), Path(quarantine)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: destination exists and is not empty; refusing to overwrite")
-    result = check_folder(src, num_classes)
+    result = check_folder(src, num_classes, limits, allow_empty)
     for image, mask in result.accepted:
         _copy_new(image, out / IMAGES / image.name)
         _copy_new(mask, out / MASKS / f"{mask.stem}.png")  # the loader expects lower-case .png
@@ -139,5 +182,6 @@ def validate_folder(src: Path, out: Path, quarantine: Path, num_classes: int) ->
         for item in result.rejected:
             path = Path(item["file"])
             kept = _copy_new(path, quarantine / path.parent.name / path.name)
-            log.write(json.dumps({**item, "quarantined_as": str(kept)}) + "\n")
+            digest = {} if kept.is_symlink() else {"sha256": hashlib.sha256(kept.read_bytes()).hexdigest()}
+            log.write(json.dumps({**item, "quarantined_as": str(kept), **digest}) + "\n")
     return result

@@ -23,6 +23,7 @@ Score: the smallest Bonferroni-adjusted p-value (lower = stronger evidence); wit
 Performance drift (labelled batches only) is reported separately: the champion's mIoU
 on the batch is more than `drift.max_quality_drop` below its held-out mIoU.
 """
+
 from __future__ import annotations
 
 import json
@@ -117,7 +118,9 @@ def decide(pvalues: dict[str, float], mmd_pvalue: float | None, cfg: DriftSettin
     )
 
 
-def table_pvalues_and_mmd(ref, cur, cfg: DriftSettings) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict | None]:
+def table_pvalues_and_mmd(
+    ref, cur, cfg: DriftSettings
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict | None]:
     """Columns to test for two FeatureTables (embedding PCs added) and the MMD result."""
     ref_cols, cur_cols = dict(ref.columns), dict(cur.columns)
     mmd = None
@@ -126,11 +129,23 @@ def table_pvalues_and_mmd(ref, cur, cfg: DriftSettings) -> tuple[dict[str, np.nd
         for i in range(ref_pc.shape[1]):
             ref_cols[f"{EMB_PREFIX}{i:02d}"], cur_cols[f"{EMB_PREFIX}{i:02d}"] = ref_pc[:, i], cur_pc[:, i]
         stat, p = mmd_permutation_test(ref_pc, cur_pc, cfg.mmd_permutations)
-        mmd = {"test": "mmd_rbf_permutation", "components": ref_pc.shape[1], "mmd2": stat, "p_value": p, "permutations": cfg.mmd_permutations}
+        mmd = {
+            "test": "mmd_rbf_permutation",
+            "components": ref_pc.shape[1],
+            "mmd2": stat,
+            "p_value": p,
+            "permutations": cfg.mmd_permutations,
+        }
     return ref_cols, cur_cols, mmd
 
 
-def evidently_report(ref_cols: dict[str, np.ndarray], cur_cols: dict[str, np.ndarray], column_alpha: float, min_drifted_columns: int, stat_test: str):
+def evidently_report(
+    ref_cols: dict[str, np.ndarray],
+    cur_cols: dict[str, np.ndarray],
+    column_alpha: float,
+    min_drifted_columns: int,
+    stat_test: str,
+):
     """Run Evidently's DataDriftPreset over every column at the corrected per-column level.
 
     Returns (snapshot, p-values by column read back from the snapshot). Evidently's
@@ -171,16 +186,26 @@ class QualityCheck:
     max_drop: float | None = None
 
 
-def quality_check(batch_miou: float | None, champion_miou: float | None, max_drop: float, reason: str = "") -> QualityCheck:
+def quality_check(
+    batch_miou: float | None, champion_miou: float | None, max_drop: float, reason: str = ""
+) -> QualityCheck:
     """Performance drift when the champion loses more than `max_drop` mIoU on the batch."""
     if batch_miou is None or champion_miou is None:
         return QualityCheck(None, reason or "not checked")
     drop = champion_miou - batch_miou
-    return QualityCheck(drop > max_drop, f"mIoU drop {drop:+.4f} vs allowed {max_drop}", batch_miou, champion_miou, drop, max_drop)
+    return QualityCheck(
+        drop > max_drop, f"mIoU drop {drop:+.4f} vs allowed {max_drop}", batch_miou, champion_miou, drop, max_drop
+    )
 
 
 def drift_record(
-    decision: DataDriftDecision, quality: QualityCheck, method: str, n_reference: int, n_current: int, cfg: DriftSettings, extra: dict
+    decision: DataDriftDecision,
+    quality: QualityCheck,
+    method: str,
+    n_reference: int,
+    n_current: int,
+    cfg: DriftSettings,
+    extra: dict,
 ) -> dict:
     """The drift.json payload: flat headline keys first (DVC metrics), details after."""
     return {

@@ -5,8 +5,10 @@ Evidently report, apply the decision rule (segloop.drift.decision), and, for a l
 batch with a champion, the quality-drop check. Logging the two files to MLflow / DVC is
 the caller's business.
 """
+
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from segloop.config import DriftSettings, EvalSettings
@@ -72,9 +74,17 @@ def detect_drift(
     n_ref = check_batch_folder(reference_dir, cfg.min_images, "reference")
     n_cur = check_batch_folder(current_dir, cfg.min_images, "current")
     channels = champion.channels if champion is not None else channels
-    kw = dict(channels=channels, champion=champion, cache_dir=cache_dir, crop=cfg.model_crop, batch_size=cfg.batch_size, progress=progress)
-    ref = featurise_folder(reference_dir, **kw)
-    cur = featurise_folder(current_dir, **kw)
+    featurise = partial(
+        featurise_folder,
+        channels=channels,
+        champion=champion,
+        cache_dir=cache_dir,
+        crop=cfg.model_crop,
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )
+    ref = featurise(reference_dir)
+    cur = featurise(current_dir)
 
     ref_cols, cur_cols, mmd = table_pvalues_and_mmd(ref, cur, cfg)
     w = cfg.embedding_alpha_share if mmd is not None else 0.0
@@ -106,7 +116,7 @@ def detect_drift(
             held_out = champion_miou if champion_miou is not None else champion.held_out_miou
             quality = quality_check(metrics["miou"], held_out, cfg.max_quality_drop)
 
-    if champion is None:
+    if champion is None or mmd is None:  # a champion gives embeddings, and so the MMD test
         method = f"{cfg.stat_test} per column over image statistics only (no champion given); Bonferroni"
     else:
         method = (

@@ -13,6 +13,7 @@ Tables are cached per dataset under a key made of every file's hash, the model
 version and the feature settings, so the reference is featurised once per champion.
 Masks are never read. No Evidently here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,10 +21,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -186,9 +187,12 @@ def champion_view(champion: Champion, images: np.ndarray, crop: int | None) -> t
     x = u8.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
     # Calling encoder, decoder and head ourselves (every SMP model has the three) gives the
     # pooled embedding and the logits from one forward pass (input_norm: the model's first step).
-    features = model.encoder(_pad_to_stride(model.input_norm(x)))
+    encoder, decoder, head, norm = (
+        model.get_submodule(name) for name in ("encoder", "decoder", "segmentation_head", "input_norm")
+    )
+    features = encoder(_pad_to_stride(norm(x)))
     embeddings = features[-1].mean(dim=(2, 3))
-    logits = model.segmentation_head(model.decoder(features))[..., :h, :w].float()
+    logits = head(decoder(features))[..., :h, :w].float()
     probs = logits.softmax(1)
     k = probs.shape[1]
     confidence, predicted = probs.max(1)  # (N, h, w): max softmax and its class (the argmax)
@@ -222,7 +226,9 @@ class FeatureTable:
         return pd.DataFrame(self.columns, index=self.stems)
 
 
-def featurise_arrays(images: list[np.ndarray], champion: Champion | None, crop: int | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def featurise_arrays(
+    images: list[np.ndarray], champion: Champion | None, crop: int | None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Features of in-memory images (H, W, C) uint8 (sizes may differ).
 
     Returns (columns name -> (N,) float64, embeddings (N, D) float32 or None).
@@ -261,11 +267,14 @@ def _decoded(chunks: list[list], channels: int) -> Iterator[list[np.ndarray]]:
     this batch's features (a thread, not DataLoader worker processes: nothing to pickle
     or start). At most two chunks are in memory; a read error surfaces in order.
     """
+
     def read(chunk):
         return [_read(s.image, channels) for s in chunk]
 
+    if not chunks:
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segloop-decode") as pool:
-        pending = pool.submit(read, chunks[0]) if chunks else None
+        pending = pool.submit(read, chunks[0])
         for i in range(len(chunks)):
             images = pending.result()
             if i + 1 < len(chunks):
@@ -274,7 +283,13 @@ def _decoded(chunks: list[list], channels: int) -> Iterator[list[np.ndarray]]:
 
 
 def _cache_key(files: list[tuple[str, str]], model_id: str | None, channels: int, crop: int | None) -> str:
-    spec = {"version": FEATURE_VERSION, "model": model_id, "channels": channels, "crop": crop if model_id else None, "files": files}
+    spec = {
+        "version": FEATURE_VERSION,
+        "model": model_id,
+        "channels": channels,
+        "crop": crop if model_id else None,
+        "files": files,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -287,7 +302,8 @@ def _save(path: Path, table: FeatureTable) -> None:
     meta = {"stems": table.stems, "model_id": table.model_id, "key": table.key, **table.meta}
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            # numpy's stub reads **arrays as maybe allow_pickle (a bool): names here are "col:*"/"embeddings"
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)  # atomic: a crash never leaves a torn cache entry
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -324,7 +340,9 @@ def featurise_folder(
         raise FileNotFoundError(f"{folder}: folder not found")
     samples = list_samples(folder, require_masks=False)
     if len(samples) < min_images:
-        raise ValueError(f"{folder}: {len(samples)} images, drift detection needs at least {min_images} (drift.min_images)")
+        raise ValueError(
+            f"{folder}: {len(samples)} images, drift detection needs at least {min_images} (drift.min_images)"
+        )
     if champion is not None and champion.channels != channels:
         raise ValueError(f"champion expects {champion.channels} channels, features asked for {channels}")
     files = [(s.stem, file_sha256(s.image)) for s in samples]

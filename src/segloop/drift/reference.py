@@ -5,6 +5,7 @@ like any dataset) with `reference.json`: source folder, seed, model version and 
 file's stem and hash, so anyone can check what the champion is compared against. When
 the champion changes, a new reference is built from its training data.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ from segloop.drift.features import file_sha256
 REFERENCE_FILE = "reference.json"
 
 
-def build_reference(train_dir: Path, n: int, seed: int, out: Path, model_id: str | None = None, model_path: str | None = None) -> dict:
+def build_reference(
+    train_dir: Path, n: int, seed: int, out: Path, model_id: str | None = None, model_path: str | None = None
+) -> dict:
     """Copy a seeded sample of min(n, available) images of `train_dir` to `out/images/`
     and write `out/reference.json`. The same (files, n, seed) always gives the same sample.
     Refuses a non-empty `out` (a reference is never silently replaced)."""

@@ -1,0 +1,63 @@
+"""The loop's policy without training: when a step trains, which domains are weak."""
+
+from pathlib import Path
+
+from segloop.loop import Workspace, fold_step, learnt_domains, update_reason
+from segloop.records import LoopState, StepRecord
+
+WS = Workspace(Path("/ws"), Path("/ws/incoming"))
+CHAMP = ("3", Path("/ws/models/x/best.pt"))
+NO_DRIFT = {"drift": False}
+
+
+def promoted(batch: str, domain: str, after: dict[str, float]) -> StepRecord:
+    return StepRecord(
+        batch,
+        domain,
+        "t",
+        10,
+        0,
+        updated=True,
+        promoted=True,
+        candidate_version="4",
+        champion_version="4",
+        miou_after=after,
+    )
+
+
+def test_a_weak_domain_is_trained_on_at_its_next_batch_until_the_champion_is_good_there():
+    state = fold_step(LoopState(), WS, promoted("00-base", "base", {"base": 0.90}), "replay/00-base", 0.8)
+    assert learnt_domains(state) == ["base"] and state.weak == []
+    # fog promoted at 0.55 < 0.8 x 0.90: learnt (protected from now on) but weak
+    state = fold_step(state, WS, promoted("01-fog", "fog", {"base": 0.89, "fog": 0.55}), "replay/01-fog", 0.8)
+    assert learnt_domains(state) == ["base", "fog"] and state.weak == ["fog"]
+    assert update_reason(CHAMP, NO_DRIFT, state, "fog").startswith("domain fog weak")
+    assert update_reason(CHAMP, NO_DRIFT, state, "base") == ""  # learnt, no drift: the champion serves it
+    assert update_reason(CHAMP, {"drift": True}, state, "base") == "drift"
+    assert update_reason(None, None, state, "fog") == "bootstrap"
+    # the second fog update reaches the bar: no longer weak, its next batch needs drift to train
+    state = fold_step(state, WS, promoted("02-fog", "fog", {"base": 0.89, "fog": 0.80}), "replay/02-fog", 0.8)
+    assert state.weak == [] and update_reason(CHAMP, NO_DRIFT, state, "fog") == ""
+    # a later promotion that lets fog slip under the bar makes it weak again
+    state = fold_step(state, WS, promoted("03-noise", "noise", {"base": 0.90, "fog": 0.70, "noise": 0.8}), "r", 0.8)
+    assert state.weak == ["fog"]
+
+
+def test_a_refused_domain_is_trained_on_at_its_next_batch_without_drift():
+    state = fold_step(LoopState(), WS, promoted("00-base", "base", {"base": 0.90}), "replay/00-base", 0.8)
+    refused = StepRecord(
+        "01-fog",
+        "fog",
+        "t",
+        10,
+        0,
+        updated=True,
+        promoted=False,
+        champion_version="4",
+        miou_after={"base": 0.90, "fog": 0.2},
+        kept_in_pool=True,
+    )
+    state = fold_step(state, WS, refused, None, 0.8)
+    assert state.pool == {"fog": ["batches/01-fog/split/train"]} and learnt_domains(state) == ["base"]
+    assert update_reason(CHAMP, NO_DRIFT, state, "fog").startswith("domain fog not learnt yet")
+    assert update_reason(CHAMP, NO_DRIFT, state, "noise") == ""  # never met, no drift: nothing says it is needed
