@@ -153,7 +153,9 @@ def run_seed(
                 **rec.to_dict(),
                 "audit_before": before_audit,
                 "audit_after": champion_audit,
-                "learnt_after": list(loop.read_state(ws).trained_domains),
+                # learnt: trained on by a promoted champion, or covered untrained (LoopState.covered)
+                "learnt_after": loop.learnt_domains(loop.read_state(ws)) or [],
+                "covered_after": loop.read_state(ws).covered,
                 "weak_after": loop.read_state(ws).weak,
                 "seconds": round(time.monotonic() - t0, 1),
             }
@@ -215,7 +217,7 @@ def partial_seed(root: Path, seed: int, overrides: list[str], n_audit: int) -> d
                 **rec.to_dict(),
                 "audit_before": before,
                 "audit_after": champion_audit,
-                "learnt_after": learnt,
+                "learnt_after": learnt,  # promotions only: what was covered is not in the records
                 "seconds": None,
             }
         )
@@ -262,6 +264,7 @@ def seed_metrics(result: dict) -> dict:
                 "arrival": arrivals[target],
                 "updated": s["updated"],
                 "promoted": s["promoted"],
+                "covered": target in s.get("covered_after", []),  # not trained: the champion already segments it
                 "learnt_after": target in s["learnt_after"],
                 "first_failed": next((r for r in s["reasons"] if r.startswith("FAIL")), None),
                 "target_gain": round(cand[target] - before[target], 4) if cand else None,
@@ -289,6 +292,7 @@ def seed_metrics(result: dict) -> dict:
     return {
         "shifted": shifted,
         "first_arrival_promoted": round(sum(x["promoted"] for x in firsts) / max(1, len(firsts)), 4),
+        "first_arrival_learnt": round(sum(x["learnt_after"] for x in firsts) / max(1, len(firsts)), 4),
         "second_arrival_learnt": round(sum(second.values()) / len(second), 4) if second else None,
         "worst_audit_change_on_learnt": round(min(audit_changes), 4) if audit_changes else None,
         "final_audit_mean": round(mean, 4),
@@ -304,6 +308,7 @@ def seed_metrics(result: dict) -> dict:
 def summarise(metrics: list[dict]) -> dict:
     keys = [
         "first_arrival_promoted",
+        "first_arrival_learnt",
         "second_arrival_learnt",
         "worst_audit_change_on_learnt",
         "mean_vs_joint",
@@ -343,6 +348,8 @@ def goals(metrics: list[dict]) -> dict:
 
     return {
         "first_arrival_promoted>=90%": every(lambda m: m["first_arrival_promoted"] >= GOALS["first_arrival_promoted"]),
+        # the same bar, counting a domain the champion already covers without training as learnt
+        "first_arrival_learnt>=90%": every(lambda m: m["first_arrival_learnt"] >= GOALS["first_arrival_promoted"]),
         "second_arrival_learnt=100%": every(lambda m: m["second_arrival_learnt"] in (None, 1.0)),
         "audit_forgetting<=2pts": every(
             lambda m: (m["worst_audit_change_on_learnt"] or 0.0) >= -GOALS["max_audit_forgetting"]

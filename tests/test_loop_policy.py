@@ -61,3 +61,25 @@ def test_a_refused_domain_is_trained_on_at_its_next_batch_without_drift():
     assert state.pool == {"fog": ["batches/01-fog/split/train"]} and learnt_domains(state) == ["base"]
     assert update_reason(CHAMP, NO_DRIFT, state, "fog").startswith("domain fog not learnt yet")
     assert update_reason(CHAMP, NO_DRIFT, state, "noise") == ""  # never met, no drift: nothing says it is needed
+
+
+def test_a_domain_the_champion_already_segments_is_covered_protected_and_not_retrained():
+    state = fold_step(LoopState(), WS, promoted("00-base", "base", {"base": 0.90}), "replay/00-base", 0.8)
+    # lowlight drifts (its images look new) but the champion's mIoU held on it: no update
+    lowlight_drift = {"drift": True, "data_drift": True, "performance_drift": False}
+    assert update_reason(CHAMP, lowlight_drift, state, "lowlight") == ""
+    assert update_reason(CHAMP, {**lowlight_drift, "performance_drift": True}, state, "lowlight") == "drift"
+    assert (
+        update_reason(CHAMP, {**lowlight_drift, "performance_drift": None}, state, "lowlight") == "drift"
+    )  # no labels
+    seen = StepRecord(
+        "01-lowlight", "lowlight", "t", 10, 0, champion_version="4", miou_after={"base": 0.9, "lowlight": 0.8}
+    )
+    state = fold_step(state, WS, seen, None, 0.8)
+    # 0.80 >= 0.8 x 0.90: covered, so the gate protects it and a later batch needs drift to train
+    assert state.covered == ["lowlight"] and learnt_domains(state) == ["base", "lowlight"]
+    assert update_reason(CHAMP, NO_DRIFT, state, "lowlight") == ""
+    # a promotion (of fog) after which the champion falls under the bar on lowlight: no longer covered
+    state = fold_step(state, WS, promoted("02-fog", "fog", {"base": 0.9, "lowlight": 0.6, "fog": 0.8}), "r", 0.8)
+    assert state.covered == [] and learnt_domains(state) == ["base", "fog"]
+    assert update_reason(CHAMP, NO_DRIFT, state, "lowlight").startswith("domain lowlight not learnt yet")

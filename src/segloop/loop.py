@@ -571,10 +571,13 @@ def update_reason(champ: tuple[str, Path] | None, drift: dict | None, state: Loo
     if champ is None:
         return "bootstrap"
     if drift and drift["drift"]:
-        return "drift"
+        # Labels outrank features: data drift on which the champion's mIoU held (no performance
+        # drop) is images that look new but that it already segments; an update could only
+        # match it (the gate's min_gain refuses that) at the cost of a training run.
+        return "" if drift.get("performance_drift") is False else "drift"
     if domain in state.weak:
         return f"domain {domain} weak (under continual.learnt_ratio of the best domain)"
-    if domain in state.heldout and domain not in state.trained_domains:
+    if domain in state.heldout and domain not in state.trained_domains and domain not in state.covered:
         return f"domain {domain} not learnt yet (its last update was refused)"
     return ""
 
@@ -684,9 +687,10 @@ def held_out_sets(ws: Workspace, batch: BatchInfo) -> dict[str, Path]:
 
 
 def learnt_domains(state: LoopState) -> list[str] | None:
-    """The domains the gate protects: those a promoted champion was trained on. None (protect
-    every domain) for a champion made outside the loop, whose training data is unknown here."""
-    return list(state.trained_domains) if state.trained_domains else None
+    """The domains the gate protects: those a promoted champion was trained on, and those it
+    covers untrained (LoopState.covered). None (protect every domain) for a champion made
+    outside the loop, whose training data is unknown here."""
+    return [*state.trained_domains, *state.covered] if state.trained_domains else None
 
 
 def gate_candidate(ws: Workspace, batch: BatchInfo, version: str, settings: Settings) -> dict:
@@ -753,18 +757,24 @@ def fold_step(
     """state.json after the step: the domain's held-out set known; a promotion makes the domain
     learnt (its pool is now in the champion) and marks weak every learnt domain under
     `learnt_ratio` of the best one's held-out mIoU; a refusal keeps the batch's training split
-    in its domain's pool for the next update of that domain."""
+    in its domain's pool for the next update of that domain. Every step re-marks covered the
+    untrained domains the champion reaches that bar on."""
     b, domain, train = record.batch, record.domain, ws.rel(ws.split(record.batch, "train"))
     state.heldout.setdefault(domain, ws.rel(ws.split(b, "test")))
     if record.promoted:
         state.trained_domains.setdefault(domain, train)
         state.champion_batch, state.replay = b, replay
         state.pool.pop(domain, None)
-        scores = record.miou_after
-        best = max((scores[d] for d in state.trained_domains if d in scores), default=0.0)
-        state.weak = [d for d in state.trained_domains if d in scores and scores[d] < learnt_ratio * best]
     elif record.kept_in_pool:
         state.pool.setdefault(domain, []).append(train)
+    scores = record.miou_after
+    if scores and state.trained_domains:  # the bar, from the champion's scores after this step
+        best = max((scores[d] for d in state.trained_domains if d in scores), default=0.0)
+        bar = learnt_ratio * best
+        if record.promoted:
+            state.weak = [d for d in state.trained_domains if d in scores and scores[d] < bar]
+        untrained = [d for d in state.heldout if d not in state.trained_domains and d in scores]
+        state.covered = [d for d in untrained if scores[d] >= bar]
     if record.champion_version is not None:
         state.champion = record.champion_version
         state.scores.setdefault(record.champion_version, {}).update(record.miou_after)
@@ -799,6 +809,8 @@ def summary_line(rec: StepRecord) -> str:
         ]
     if rec.update_reason.startswith("domain"):  # trained without drift
         parts.append(rec.update_reason)
+    if d is not None and d["drift"] and not rec.updated and d["performance_drift"] is False:
+        parts.append("the champion's mIoU held on it")
     if rec.updated:
         pooled = f" (+{len(rec.pooled)} pooled batch{'es' if len(rec.pooled) > 1 else ''})" if rec.pooled else ""
         parts.append(f"v{rec.candidate_version}{pooled} " + ("promoted" if rec.promoted else "rejected"))

@@ -54,6 +54,9 @@ class LoopState:
     The gate protects these only. `weak`: those of them where the champion's held-out mIoU
     is under `continual.learnt_ratio` of its best domain's (set at each promotion): learnt
     a little, so the next labelled batch of the domain is trained on, drift or not.
+    `covered`: domains never trained on where the champion's held-out mIoU already reaches
+    that bar (it generalises there): protected by the gate like learnt ones, and not
+    trained on without drift.
     `heldout`: every domain's held-out set, learnt or not.
     `pool`: labelled training splits of batches whose update was refused, per domain;
     the next update on that domain trains on them too, so no labelled data is wasted.
@@ -64,6 +67,7 @@ class LoopState:
     champion_batch: str | None = None
     trained_domains: dict[str, str] = field(default_factory=dict)
     weak: list[str] = field(default_factory=list)
+    covered: list[str] = field(default_factory=list)
     heldout: dict[str, str] = field(default_factory=dict)
     replay: str | None = None
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
