@@ -10,7 +10,7 @@ This module decides nothing about promotion.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +41,17 @@ def count_parameters(model: torch.nn.Module) -> int:
 def distill(
     settings: Settings,
     teacher: Path,
-    data: Path,
+    data: Path | Sequence[Path],
     out: Path,
     val: Path | None = None,
     label: str | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     **hooks: Any,
 ) -> TrainResult:
-    """Train the student `distill.student` on `data` from `teacher` (a checkpoint) and the labels;
-    write `out` like `train` does (best.pt is the student). `label` names the teacher in the
-    checkpoint (e.g. a models:/ ref rather than a downloaded copy's path). `hooks`: `train` options
-    (`on_epoch`)."""
+    """Train the student `distill.student` on `data` (several folders: concatenated) from `teacher`
+    (a checkpoint) and the labels; write `out` like `train` does (best.pt is the student). `label`
+    names the teacher in the checkpoint (e.g. a models:/ ref rather than a downloaded copy's path).
+    `hooks`: `train` options (`on_epoch`, `clock`)."""
     d = settings.distill
     check_model_settings(d.student, "distill.student")
     ckpt = load_checkpoint(teacher)
@@ -105,7 +105,7 @@ def prune_model(model: torch.nn.Module, ratio: float, channels: int, size: int) 
 def prune(
     settings: Settings,
     model_path: Path,
-    data: Path,
+    data: Path | Sequence[Path],
     out: Path,
     val: Path | None = None,
     ratio: float | None = None,
@@ -115,7 +115,7 @@ def prune(
 ) -> TrainResult:
     """Prune `model_path` by `ratio` (default `prune.ratio`), write `out/pruned.pt`, then fine-tune
     it on `data` for `prune.epochs` at `prune.lr` (best.pt is the result). `label` names the source
-    model in the checkpoints; `hooks`: `train` options (`on_epoch`)."""
+    model in the checkpoints; `hooks`: `train` options (`on_epoch`, `clock`)."""
     p = settings.prune
     ratio = p.ratio if ratio is None else ratio
     if not 0.0 < ratio < 1.0:
