@@ -226,3 +226,18 @@ def test_out_of_range_settings_name_their_key(tmp_path, params, teacher, base_da
     for key, value in (("distill.alpha", "2"), ("distill.temperature", "0"), ("prune.ratio", "1")):
         assert main(["distill", "--params", str(params), "--set", f"{key}={value}", *argv]) == 2
         assert f"\n  {key}: Input should be" in capsys.readouterr().err
+
+
+def test_pruned_model_registers_and_teaches_by_its_models_ref(tmp_path, tracked_raw, teacher, base_data, capsys):
+    """`--register` adds the pruned model as a version; `distill --teacher models:/NAME/1` resolves it
+    (as `update --parent` does) and the student names it."""
+    raw = {**tracked_raw, **{k: {**tracked_raw.get(k, {}), **v} for k, v in FAST.items()}}
+    params = tmp_path / "tracked.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    common = ["--params", str(params), "--data", str(base_data)]
+    assert main(["prune", *common, "--model", str(teacher), "--out", str(tmp_path / "p"), "--register", "small"]) == 0
+    assert json.loads((tmp_path / "p" / "registered.json").read_text())["version"] == "1"
+    assert main(["distill", *common, "--teacher", "models:/small/1", "--out", str(tmp_path / "s")]) == 0
+    student = load_checkpoint(tmp_path / "s" / "best.pt")
+    assert student["teacher"] == "models:/small/1 (version 1)" and "widths" not in student
+    capsys.readouterr()
