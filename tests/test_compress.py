@@ -166,26 +166,40 @@ def test_prune_finetunes_a_smaller_model_that_loads_without_torch_pruning(tmp_pa
     accepted_by_every_step(out / "best.pt", params, base_data, tmp_path, capsys)
 
 
-def test_ort_file_matches_eager(tmp_path, params, teacher, capsys):
+def test_ort_files_match_eager(tmp_path, params, teacher, base_data, capsys):
     out = tmp_path / "m.ort"
-    assert main(["export", "--params", str(params), "--model", str(teacher), "--format", "ort", "--out", str(out)]) == 0
-    assert "ort" in capsys.readouterr().out
+    argv = [
+        "--model",
+        str(teacher),
+        "--format",
+        "ort",
+        "--out",
+        str(out),
+        "--quantize",
+        "int8",
+        "--calib",
+        str(base_data),
+    ]
+    assert main(["export", "--params", str(params), *argv]) == 0
+    assert f"converted to ONNX Runtime's mobile format: {out}, {tmp_path / 'm.int8.ort'}" in capsys.readouterr().out
     report = json.loads((tmp_path / "m.ort.parity.json").read_text())
     assert report["format"] == "ort" and report["fp32"]["file"] == str(out) and report["fp32"]["within_tolerance"]
-    # ONNX Runtime's own session on the .ort file, independently of segloop's backend
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert json.loads(session.get_modelmeta().custom_metadata_map["segloop.classes"]) == [
-        "background",
-        "stripes",
-        "checker",
-        "speckle",
-    ]
+    assert (
+        report["int8"]["file"] == str(tmp_path / "m.int8.ort") and report["int8"]["bytes"] < report["fp32"]["bytes"] / 3
+    )
     model, _ = load_model(teacher)
     x = torch.rand(2, 3, 64, 96)
     with torch.no_grad():
         expected = model(x).numpy()
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(got - expected).max() < 1e-3  # export.tolerance
+    # ONNX Runtime's own sessions on the .ort files, independently of segloop's backend
+    for path, tolerance in ((out, 1e-3), (tmp_path / "m.int8.ort", None)):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        assert json.loads(meta["segloop.classes"]) == ["background", "stripes", "checker", "speckle"]
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == expected.shape
+        if tolerance is not None:
+            assert np.abs(got - expected).max() < tolerance  # export.tolerance
 
 
 @pytest.mark.parametrize(
