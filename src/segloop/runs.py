@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from segloop.config import Settings
 from segloop.train import TrainResult
@@ -131,7 +131,7 @@ def update_step(
 
 def compress_step(
     settings: Settings,
-    kind: str,
+    kind: Literal["distill", "prune"],
     source: str,
     data: Path,
     out: Path,
