@@ -10,7 +10,7 @@ and the pruned model is `segloop prune` of it (`prune.ratio`, `prune.epochs` of 
 on the same data. Training budgets count CPU seconds of this process (a shared machine
 gives every model the same compute whatever else runs).
 
-    python benchmarks/compress.py [--model REF] [--minutes M] [--threads N] [--quick]
+    python benchmarks/compress.py [--model REF] [--minutes M] [--n N] [--threads T] [--set KEY=VALUE] [--quick]
 
 Writes reports/bench/compress.json and compress.png (work files in reports/bench/compress_work).
 """
@@ -31,7 +31,7 @@ from infer_speed import cpu_name, time_rounds  # benchmarks/ (this script's fold
 
 from segloop.checkpoint import load_model
 from segloop.compress import count_parameters, distill, prune
-from segloop.config import Settings, settings_from_dict
+from segloop.config import Settings, apply_override, settings_from_dict
 from segloop.data.dataset import list_samples, read_image, to_tensor
 from segloop.data.synthetic import generate
 from segloop.evaluate import miou_on
@@ -173,12 +173,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1 (batch 8: a third)")
     parser.add_argument("--work", type=Path, default=ROOT / "reports/bench/compress_work")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/bench")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a params.yaml setting"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 domains, 24 pairs, 1 CPU min each, 128 px")
     args = parser.parse_args()
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     if args.quick:
         raw, args.minutes, args.n, args.rounds = merged(raw, QUICK), min(args.minutes, 1.0), min(args.n, 24), 3
+    for assignment in args.set:
+        apply_override(raw, assignment)
     settings = settings_from_dict(raw, "params.yaml" + (" (quick)" if args.quick else ""))
     side = 128 if args.quick else 256
     torch.manual_seed(0)
@@ -202,6 +207,7 @@ def main() -> None:
             "domains": list(settings.generate.domains),
             "cpu_minutes_per_training": args.minutes,
             "timing_rounds_b1": args.rounds,
+            "overrides": args.set,
         },
         "machine": {
             "cpu": cpu_name(),
