@@ -75,26 +75,12 @@ def accepted_by_every_step(checkpoint, params, data, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_distilled_student_is_smaller_and_an_ordinary_checkpoint(tmp_path, params, teacher, base_data, capsys):
-    out = tmp_path / "student"
-    assert (
-        main(
-            ["distill", "--params", str(params), "--teacher", str(teacher), "--data", str(base_data), "--out", str(out)]
-        )
-        == 0
-    )
-    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    assert ckpt["teacher"] == str(teacher) and ckpt["distill"]["alpha"] == 0.5
-    student, settings = load_model(out / "best.pt")
-    assert settings.model.encoder == "mobilenet_v2" and settings.model.decoder_channels == [16, 8, 8, 8, 8]
-    assert count_parameters(student) < count_parameters(load_model(teacher)[0]) / 4
-    assert all(np.isfinite(h["loss"]) for h in json.loads((out / "history.json").read_text()))
-    accepted_by_every_step(out / "best.pt", params, base_data, tmp_path, capsys)
-
-
-def test_distillation_term_pulls_the_student_to_the_teacher(tmp_path, params, teacher, base_data, capsys):
+def test_distilled_student_learns_from_the_teacher_and_is_an_ordinary_checkpoint(
+    tmp_path, params, teacher, base_data, capsys
+):
     """alpha 1 (soft labels only) leaves the student much closer to the teacher, in KL on the
-    training images, than the same run with alpha 0 (labels only)."""
+    training images, than the same run with alpha 0 (labels only); the student is a smaller,
+    ordinary checkpoint."""
     teacher_model, _ = load_model(teacher)
     images = torch.stack([to_tensor(read_image(s.image, 3)) for s in list_samples(base_data)[:8]])[..., :64, :64]
     gap = Distillation(teacher_model, temperature=2.0, weight=1.0, unbiased=False)
@@ -109,6 +95,13 @@ def test_distillation_term_pulls_the_student_to_the_teacher(tmp_path, params, te
             kl[alpha] = float(gap(images, student(images), torch.zeros(8, 64, 64, dtype=torch.long)))
     capsys.readouterr()
     assert kl[1.0] < 0.5 * kl[0.0], kl
+
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["teacher"] == str(teacher) and ckpt["distill"]["alpha"] == 1.0
+    student, settings = load_model(out / "best.pt")
+    assert settings.model.encoder == "mobilenet_v2" and settings.model.decoder_channels == [16, 8, 8, 8, 8]
+    assert count_parameters(student) < count_parameters(teacher_model) / 4
+    accepted_by_every_step(out / "best.pt", params, base_data, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "mobilenet_v2"])
