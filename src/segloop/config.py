@@ -92,17 +92,23 @@ class NormSettings(_Strict):
     """Input normalisation inside the model: x in [0, 1] -> (clip(x, *clip) - mean) / std per channel.
 
     kind `image`: mean and std of each image and channel instead of the dataset's (mean/std
-    unused), so a global gain, offset or tint of a new camera or exposure cancels out."""
+    unused), so a global gain, offset or tint of a new camera or exposure cancels out.
+    kind `local`: mean and std over a `window` x `window` neighbourhood of each pixel (local
+    contrast normalisation), so a gain and offset that vary smoothly across the image (haze
+    thickening with depth, vignetting, uneven light) cancel out too."""
 
-    kind: Literal["none", "zscore", "image"] = "zscore"
+    kind: Literal["none", "zscore", "image", "local"] = "zscore"
     mean: list[float] = [0.0]
     std: list[float] = [1.0]
     clip: tuple[float, float] | None = None
+    window: int = Field(17, ge=3)  # kind local: odd neighbourhood side, pixels
 
     @model_validator(mode="after")
     def _shapes(self) -> NormSettings:
         if len(self.mean) != len(self.std) or min(self.std) <= 0:
             raise ValueError("mean and std need one value per channel, std > 0")
+        if self.window % 2 == 0:
+            raise ValueError(f"window must be odd (a pixel's neighbourhood is centred on it), got {self.window}")
         if self.clip is not None and not self.clip[0] < self.clip[1]:
             raise ValueError(f"clip must be [low, high] with low < high, got {list(self.clip)}")
         return self
@@ -222,6 +228,9 @@ class ContinualSettings(_Strict):
     # A trained domain whose held-out mIoU is under this share of the champion's best domain is
     # weak: its next labelled batch is trained on whether it drifted or not.
     learnt_ratio: float = Field(0.8, ge=0.0, le=1.0)
+    # BatchNorm in an update: `train` (running statistics follow the update's batches) or `frozen`
+    # (normalise with the parent's statistics and keep them; the affine weights still learn).
+    batchnorm: Literal["train", "frozen"] = "train"
 
 
 class TrackingSettings(_Strict):

@@ -6,11 +6,13 @@ local state_dict file given by path.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segloop.config import ModelSettings, NormSettings
@@ -48,6 +50,7 @@ class InputNorm(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.clip = None if norm is None or norm.clip is None else tuple(norm.clip)
+        self.window = 17 if norm is None else norm.window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
@@ -57,6 +60,11 @@ class InputNorm(nn.Module):
         if self.kind == "image":
             centred = x - x.mean(dim=(2, 3), keepdim=True)
             return centred / (centred.square().mean(dim=(2, 3), keepdim=True) + 1e-6).sqrt()
+        if self.kind == "local":  # borders: the part of the window inside the image
+            pool = partial(F.avg_pool2d, kernel_size=self.window, stride=1, padding=self.window // 2)
+            mean = pool(x, count_include_pad=False)
+            var = (pool(x.square(), count_include_pad=False) - mean.square()).clamp_min(0.0)
+            return (x - mean) / (var + 1e-4).sqrt()
         return (x - self.mean) / self.std
 
 
