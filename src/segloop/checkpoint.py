@@ -84,7 +84,8 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 def model_from_checkpoint(ckpt: dict[str, Any], source: str = "<checkpoint>") -> tuple[nn.Module, Settings]:
     """Rebuild the model a checkpoint describes, weights loaded, in eval mode."""
     settings = settings_from_dict(ckpt["settings"], f"{source} (settings)")
-    model = build_model(settings.model, ckpt["channels"], len(ckpt["classes"]))
+    # A pruned model's narrower layers are in `widths` (segloop.models.layer_widths).
+    model = build_model(settings.model, ckpt["channels"], len(ckpt["classes"]), ckpt.get("widths"))
     model.load_state_dict(ckpt["model"])
     return model.eval(), settings
 

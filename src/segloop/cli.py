@@ -172,6 +172,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from segloop.runs import compress_step
+
+    result, _ = compress_step(
+        _settings(args),
+        "distill",
+        args.teacher,
+        args.data,
+        args.out,
+        args.val,
+        register=args.register,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(result.__dict__, indent=1))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from segloop.runs import compress_step
+
+    result, _ = compress_step(
+        _settings(args),
+        "prune",
+        args.model,
+        args.data,
+        args.out,
+        args.val,
+        args.ratio,
+        register=args.register,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(result.__dict__, indent=1))
+    return 0
+
+
 def cmd_update(args: argparse.Namespace) -> int:
     from segloop.runs import update_step
 
@@ -454,8 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="ONNX export (+ static int8) with a parity check against eager")
     p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
-    p.add_argument("--format", default="onnx", help="export format (default and only one so far: onnx)")
-    p.add_argument("--out", type=Path, required=True, help="the .onnx file; FILE.parity.json is written beside it")
+    p.add_argument(
+        "--format",
+        default="onnx",
+        help="onnx (default) or ort: ONNX Runtime's mobile format, converted from the .onnx written beside it",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="the .onnx (or .ort) file; FILE.parity.json is written beside it"
+    )
     p.add_argument("--quantize", help="int8: also write <stem>.int8.onnx (static QDQ quantization, needs --calib)")
     p.add_argument("--calib", type=Path, help="training images calibrating int8 (export.calib_images of them, seeded)")
     p.add_argument(
@@ -464,6 +505,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="images (+ masks: mIoU too) compared eager vs ONNX Runtime (default: seeded noise images)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "distill", parents=[common], help="train the smaller distill.student from a teacher's soft labels"
+    )
+    p.add_argument("--teacher", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--val", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--register", metavar="NAME", type=_model_name, help=REGISTER_HELP)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("prune", parents=[common], help="structured channel pruning (L1 magnitude) + a short fine-tune")
+    p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
+    p.add_argument("--ratio", type=float, help="share of channels removed per layer, in (0, 1) (default prune.ratio)")
+    p.add_argument("--data", type=Path, required=True, help="fine-tuning data")
+    p.add_argument("--val", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="pruned.pt (before) and best.pt (fine-tuned)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--register", metavar="NAME", type=_model_name, help=REGISTER_HELP)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
     p.add_argument("--parent", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION to start from")

@@ -342,6 +342,26 @@ class ExportSettings(_Strict):
     per_channel: bool = False
 
 
+class DistillSettings(_Strict):
+    """`segloop distill`: a smaller student trained on a teacher's soft pixel predictions and the labels.
+
+    The student trains with `train.*` (it starts from scratch); its loss is
+    (1 - alpha) * (Dice + CE on the labels) + alpha * T^2 * KL(teacher || student) at temperature T."""
+
+    # The student's architecture (null norm: the teacher's, so both read the same input).
+    student: ModelSettings = ModelSettings(encoder="mobilenet_v2", decoder_channels=[64, 32, 16, 16, 8])
+    temperature: float = Field(2.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class PruneSettings(_Strict):
+    """`segloop prune`: structured L1-magnitude channel pruning, then a short fine-tune."""
+
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of channels removed in each prunable layer
+    epochs: int = Field(20, gt=0)  # fine-tune epochs from the pruned weights, within train.max_minutes
+    lr: float = Field(2e-4, gt=0.0)
+
+
 class CaptureSettings(_Strict):
     """`segloop serve` keeps a sample of what it sees and hands it to the loop as unlabelled batches."""
 
@@ -392,6 +412,8 @@ class Settings(_Strict):
     drift: DriftSettings = DriftSettings()
     flows: FlowSettings = FlowSettings()
     export: ExportSettings = ExportSettings()
+    distill: DistillSettings = DistillSettings()
+    prune: PruneSettings = PruneSettings()
     serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")

@@ -8,6 +8,9 @@ and settings in its metadata, so `OnnxBackend` needs nothing else to predict.
 Parity: the same images through eager PyTorch and ONNX Runtime, with the same padding
 and tiling; max |logit difference| and the mIoU of each, written beside the file as
 `<FILE>.parity.json`. This module trains nothing and decides nothing about promotion.
+
+Format `ort`: ONNX Runtime's mobile/edge format, converted from the ONNX export (which stays
+beside it); its parity is checked by loading the .ort file in ONNX Runtime itself.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from segloop.data.dataset import list_samples, read_image, read_mask, to_tensor
 from segloop.inference import INPUT, META, OUTPUT, Backend, OnnxBackend, pad_to_stride, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "ort")
 QUANTIZATIONS = ("int8",)
 # Without --parity-data: seeded noise images at these (N, H, W), sides not multiples of 32.
 RANDOM_PARITY_SHAPES = ((1, 96, 128), (2, 72, 80))
@@ -42,6 +45,27 @@ def parity_path(onnx_path: Path) -> Path:
 def int8_path(onnx_path: Path) -> Path:
     """model.onnx -> model.int8.onnx (the quantized copy lives beside the fp32 file)."""
     return onnx_path.with_suffix(".int8.onnx")
+
+
+def convert_to_ort(onnx_path: Path) -> Path:
+    """Write ONNX Runtime's mobile format beside `onnx_path` (model.onnx -> model.ort); return its path.
+
+    What `python -m onnxruntime.tools.convert_onnx_models_to_ort` does in its default (fixed)
+    style: the graph optimised once, offline, at ORT_ENABLE_ALL without the x86-only NCHWc
+    layout, so the file runs on ARM too and in ORT's minimal (mobile) builds. Metadata is kept.
+    """
+    import onnxruntime as ort
+
+    out = onnx_path.with_suffix(".ort")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(out)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.log_severity_level = 3
+    ort.InferenceSession(
+        str(onnx_path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"]
+    )
+    return out
 
 
 # ---------------------------------------------------------------- export
@@ -304,8 +328,8 @@ def export_model(
         raise ValueError(f"--format {fmt!r}: unknown export format; valid: {list(FORMATS)}")
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"--quantize {quantize!r}: unknown quantization; valid: {list(QUANTIZATIONS)}")
-    if out.suffix != ".onnx":
-        raise ValueError(f"--out {out}: an ONNX file name must end in .onnx")
+    if out.suffix != f".{fmt}":
+        raise ValueError(f"--out {out}: a --format {fmt} file name must end in .{fmt}")
     if quantize is None and calib is not None:
         raise ValueError("--calib is only used with --quantize int8")
     # Every input is checked before the (slow) export starts.
@@ -330,17 +354,21 @@ def export_model(
         f"{META}source": label or str(checkpoint),
         f"{META}input": "images (N, C, H, W) float32 in [0, 1], H and W multiples of 32",
     }
-    export_onnx(model, channels, out, cfg.opset, {**metadata, f"{META}precision": "fp32"})
-    log(f"exported {out} (opset {cfg.opset}, dynamic batch/height/width)")
-    files = {"fp32": out}
+    onnx_out = out.with_suffix(".onnx")  # format ort: converted from this file, kept beside it
+    export_onnx(model, channels, onnx_out, cfg.opset, {**metadata, f"{META}precision": "fp32"})
+    log(f"exported {onnx_out} (opset {cfg.opset}, dynamic batch/height/width)")
+    files = {"fp32": onnx_out}
     quantization = None
     if reader is not None:
-        files["int8"] = int8_path(out)
-        quantization = quantize_int8(out, files["int8"], reader, cfg.per_channel)
+        files["int8"] = int8_path(onnx_out)
+        quantization = quantize_int8(onnx_out, files["int8"], reader, cfg.per_channel)
         int8 = onnx.load(str(files["int8"]))
         _set_metadata(int8, {**metadata, f"{META}precision": "int8"})
         onnx.save(int8, str(files["int8"]))
         log(f"quantized {files['int8']} (static int8 QDQ, {len(reader.samples)} calibration images from {calib})")
+    if fmt == "ort":
+        files = {name: convert_to_ort(path) for name, path in files.items()}
+        log(f"converted to ONNX Runtime's mobile format: {', '.join(str(p) for p in files.values())}")
 
     backends = {name: OnnxBackend(path) for name, path in files.items()}
     parity = check_parity(model, backends, parity_inputs(parity_data, channels), len(classes), eval_cfg)

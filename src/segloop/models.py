@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
@@ -81,22 +82,38 @@ def _normalized(cls: type[nn.Module]) -> type[nn.Module]:
     return _NORMALIZED[cls]
 
 
-def build_model(settings: ModelSettings, in_channels: int, num_classes: int) -> nn.Module:
-    """Model mapping (N, in_channels, H, W) float in [0, 1], H and W multiples of 32,
-    to logits (N, num_classes, H, W). `model.input_norm` is its first step (see InputNorm)."""
+# Channel counts of a structurally pruned model, by module name: a Conv2d's
+# [in_channels, out_channels, groups], a BatchNorm2d's [num_features]. Plain ints, so
+# the checkpoint stays loadable with `weights_only=True` and without the pruning library.
+Widths = dict[str, list[int]]
+
+
+def check_model_settings(settings: ModelSettings, key: str = "model") -> None:
+    """Raise a one-line ValueError naming `key` if `settings` name no buildable model."""
     if settings.arch not in ARCHS:
-        raise ValueError(f"model.arch: unknown architecture {settings.arch!r}; valid: {sorted(ARCHS)}")
+        raise ValueError(f"{key}.arch: unknown architecture {settings.arch!r}; valid: {sorted(ARCHS)}")
     encoders = smp.encoders.get_encoder_names()
     if settings.encoder not in encoders:
         raise ValueError(
-            f"model.encoder: unknown encoder {settings.encoder!r}; valid include "
+            f"{key}.encoder: unknown encoder {settings.encoder!r}; valid include "
             f"{sorted(e for e in encoders if e.startswith(('resnet', 'mobilenet', 'efficientnet-b')))} "
             f"(all {len(encoders)}: segmentation_models_pytorch.encoders.get_encoder_names())"
         )
+    if settings.decoder_channels is not None and settings.arch not in _LIST_DECODERS:
+        raise ValueError(f"{key}.decoder_channels applies only to {sorted(_LIST_DECODERS)}")
+    if settings.encoder_weights is not None and not Path(settings.encoder_weights).is_file():
+        raise FileNotFoundError(
+            f"{key}.encoder_weights: {settings.encoder_weights} does not exist (hub names are not fetched)"
+        )
+
+
+def build_model(settings: ModelSettings, in_channels: int, num_classes: int, widths: Widths | None = None) -> nn.Module:
+    """Model mapping (N, in_channels, H, W) float in [0, 1], H and W multiples of 32,
+    to logits (N, num_classes, H, W). `model.input_norm` is its first step (see InputNorm).
+    `widths` (from `layer_widths` of a pruned model) narrows its layers to those channel counts."""
+    check_model_settings(settings)
     kwargs = {}
     if settings.decoder_channels is not None:
-        if settings.arch not in _LIST_DECODERS:
-            raise ValueError(f"model.decoder_channels applies only to {sorted(_LIST_DECODERS)}")
         kwargs["decoder_channels"] = tuple(settings.decoder_channels)
     model = _normalized(ARCHS[settings.arch])(
         encoder_name=settings.encoder,
@@ -108,7 +125,44 @@ def build_model(settings: ModelSettings, in_channels: int, num_classes: int) -> 
     model.input_norm = InputNorm(settings.norm, in_channels)
     if settings.encoder_weights is not None:
         load_encoder_weights(model, Path(settings.encoder_weights))
+    if widths:
+        apply_widths(model, widths)
     return model
+
+
+def layer_widths(model: nn.Module) -> Widths:
+    """The channel counts of every Conv2d and BatchNorm2d of `model` (see Widths)."""
+    widths: Widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            widths[name] = [module.in_channels, module.out_channels, module.groups]
+        elif isinstance(module, nn.BatchNorm2d):
+            widths[name] = [module.num_features]
+    return widths
+
+
+def apply_widths(model: nn.Module, widths: Widths) -> None:
+    """Replace each layer whose channel counts differ from `widths` by a fresh one of those counts
+    (same kernel, stride, padding...); its weights come from the checkpoint's state_dict next."""
+    for name, counts in widths.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"widths: the model has no layer {name!r} (checkpoint of another architecture?)") from None
+        if isinstance(module, nn.Conv2d) and len(counts) == 3:
+            if [module.in_channels, module.out_channels, module.groups] != counts:
+                in_ch, out_ch, groups = counts
+                same: dict[str, Any] = {
+                    k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "padding_mode")
+                }
+                narrow: nn.Module = nn.Conv2d(in_ch, out_ch, groups=groups, bias=module.bias is not None, **same)
+                model.set_submodule(name, narrow)
+        elif isinstance(module, nn.BatchNorm2d) and len(counts) == 1:
+            if module.num_features != counts[0]:
+                narrow = nn.BatchNorm2d(counts[0], module.eps, module.momentum, module.affine)
+                model.set_submodule(name, narrow)
+        else:
+            raise ValueError(f"widths: {name!r} is a {type(module).__name__}, not a layer of {counts} channels")
 
 
 def load_encoder_weights(model: nn.Module, path: Path) -> None:

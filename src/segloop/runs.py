@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from segloop.config import Settings
 from segloop.train import TrainResult
@@ -126,6 +126,35 @@ def update_step(
         result = update(
             settings, path, datas, out, val, seen, replay, on_epoch=run.log_epoch if run else None, init_label=label
         )
+        return result, _register(run, result, out, register)
+
+
+def compress_step(
+    settings: Settings,
+    kind: Literal["distill", "prune"],
+    source: str,
+    data: Path,
+    out: Path,
+    val: Path | None = None,
+    ratio: float | None = None,
+    register: str | None = None,
+    overwrite: bool = False,
+) -> tuple[TrainResult, str | None]:
+    """`distill` (`source`: the teacher) or `prune` (`source`: the model pruned, by `ratio`) inside a
+    tracked run, the result registered like `train_step`'s; `source` is a path or models:/ ref."""
+    from segloop.compress import distill, prune
+    from segloop.tracking import tracked_run
+
+    prepare_out(out, overwrite=overwrite)
+    path, label, parent_tags = _parent(source, settings)
+    inputs = {"train": data, **({"val": val} if val else {})}
+    with tracked_run(
+        settings, kind, inputs, {"segloop.strategy": kind, **parent_tags}, run_name=f"{kind}:{out.name}"
+    ) as run:
+        if kind == "distill":
+            result = distill(settings, path, data, out, val, label, on_epoch=run.log_epoch if run else None)
+        else:
+            result = prune(settings, path, data, out, val, ratio, label, on_epoch=run.log_epoch if run else None)
         return result, _register(run, result, out, register)
 
 

@@ -272,8 +272,11 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
             + (f" x {world} processes" if world > 1 else "")
         )
 
+    resumed = load_checkpoint(job.out_dir / LAST) if job.resume else None
+    # A pruned parent's (or run's) narrower layers: the model is built at those widths.
+    widths = (resumed or parent_ckpt or {}).get("widths")
     torch.manual_seed(cfg.seed)  # weight init too: a run depends on its seed, not on what ran before
-    model = build_model(settings.model, settings.data.channels, settings.num_classes)
+    model = build_model(settings.model, settings.data.channels, settings.num_classes, widths)
     parent = init_from(model, parent_ckpt, job.init, settings, job.new_classes) if parent_ckpt and job.init else None
     if job.freeze_encoder:
         model.encoder.requires_grad_(False)
@@ -295,8 +298,8 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         "images_seen": 0,
         "elapsed": 0.0,
     }
-    if job.resume:
-        ckpt = load_checkpoint(job.out_dir / LAST)
+    if resumed is not None:
+        ckpt = resumed
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema is not None and "ema" in ckpt:
@@ -337,6 +340,7 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         "classes": list(settings.data.classes),
         "channels": settings.data.channels,
         "parent": parent,
+        **({"widths": widths} if widths else {}),
         **(job.meta or {}),
     }
     stopped = "completed"
