@@ -52,6 +52,9 @@ def loop_raw(tmp_path_factory) -> dict:
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     raw["drift"] |= {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.05}
     raw["continual"] |= {"epochs": 10, "lr": 0.003}
+    # A tiny champion's mIoU (~0.2) moves by more than the default 0.05 between two base batches
+    # (a CI run saw a base batch "drift" on it); test_drift checks performance drift itself.
+    raw["drift"]["max_quality_drop"] = 0.5
     # The flows' plumbing, not learning: every update passes (whether a tiny model's update
     # gains depends on the CPU's float rounding; benchmarks/ measure learning); the
     # bootstrap floor is low. Rejection is forced per test with registry.gate.min_gain=1.0.

@@ -563,7 +563,7 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(
     tmp_path, base_data, tracked_raw, monkeypatch, capsys
 ):
     """The reject path on real models and real evaluations: the champion is trained on base;
-    the candidate is that champion fine-tuned hard on lowlight (plain finetune, high lr).
+    the candidate is that champion fine-tuned on lowlight alone (plain finetune).
     It wins on lowlight and forgets base far beyond registry.gate.max_forgetting."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # checkpoint download cache stays in the test folder
     sets = {d: {} for d in ("base", "lowlight")}
@@ -646,9 +646,14 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(
             "--set",
             "continual.strategy=finetune",
             "--set",
-            "continual.epochs=8",
+            "continual.epochs=12",
             "--set",
-            "continual.lr=0.01",
+            "continual.lr=0.003",  # train.lr: 0.01 wrecks this tiny model on both domains on some CPUs
+            # plain: the best epoch on lowlight, not one chosen by the gate's rules, nor pulled back to the parent
+            "--set",
+            "continual.select=mean",
+            "--set",
+            "continual.interpolate=false",
         )
         == 0
     )

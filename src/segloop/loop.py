@@ -571,10 +571,7 @@ def update_reason(champ: tuple[str, Path] | None, drift: dict | None, state: Loo
     if champ is None:
         return "bootstrap"
     if drift and drift["drift"]:
-        # Labels outrank features: data drift on which the champion's mIoU held (no performance
-        # drop) is images that look new but that it already segments; an update could only
-        # match it (the gate's min_gain refuses that) at the cost of a training run.
-        return "" if drift.get("performance_drift") is False else "drift"
+        return "drift"
     if domain in state.weak:
         return f"domain {domain} weak (under continual.learnt_ratio of the best domain)"
     if domain in state.heldout and domain not in state.trained_domains and domain not in state.covered:
@@ -809,8 +806,6 @@ def summary_line(rec: StepRecord) -> str:
         ]
     if rec.update_reason.startswith("domain"):  # trained without drift
         parts.append(rec.update_reason)
-    if d is not None and d["drift"] and not rec.updated and d["performance_drift"] is False:
-        parts.append("the champion's mIoU held on it")
     if rec.updated:
         pooled = f" (+{len(rec.pooled)} pooled batch{'es' if len(rec.pooled) > 1 else ''})" if rec.pooled else ""
         parts.append(f"v{rec.candidate_version}{pooled} " + ("promoted" if rec.promoted else "rejected"))
