@@ -77,4 +77,3 @@ def test_per_image_norm_cancels_a_global_gain_offset_and_tint():
     assert torch.allclose(out.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)
     assert torch.allclose(out.std(dim=(2, 3), unbiased=False), torch.ones(2, 3), atol=1e-3)
     assert not torch.allclose(InputNorm(NormSettings(kind="zscore"), 3)(shifted), InputNorm(NormSettings(), 3)(x))
-

@@ -1244,13 +1244,15 @@ def import_labels(
 ) -> StepRecord:
     """Labels for a batch awaiting them: checked against its request (bad masks quarantined with
     reasons, the rest go on), versioned with the batch, and the batch continues as a labelled
-    one from the then-current champion: update, gate, promotion, replay. Recorded in
+    one from the then-current champion and settings: update, gate, promotion, replay. Recorded in
     labelled/<batch>.json; once that is committed a second import of the batch is refused.
     A crash before the commit leaves the batch awaiting labels: the import can be run again."""
     lifeline.guard()
     folder = Path(folder).resolve()
     with workspace_lock(ws):
         asked = call("prepare", prepare_labels, ws, settings, batch)
+        # This step's settings (the earlier step of the batch ran no stage that reads them).
+        call("settings", write_step_params, ws, settings, batch)
         info, labels = call("labels", ingest_labels, ws, asked, folder, settings)
         call("version", version_batch, ws, batch)
         champ = call("champion", champion, settings)
