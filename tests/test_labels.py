@@ -148,9 +148,8 @@ def test_imported_labels_quarantine_bad_masks_update_once_and_refuse_a_second_im
     assert rec.status == "labelled" and rec.labelled and rec.accepted == 7 and rec.quarantined == 2
     assert rec.updated and rec.candidate_version == "2" and rec.update_reason.startswith("labels imported")
     assert rec.labels["missing"] == []  # the bad one came back: quarantined, not missing
-    reasons = [
-        json.loads(line) for line in (ws.root / "quarantine" / "01-fog" / "reasons.jsonl").read_text().splitlines()
-    ]
+    log = ws.root / "quarantine" / "01-fog" / "reasons.jsonl"
+    reasons = [json.loads(line) for line in log.read_text().splitlines()]
     why = {Path(r["file"]).name: r["reason"] for r in reasons}
     assert why[f"{stems[0]}.png"].startswith("mask values out of range: [9]")
     assert why["fog-s3-09999.png"] == "not in the label request of batch 01-fog"
@@ -206,8 +205,7 @@ def test_budget_is_a_count_or_a_share_and_random_is_seeded():
     assert budget_count(10, 200) == 10 and budget_count(0.25, 200) == 50 and budget_count(0.25, 3) == 1
     assert budget_count(500, 200) == 200 and budget_count(1.0, 7) == 7
     u = _uncertainty(40)
-    picks = select(u, LabelSettings(budget=0.1, strategy="random", seed=3))
-    assert len(picks) == 4 == len(set(picks)) and picks == select(
-        u, LabelSettings(budget=0.1, strategy="random", seed=3)
-    )
+    seeded = LabelSettings(budget=0.1, strategy="random", seed=3)
+    picks = select(u, seeded)
+    assert len(picks) == 4 == len(set(picks)) and picks == select(u, seeded)
     assert len(select(u, LabelSettings(budget=12, strategy="coreset"))) == 12
