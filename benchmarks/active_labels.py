@@ -13,7 +13,7 @@ images per domain, never picked, trained or validated on): target-domain gain an
     python benchmarks/active_labels.py --seeds 0 1 2                # the full run
     python benchmarks/active_labels.py --quick                      # a smoke run: tiny models, one seed
 
-Writes reports/bench/active_labels.json (per seed, rule and budget) and prints a table.
+Writes reports/bench/active_labels[_quick].json (per seed, rule and budget) and prints a table.
 """
 
 from __future__ import annotations
@@ -118,8 +118,7 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=200, help="images in the unlabelled batch (at least 200)")
     p.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, seed 0, budgets 10%% and 25%%")
-    p.add_argument("--work", type=Path, default=ROOT / "reports/bench/active_labels_work")
-    p.add_argument("--out", type=Path, default=ROOT / "reports/bench/active_labels.json")
+    p.add_argument("--out", type=Path, default=ROOT / "reports/bench", help="writes active_labels[_quick].json there")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.pool < 200:
@@ -127,14 +126,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench = [*QUICK, "train.iters_per_epoch=4"] if args.quick else BENCH
     seeds, budgets = ([0], [0.1, 0.25]) if args.quick else (args.seeds, args.budgets)
-    work = args.work.with_name(args.work.name + "_quick") if args.quick else args.work
+    name = "active_labels_quick" if args.quick else "active_labels"
+    work = args.out / f"{name}_work"
     results = [
         run_seed(s, work / f"seed-{s}", args.domain, args.pool, budgets, bench, lambda x: print(x, flush=True))
         for s in seeds
     ]
     lines = table(results, args.domain)
-    out = args.out.with_name(args.out.stem + "_quick.json") if args.quick else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{name}.json"
     payload = {"quick": args.quick, "seeds": seeds, "budgets": budgets, "pool": args.pool, "bench": bench}
     out.write_text(json.dumps({**payload, "domain": args.domain, "results": results, "table": lines}, indent=1))
     print("\n".join(lines))
