@@ -5,13 +5,17 @@ the selection rules on constructed cases."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, TINY, _merge, move_store
+from crash_step import CRASH_EXIT
 from PIL import Image
 
 from segloop import cli, loop, registry
@@ -20,6 +24,17 @@ from segloop.data.synthetic import generate
 from segloop.labels import Uncertainty, budget_count, k_center, select
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# An import killed right after it wrote its marker (trained, registered, promoted, not committed).
+CRASHED_IMPORT = """
+import sys
+from pathlib import Path
+from crash_step import inject
+from segloop import loop
+from segloop.config import load_settings
+inject("marker", "after")
+settings = load_settings(Path(sys.argv[1]))
+loop.import_labels(loop.Workspace.of(settings), settings, "01-fog", Path(sys.argv[2]))
+"""
 
 
 def _params(root: Path) -> Path:
@@ -133,7 +148,7 @@ def test_the_tasks_load_with_label_studio_s_own_converter(awaiting):
         assert (rebuilt == draft).all()
 
 
-def test_imported_labels_quarantine_bad_masks_update_once_and_refuse_a_second_import(copy, capsys):
+def test_imported_labels_quarantine_bad_masks_update_once_and_refuse_a_second_import(copy, capsys, cli_env):
     root, settings, ws = copy
     request = json.loads((ws.request("01-fog") / "request.json").read_text())
     stems = [r["stem"] for r in request["images"]]
@@ -144,6 +159,15 @@ def test_imported_labels_quarantine_bad_masks_update_once_and_refuse_a_second_im
     Image.fromarray(np.full((72, 80), 9, np.uint8)).save(labels / f"{stems[0]}.png")  # class 9 of 4
     Image.fromarray(np.zeros((72, 80), np.uint8)).save(labels / "fog-s3-09999.png")  # not requested
 
+    # A crash before the import's commit: it did not count, and running it again redoes it whole.
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHED_IMPORT, str(root / "params.yaml"), str(labels)],
+        env={**cli_env, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == CRASH_EXIT, proc.stderr[-3000:]
+    assert loop.labels_imported(ws) == set() and _versions(settings) == 2
     rec = loop.import_labels(ws, settings, "01-fog", labels)
     assert rec.status == "labelled" and rec.labelled and rec.accepted == 7 and rec.quarantined == 2
     assert rec.updated and rec.candidate_version == "2" and rec.update_reason.startswith("labels imported")
@@ -158,7 +182,9 @@ def test_imported_labels_quarantine_bad_masks_update_once_and_refuse_a_second_im
     assert "labelled/01-fog.json" in loop.git(ws, "ls-files")
     assert {r["batch"]: r["status"] for r in loop.list_batches(ws)}["01-fog"] == "processed"
     state = loop.read_state(ws)
-    assert state.champion == ("2" if rec.promoted else "1") and "fog" in state.heldout
+    assert rec.promoted and state.champion == "2" and "fog" in state.heldout  # the gate lets every candidate pass
+    moves = [(e["kind"], e["to"]) for e in registry.history(settings) if e["alias"] == "champion"]
+    assert moves == [("gate", "1"), ("gate", "2"), ("rollback", "1"), ("gate", "2")]  # the crashed promotion undone
     assert loop.git(ws, "status", "--porcelain") == "" and "up to date" in loop.dvc(ws, "status")
 
     with pytest.raises(ValueError, match="labels already imported"):

@@ -290,7 +290,7 @@ class LabelCheck:
 def check_labels(request_dir: Path, folder: Path, num_classes: int) -> LabelCheck:
     """Check the masks in `folder` (or its masks/) against the request in `request_dir`:
     a PNG per requested stem, the image's size, class ids in range (or 255, ignore)."""
-    from segloop.data.validate import ValidationResult, _by_stem, check_mask
+    from segloop.data.validate import ValidationResult, check_mask, files_by_stem
 
     request = LabelRequest.read(request_dir)
     folder = Path(folder)
@@ -298,7 +298,7 @@ def check_labels(request_dir: Path, folder: Path, num_classes: int) -> LabelChec
         raise FileNotFoundError(f"{folder}: labels folder not found (links are never followed)")
     src = folder / "masks" if (folder / "masks").is_dir() else folder
     found = ValidationResult()
-    masks = _by_stem(src, MASK_SUFFIXES, found, "mask")
+    masks = files_by_stem(src, MASK_SUFFIXES, found, "mask")
     out = LabelCheck(rejected=found.rejected)
     asked = {r["stem"]: r for r in request.images}
     for stem, mask in sorted(masks.items()):

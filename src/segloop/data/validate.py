@@ -85,7 +85,7 @@ def check_mask(path: Path, size: tuple[int, int], num_classes: int) -> str | Non
     return None
 
 
-def _by_stem(folder: Path, suffixes: set[str], result: ValidationResult, kind: str) -> dict[str, Path]:
+def files_by_stem(folder: Path, suffixes: set[str], result: ValidationResult, kind: str) -> dict[str, Path]:
     """Files of `folder` keyed by stem; unsupported types and duplicate stems are rejected."""
     groups: dict[str, list[Path]] = defaultdict(list)
     if folder.is_symlink():
@@ -128,8 +128,8 @@ def check_folder(
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: folder does not exist")
     result = ValidationResult()
-    images = _by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image")
-    masks = _by_stem(src / MASKS, MASK_SUFFIXES, result, "mask")
+    images = files_by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image")
+    masks = files_by_stem(src / MASKS, MASK_SUFFIXES, result, "mask")
     if not images and not masks and not result.rejected and not allow_empty:
         raise ValueError(f"{src}: empty folder (expected {IMAGES}/ and {MASKS}/ with files paired by stem)")
     for stem in sorted(set(masks) - set(images)):
@@ -206,7 +206,7 @@ def validate_images(src: Path, out: Path, quarantine: Path, limits: SizeLimits =
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: destination exists and is not empty; refusing to overwrite")
     result = ValidationResult()
-    for _, image in sorted(_by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image").items()):
+    for _, image in sorted(files_by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image").items()):
         reason, _ = _check_image(image, limits)
         if reason is None:
             result.images.append(_copy_new(image, out / IMAGES / image.name))
