@@ -235,3 +235,19 @@ def test_budget_is_a_count_or_a_share_and_random_is_seeded():
     picks = select(u, seeded)
     assert len(picks) == 4 == len(set(picks)) and picks == select(u, seeded)
     assert len(select(u, LabelSettings(budget=12, strategy="coreset"))) == 12
+
+
+def test_an_unlabelled_folder_keeps_its_images_quarantines_bad_ones_and_refuses_masks(tmp_path):
+    from segloop.data.validate import validate_images
+
+    src = tmp_path / "batch"
+    generate(src, "fog", n=3, seed=0, size=(72, 80))
+    (src / "images" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="has masks/ but is declared unlabelled"):
+        validate_images(src, tmp_path / "out", tmp_path / "q")
+    shutil.rmtree(src / "masks")
+    result = validate_images(src, tmp_path / "out", tmp_path / "q")
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == sorted(p.name for p in result.images)
+    assert len(result.images) == 3 and [Path(r["file"]).name for r in result.rejected] == ["broken.png"]
+    assert "unreadable image" in (tmp_path / "q" / "reasons.jsonl").read_text()
+    assert (src / "images" / "broken.png").exists()  # the source is only read
