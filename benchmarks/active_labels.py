@@ -81,6 +81,7 @@ def run_seed(seed: int, root: Path, domain: str, n_pool: int, budgets: list[floa
             vals = [split / "val", base / "val"]
             r = update(settings, parent, [split / "train"], work / "model", vals, replay=replay, log=lambda _: None)
             after = audit_scores(work / "model" / "best.pt", audit, settings)
+            shutil.rmtree(work)  # its checkpoints: about 250 MB per run, and only the scores are kept
             rec = {
                 "labelled": len(chosen),
                 "gain": round(after[domain] - before[domain], 4),
