@@ -1,7 +1,8 @@
 """`continual_flow`: one incoming batch through the whole loop.
 
 validate + quarantine -> version (DVC) -> drift vs the champion's references -> bootstrap
-or update when drifted -> gate -> promote or not -> new replay buffer -> step record.
+or update when drifted -> gate -> promote or not -> new replay buffer -> step record (an
+unlabelled batch that drifted: a label request instead of the update, see `segloop labels import`).
 The step itself is `segloop.loop.process_batch` (the same code a benchmark or test runs
 without Prefect); this flow runs each of its sub-steps as a Prefect task, and only the
 sub-steps whose I/O can fail transiently (git/DVC, the MLflow store) retry.

@@ -178,6 +178,7 @@ def move_store(db: Path, old: Path, new: Path) -> None:
 SLOWEST_FIRST = (
     "test_flows.py",
     "test_loop_integrity.py",
+    "test_labels.py",
     "test_dvc_pipeline.py",
     "test_registry.py",
     "test_train.py",

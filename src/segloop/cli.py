@@ -327,6 +327,15 @@ def cmd_batches(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    from segloop import loop
+
+    settings = _settings(args)
+    rec = loop.import_labels(loop.Workspace.of(settings), settings, args.batch, args.folder)
+    print(f"batch {rec.batch}: {rec.summary}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from segloop.report import domain_table
 
@@ -615,6 +624,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("batch", help="its folder name under the incoming folder")
     q.add_argument("--reason", required=True, help="recorded in failed/<batch>/FAILED.json")
     p.set_defaults(func=cmd_batches)
+
+    p = sub.add_parser("labels", help="labels for the loop's label requests (unlabelled batches that drifted)")
+    lsub = p.add_subparsers(dest="action", required=True)
+    q = lsub.add_parser(
+        "import",
+        parents=[common],
+        help="masks for a batch awaiting labels: checked against its request, then the batch is updated on (once)",
+    )
+    q.add_argument("batch", help="the batch's name (status awaiting-labels in `segloop batches list`)")
+    q.add_argument("folder", type=Path, help="one PNG mask of class ids per requested image, named by its stem")
+    p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser(
         "reference", parents=[common], help="seeded sample of the champion's training images for drift checks"

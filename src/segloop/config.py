@@ -24,6 +24,7 @@ DEFAULT_MLRUNS = Path("mlruns")
 # imports torch; each lower layer asserts that its registry matches the names here.
 Domain = Literal["base", "lowlight", "fog", "noise", "colorshift"]
 Strategy = Literal["finetune", "joint", "replay", "lwf", "replay_lwf", "freeze_encoder"]
+LabelStrategy = Literal["random", "entropy", "margin", "coreset", "hybrid"]  # segloop.labels.STRATEGIES
 
 
 class SettingsError(ValueError):
@@ -375,6 +376,28 @@ class CaptureSettings(_Strict):
     domain: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$")
 
 
+class LabelSettings(_Strict):
+    """Label requests for unlabelled drifted batches (segloop.labels): which images, how many."""
+
+    # How many images of a drifted unlabelled batch to ask labels for: a count (an integer >= 1)
+    # or a share of the batch (a number in (0, 1], e.g. 0.25); at least one image, at most all.
+    budget: int | float = 0.25
+    # random; entropy: highest mean pixel entropy of the champion first; margin: lowest mean
+    # top1 - top2 probability first; coreset: k-center greedy on the champion's pooled
+    # embeddings (spread out); hybrid: the `hybrid_pool` x budget most uncertain, then k-center among them.
+    strategy: LabelStrategy = "entropy"
+    hybrid_pool: float = Field(3.0, ge=1.0)
+    seed: int = 0  # random's draw and coreset's first pick
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _count_or_share(cls, v: Any) -> Any:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1 or isinstance(v, float) and 0 < v <= 1
+        if not ok:
+            raise ValueError(f"a count (integer >= 1) or a share in (0, 1], got {v!r}")
+        return v
+
+
 class ServeSettings(_Strict):
     """`segloop serve`: which model, on which backend, how it follows the registry, input limits."""
 
@@ -415,6 +438,7 @@ class Settings(_Strict):
     distill: DistillSettings = DistillSettings()
     prune: PruneSettings = PruneSettings()
     serve: ServeSettings = ServeSettings()
+    labels: LabelSettings = LabelSettings()
 
     @model_validator(mode="after")
     def _new_classes_last(self) -> Settings:

@@ -18,6 +18,10 @@ The workspace is the loop's own git + DVC repository (`flows.workspace`):
     params/<batch>.yaml        the settings the step ran with: its stages' params (a later run's
                                settings never touch them)
     processed/<batch>.json     the step record; committed (in HEAD), it means "done, never again"
+    labels/requests/<batch>/   label request of a drifted unlabelled batch (tracked by its .dvc):
+                               images, drafts, tasks.json (Label Studio), request.json
+    labelled/<batch>.json      the record of the step that imported its labels (`import_labels`):
+                               committed, the batch's labels are in and trained on, never again
     failed/<batch>/            dead letters: a batch refused or failing flows.max_attempts times,
                                with FAILED.json (ignored by git)
     .attempts/<batch>.json     attempts and errors of a pending batch (ignored by git: survives the reset of a retry)
@@ -68,7 +72,20 @@ STATE, MARKER_DIR, BATCH_INFO, READY = "state.json", "processed", "batch.json", 
 FAILED_DIR, FAILED_INFO, ATTEMPTS_DIR = "failed", "FAILED.json", ".attempts"
 BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # What the loop writes at the top of the workspace: a reset to the last step commit cleans these.
-LOOP_FOLDERS = ("batches", "quarantine", "models", "replay", "reference", "steps", "params", MARKER_DIR)
+LABELLED_DIR = "labelled"
+AWAITING, LABELLED = "awaiting-labels", "labelled"  # StepRecord.status of an unlabelled batch, then of its labels' step
+LOOP_FOLDERS = (
+    "batches",
+    "quarantine",
+    "models",
+    "replay",
+    "reference",
+    "steps",
+    "params",
+    MARKER_DIR,
+    "labels",
+    LABELLED_DIR,
+)
 IGNORED = (
     "/incoming/",
     "/steps/",
@@ -110,6 +127,12 @@ class Workspace:
     def marker(self, b: str) -> Path:
         return self.root / MARKER_DIR / f"{b}.json"
 
+    def request(self, b: str) -> Path:
+        return self.root / "labels" / "requests" / b
+
+    def labelled_marker(self, b: str) -> Path:
+        return self.root / LABELLED_DIR / f"{b}.json"
+
     def step_params(self, b: str) -> Path:
         return self.root / "params" / f"{b}.yaml"
 
@@ -134,6 +157,8 @@ class Workspace:
             r / "steps" / b,
             self.step_params(b),
             self.marker(b),
+            self.request(b),
+            Path(f"{self.request(b)}.dvc"),
         ]
 
 
@@ -243,9 +268,18 @@ def has_head(ws: Workspace) -> bool:
 
 def processed(ws: Workspace) -> set[str]:
     """Batches whose step is committed: their marker is in HEAD (a marker on disk only is a crashed step's)."""
+    return _committed(ws, MARKER_DIR)
+
+
+def labels_imported(ws: Workspace) -> set[str]:
+    """Batches whose labels were imported and trained on: labelled/<batch>.json is in HEAD."""
+    return _committed(ws, LABELLED_DIR)
+
+
+def _committed(ws: Workspace, folder: str) -> set[str]:
     if not has_head(ws):
         return set()
-    names = git(ws, "ls-tree", "-z", "--name-only", "HEAD", f"{MARKER_DIR}/").split("\0")
+    names = git(ws, "ls-tree", "-z", "--name-only", "HEAD", f"{folder}/").split("\0")
     return {Path(n).name.removesuffix(".json") for n in names if n.endswith(".json")}
 
 
@@ -437,17 +471,32 @@ def batch_domain(batch_dir: Path) -> str:
     return domain
 
 
+def batch_labelled(batch_dir: Path) -> bool:
+    """Labelled unless batch.json says `"labelled": false` or the batch has no masks/ folder."""
+    info = batch_dir / BATCH_INFO
+    said = json.loads(info.read_text()).get("labelled", True) if info.is_file() else True
+    if not isinstance(said, bool):
+        raise ValueError(f"{info}: 'labelled' must be true or false (got {said!r})")
+    return said and os.path.lexists(batch_dir / "masks")
+
+
 def ingest(ws: Workspace, batch_dir: Path, settings: Settings) -> BatchInfo:
     """Validate the batch (bad files to quarantine/ with reasons), split what is accepted.
 
     Fewer accepted pairs than a step needs (an empty or wholly rejected batch): nothing is
-    split (`BatchInfo.split` empty) and the step records the batch as skipped."""
+    split (`BatchInfo.split` empty) and the step records the batch as skipped. An unlabelled
+    batch: its images validated and kept (accepted/images), never split."""
     from segloop.data.split import split_dataset
-    from segloop.data.validate import SizeLimits, validate_folder
+    from segloop.data.validate import SizeLimits, validate_folder, validate_images
 
     b = batch_dir.name
     domain = batch_domain(batch_dir)
     limits = SizeLimits(settings.data.min_side, settings.data.max_pixels)
+    if not batch_labelled(batch_dir):
+        found = validate_images(batch_dir, ws.batch(b) / "accepted", ws.root / "quarantine" / b, limits)
+        if len(found.images) < settings.drift.min_images:
+            shutil.rmtree(ws.batch(b), ignore_errors=True)
+        return BatchInfo(b, domain, len(found.images), len(found.rejected), {}, labelled=False)
     result = validate_folder(
         batch_dir, ws.batch(b) / "accepted", ws.root / "quarantine" / b, settings.num_classes, limits, allow_empty=True
     )
@@ -778,17 +827,23 @@ def fold_step(
     return state
 
 
-def write_marker(ws: Workspace, record: StepRecord) -> None:
-    """processed/<batch>.json, atomically; it counts once committed."""
-    ws.marker(record.batch).parent.mkdir(exist_ok=True)
-    write_json(ws.marker(record.batch), record.to_dict())
+def write_marker(ws: Workspace, record: StepRecord, marker: Path | None = None) -> None:
+    """processed/<batch>.json (or `marker`), atomically; it counts once committed."""
+    path = marker or ws.marker(record.batch)
+    path.parent.mkdir(exist_ok=True)
+    write_json(path, record.to_dict())
 
 
-def finish(ws: Workspace, record: StepRecord, replay: str | None, settings: Settings) -> str:
-    """Fold the step into state.json, write the marker and commit both: the step is now done."""
+def finish(
+    ws: Workspace, record: StepRecord, replay: str | None, settings: Settings, marker: Path | None = None
+) -> str:
+    """Fold the step into state.json, write the marker and commit both: the step is now done.
+    A skipped or unlabelled batch leaves state.json as it was (nothing held out, nothing trained)."""
     state = read_state(ws)
-    write_state(ws, state if record.skipped else fold_step(state, ws, record, replay, settings.continual.learnt_ratio))
-    write_marker(ws, record)
+    if not record.skipped and record.labelled:
+        state = fold_step(state, ws, record, replay, settings.continual.learnt_ratio)
+    write_state(ws, state)
+    write_marker(ws, record, marker)
     return commit(ws, f"batch {record.batch}: {record.summary}")
 
 
@@ -806,7 +861,13 @@ def summary_line(rec: StepRecord) -> str:
         ]
     if rec.update_reason.startswith("domain"):  # trained without drift
         parts.append(rec.update_reason)
-    if rec.updated:
+    if rec.status == LABELLED:
+        missing = (rec.labels or {}).get("missing", [])
+        counts = f"{rec.accepted} masks, {rec.quarantined} quarantined, {len(missing)} missing"
+        parts.insert(0, f"labels imported ({counts})")
+    if not rec.labelled:
+        parts.append(f"label request: {rec.label_request}" if rec.label_request else "unlabelled, no update")
+    elif rec.updated:
         pooled = f" (+{len(rec.pooled)} pooled batch{'es' if len(rec.pooled) > 1 else ''})" if rec.pooled else ""
         parts.append(f"v{rec.candidate_version}{pooled} " + ("promoted" if rec.promoted else "rejected"))
         failed = [r for r in rec.reasons if r.startswith("FAIL")]
@@ -972,9 +1033,11 @@ def process_batch(ws: Workspace, batch_dir: Path, settings: Settings, call: Call
     A counted attempt (`batch_attempt`: contract, dead letters) of: prepare (undo a crashed
     attempt) -> the step's settings (params/<batch>.yaml) -> ingest -> [too few accepted:
     recorded as skipped] -> version -> champion -> drift -> update if `update_reason` ->
-    gate -> replay on promotion -> state, marker, commit -> tags. `call(name, fn, *args)`
-    runs each sub-step: `direct` here, a Prefect task with retries on I/O in continual_flow.
-    The commit in `finish` is what makes the step count.
+    gate -> replay on promotion -> state, marker, commit -> tags. An unlabelled batch stops
+    after drift: drifted, a label request instead of an update (status awaiting-labels; its
+    labels continue it later, `import_labels`). `call(name, fn, *args)` runs each sub-step:
+    `direct` here, a Prefect task with retries on I/O in continual_flow. The commit in
+    `finish` is what makes the step count.
     """
     b = batch_dir.name
     lifeline.guard()  # from now on, nothing this process starts outlives it
@@ -982,56 +1045,230 @@ def process_batch(ws: Workspace, batch_dir: Path, settings: Settings, call: Call
         call("prepare", prepare, ws, settings, b)
         call("settings", write_step_params, ws, settings, b)
         info = call("ingest", ingest, ws, batch_dir, settings)
-        if not info.split:  # empty or wholly rejected: recorded (quarantine committed) and skipped
+        if info.accepted < settings.drift.min_images:  # empty or wholly rejected: recorded and skipped
             rec = StepRecord(
                 b, info.domain, now(), info.accepted, info.quarantined, champion_version=read_state(ws).champion
             )
-            rec.skipped = (
-                f"{info.accepted} pair(s) accepted, {info.quarantined} file(s) quarantined; a step needs "
-                f"at least {settings.drift.min_images} (drift.min_images)"
+            what = "pair(s)" if info.labelled else "image(s)"
+            rec.labelled, rec.skipped = (
+                info.labelled,
+                (
+                    f"{info.accepted} {what} accepted, {info.quarantined} file(s) quarantined; a step needs "
+                    f"at least {settings.drift.min_images} (drift.min_images)"
+                ),
             )
             rec.summary = f"skipped: {rec.skipped}"
             rec.commit = call("record", finish, ws, rec, None, settings)
             return rec
         call("version", version_batch, ws, b)
         champ = call("champion", champion, settings)
-        rec = StepRecord(b, info.domain, now(), info.accepted, info.quarantined)
+        rec = StepRecord(b, info.domain, now(), info.accepted, info.quarantined, labelled=info.labelled)
+        if not info.labelled:
+            return unlabelled_step(ws, info, champ, rec, settings, call)
         if champ is not None:
             rec.drift = call("drift", check_drift, ws, info, champ, settings)
-        candidate = None
         rec.update_reason = update_reason(champ, rec.drift, read_state(ws), info.domain)
-        if rec.update_reason:
-            candidate = call("update", train_model, ws, info, champ, settings)
-            decision = call("gate", gate_candidate, ws, info, candidate.version, settings)
-            rec.updated, rec.candidate_version, rec.promoted = True, candidate.version, decision["promoted"]
-            rec.reasons, rec.decision, rec.learnt = decision["reasons"], decision["decision"], decision["learnt"] or []
-            rec.trained_on, rec.pooled, rec.images_seen = candidate.trained_on, candidate.pooled, candidate.images_seen
-            rec.candidate_miou, rec.kept_in_pool = decision["after"], not decision["promoted"]
-            before, after = decision["before"], decision["after"] if decision["promoted"] else decision["before"]
-        else:
-            before = after = call("evaluate-champion", champion_scores, ws, info, champ, settings)
-        rec.champion_version = rec.candidate_version if rec.promoted else (champ[0] if champ else None)
-        rec.miou_before = {} if champ is None else before
-        rec.miou_after = {} if rec.champion_version is None else after
-        replay = call("replay", new_replay, ws, info, settings) if rec.promoted else None
-        rec.summary = summary_line(rec)
-        commit_sha = call("record", finish, ws, rec, replay, settings)
-        if candidate is not None:
-            stage = ("train-" if champ is None else "update-") + b
-            call(
-                "tag",
-                tag_version,
-                settings,
-                candidate.version,
-                {
-                    "segloop.loop.commit": commit_sha,
-                    "segloop.loop.stage": stage,
-                    "segloop.loop.workspace": str(ws.root),
-                    "segloop.loop.params_md5": _md5(ws.step_params(b)),
-                },
-            )
-        rec.commit = commit_sha
+        return update_step(ws, info, champ, rec, settings, call)
+
+
+def update_step(
+    ws: Workspace,
+    info: BatchInfo,
+    champ: tuple[str, Path] | None,
+    rec: StepRecord,
+    settings: Settings,
+    call: Callable[..., Any],
+    marker: Path | None = None,
+) -> StepRecord:
+    """The rest of a labelled step, given its drift and `rec.update_reason`: update if there
+    is a reason -> gate -> replay on promotion -> state, marker (default processed/<batch>.json),
+    commit -> tags. Shared by a batch's own step and the step its imported labels make."""
+    b = info.batch
+    candidate = None
+    if rec.update_reason:
+        candidate = call("update", train_model, ws, info, champ, settings)
+        decision = call("gate", gate_candidate, ws, info, candidate.version, settings)
+        rec.updated, rec.candidate_version, rec.promoted = True, candidate.version, decision["promoted"]
+        rec.reasons, rec.decision, rec.learnt = decision["reasons"], decision["decision"], decision["learnt"] or []
+        rec.trained_on, rec.pooled, rec.images_seen = candidate.trained_on, candidate.pooled, candidate.images_seen
+        rec.candidate_miou, rec.kept_in_pool = decision["after"], not decision["promoted"]
+        before, after = decision["before"], decision["after"] if decision["promoted"] else decision["before"]
+    else:
+        before = after = call("evaluate-champion", champion_scores, ws, info, champ, settings)
+    rec.champion_version = rec.candidate_version if rec.promoted else (champ[0] if champ else None)
+    rec.miou_before = {} if champ is None else before
+    rec.miou_after = {} if rec.champion_version is None else after
+    replay = call("replay", new_replay, ws, info, settings) if rec.promoted else None
+    rec.summary = summary_line(rec)
+    commit_sha = call("record", finish, ws, rec, replay, settings, marker)
+    if candidate is not None:
+        stage = ("train-" if champ is None else "update-") + b
+        call(
+            "tag",
+            tag_version,
+            settings,
+            candidate.version,
+            {
+                "segloop.loop.commit": commit_sha,
+                "segloop.loop.stage": stage,
+                "segloop.loop.workspace": str(ws.root),
+                "segloop.loop.params_md5": _md5(ws.step_params(b)),
+            },
+        )
+    rec.commit = commit_sha
     return rec
+
+
+def unlabelled_step(
+    ws: Workspace,
+    info: BatchInfo,
+    champ: tuple[str, Path] | None,
+    rec: StepRecord,
+    settings: Settings,
+    call: Callable[..., Any],
+) -> StepRecord:
+    """An unlabelled batch after versioning: drift-checked like any other; drifted, a label
+    request instead of an update (status awaiting-labels), else recorded as served well.
+    Nothing is trained, so the next batch is never held up by this one's labels."""
+    rec.champion_version = champ[0] if champ else None
+    if champ is None:
+        rec.skipped = "unlabelled, and no champion yet to check drift against or draft labels with"
+    else:
+        rec.drift = call("drift", check_drift, ws, info, champ, settings)
+        scores = read_state(ws).scores.get(champ[0], {})
+        rec.miou_before, rec.miou_after = dict(scores), dict(scores)
+        if rec.drift["drift"]:
+            rec.label_request = call("label-request", request_labels, ws, info, champ, settings)
+            rec.status = AWAITING
+    rec.summary = f"skipped: {rec.skipped}" if rec.skipped else summary_line(rec)
+    rec.commit = call("record", finish, ws, rec, None, settings)
+    return rec
+
+
+def request_labels(ws: Workspace, info: BatchInfo, champ: tuple[str, Path], settings: Settings) -> str:
+    """The label request of a drifted unlabelled batch: `settings.labels` picks the images, the
+    champion drafts their masks; written to labels/requests/<batch>/, logged to MLflow (run
+    `labels:<batch>`, artifacts under label_request/) and versioned by DVC. Returns its folder."""
+    from segloop.labels import LOCAL_FILES, LabelRequest, champion_uncertainty, select, write_request
+    from segloop.tracking import tracked_run
+
+    b, out = info.batch, ws.request(info.batch)
+    accepted = ws.batch(b) / "accepted"
+    u, drafts = champion_uncertainty(champ[1], accepted, settings, ws.root / ".cache" / "drift")
+    chosen = select(u, settings.labels)
+    cfg = settings.labels
+    tags = {"segloop.batch": b, "segloop.model_version": champ[0], "segloop.labels.strategy": cfg.strategy}
+    with tracked_run(settings, "label-request", {"batch": accepted}, tags, run_name=f"labels:{b}") as run:
+        request = LabelRequest(
+            b, info.domain, champ[0], cfg.strategy, cfg.budget, list(settings.data.classes), [], len(u.stems)
+        )
+        request.mlflow_run = run.run_id if run else None
+        write_request(out, accepted / "images", u, chosen, drafts, request, f"{LOCAL_FILES}{ws.rel(out)}/")
+        if run:
+            run.log_metrics({"labels.requested": len(chosen), "labels.batch_images": len(u.stems)})
+            for name in ("request.json", "tasks.json", "label_config.xml"):
+                run.log_file(out / name, "label_request")
+            run.log_folder(out / "drafts", "label_request/drafts")
+    dvc(ws, "add", "-q", ws.rel(out))
+    print(f"batch {b}: label request for {len(chosen)} of {len(u.stems)} images ({cfg.strategy}) in {out}", flush=True)
+    return ws.rel(out)
+
+
+def awaiting_labels(ws: Workspace, batch: str) -> StepRecord:
+    """The committed record of `batch`, whose label request waits for its labels; a clear
+    error if its labels were imported already or it never asked for any."""
+    if batch in labels_imported(ws):
+        raise ValueError(
+            f"batch {batch}: labels already imported ({ws.labelled_marker(batch)} committed); "
+            "a batch's labels are imported and trained on once"
+        )
+    if batch not in processed(ws):
+        raise ValueError(f"batch {batch}: not processed by the loop yet, so no label request (`segloop batches list`)")
+    rec = StepRecord.read(ws.marker(batch))
+    if rec.status != AWAITING or not rec.label_request:
+        raise ValueError(f"batch {batch}: not awaiting labels (status {rec.status}: {rec.summary})")
+    return rec
+
+
+def prepare_labels(ws: Workspace, settings: Settings, batch: str) -> StepRecord:
+    """Like `prepare`, for the step of a batch's imported labels: back to the last step commit,
+    a champion a crashed import promoted put back, that import's outputs removed. Returns the
+    batch's record (awaiting labels)."""
+    reset_to_last_step(ws)
+    init_workspace(ws, settings)
+    asked = awaiting_labels(ws, batch)
+    undo_unfinished_promotion(ws, settings, batch)
+    r = ws.root
+    # Ignored by git, so a reset leaves them: the batch's folder goes back to its images only.
+    for path in (
+        ws.batch(batch) / "labelled",
+        ws.batch(batch) / "split",
+        r / "models" / batch,
+        r / "replay" / batch,
+        r / "steps" / batch / "gate",
+        r / "steps" / batch / "eval",
+        r / "quarantine" / batch / "labels",
+        ws.labelled_marker(batch),
+    ):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+    return asked
+
+
+def ingest_labels(ws: Workspace, asked: StepRecord, folder: Path, settings: Settings) -> tuple[BatchInfo, dict]:
+    """Check the masks in `folder` against the batch's request (bad ones to quarantine/<batch>/labels/
+    with reasons), pair the good ones with their images in batches/<batch>/labelled/ and split
+    them. Returns the labelled batch and what the import found; too few to split is an error."""
+    from segloop.data.split import SPLITS, split_dataset
+    from segloop.data.validate import quarantine_files
+    from segloop.labels import check_labels
+
+    b = asked.batch
+    assert asked.label_request is not None  # awaiting_labels checked it
+    found = check_labels(ws.root / asked.label_request, folder, settings.num_classes)
+    quarantine_files(found.rejected, ws.root / "quarantine" / b, "labels")
+    data = ws.batch(b) / "labelled"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    for image, mask in found.accepted:
+        shutil.copy2(image, data / "images" / image.name)
+        shutil.copy2(mask, data / "masks" / f"{mask.stem}.png")
+    counts = split_dataset(data, ws.batch(b) / "split", settings.split) if found.accepted else {}
+    if any(counts.get(part, 0) == 0 for part in SPLITS):
+        reasons = "; ".join(f"{Path(r['file']).name}: {r['reason']}" for r in found.rejected[:3])
+        raise ValueError(
+            f"{folder}: {len(found.accepted)} mask(s) for batch {b} passed the checks, too few to split into "
+            f"train/val/test ({counts or 'nothing'}); {len(found.rejected)} rejected{': ' + reasons if reasons else ''}"
+        )
+    labels = {"from": str(folder), "missing": found.missing, "quarantined": len(found.rejected)}
+    return BatchInfo(b, asked.domain, len(found.accepted), len(found.rejected), counts), labels
+
+
+def import_labels(
+    ws: Workspace, settings: Settings, batch: str, folder: Path, call: Callable[..., Any] = direct
+) -> StepRecord:
+    """Labels for a batch awaiting them: checked against its request (bad masks quarantined with
+    reasons, the rest go on), versioned with the batch, and the batch continues as a labelled
+    one from the then-current champion and settings: update, gate, promotion, replay. Recorded in
+    labelled/<batch>.json; once that is committed a second import of the batch is refused.
+    A crash before the commit leaves the batch awaiting labels: the import can be run again."""
+    lifeline.guard()
+    folder = Path(folder).resolve()
+    with workspace_lock(ws):
+        asked = call("prepare", prepare_labels, ws, settings, batch)
+        # This step's settings (the earlier step of the batch ran no stage that reads them).
+        call("settings", write_step_params, ws, settings, batch)
+        info, labels = call("labels", ingest_labels, ws, asked, folder, settings)
+        call("version", version_batch, ws, batch)
+        champ = call("champion", champion, settings)
+        if champ is None:
+            raise ValueError(f"batch {batch}: no champion in the registry to update with its labels")
+        rec = StepRecord(batch, info.domain, now(), info.accepted, info.quarantined, drift=asked.drift)
+        rec.status, rec.label_request, rec.labels = LABELLED, asked.label_request, labels
+        rec.update_reason = f"labels imported for drifted batch {batch}"
+        return update_step(ws, info, champ, rec, settings, call, ws.labelled_marker(batch))
 
 
 def _md5(path: Path) -> str:
@@ -1047,9 +1284,13 @@ def list_batches(ws: Workspace) -> list[dict]:
     """Every batch the loop knows: pending (ready or not), failed (dead letters) and processed, by name."""
     rows: dict[str, dict] = {}
     done = processed(ws)
+    imported = labels_imported(ws)
     for b in sorted(done):
         rec = StepRecord.read(ws.marker(b)) if ws.marker(b).exists() else None
-        rows[b] = {"batch": b, "status": "processed", "detail": rec.summary if rec else ""}
+        if b in imported and ws.labelled_marker(b).exists():
+            rec = StepRecord.read(ws.labelled_marker(b))
+        waiting = rec is not None and rec.status == AWAITING
+        rows[b] = {"batch": b, "status": AWAITING if waiting else "processed", "detail": rec.summary if rec else ""}
     if ws.incoming.is_dir():
         for p in sorted(ws.incoming.iterdir()):
             if p.is_dir() and not p.name.startswith(".") and p.name not in done:

@@ -15,13 +15,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA = 1
+# 2: step records of unlabelled batches (status, labelled, label_request, labels); 1 and 0
+# (written before records were typed) have the same keys, fewer of them.
+SCHEMA = 2
+STATUSES = ("done", "awaiting-labels", "labelled")  # StepRecord.status
 
 
 def _load(cls, path: Path, raw: dict[str, Any]):
-    schema = raw.get("schema", 0)  # 0: written before records were typed; same keys, fewer of them
-    if schema not in (0, SCHEMA):
-        raise ValueError(f"{path}: schema {schema}, this segloop reads schema {SCHEMA} (and 0)")
+    schema = raw.get("schema", 0)
+    if schema not in range(SCHEMA + 1):
+        raise ValueError(f"{path}: schema {schema}, this segloop reads schemas 0 to {SCHEMA}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -43,6 +46,7 @@ class BatchInfo:
     accepted: int
     quarantined: int
     split: dict[str, int]
+    labelled: bool = True  # False: images only (a label request if it drifted)
 
 
 @dataclass
@@ -110,6 +114,12 @@ class StepRecord:
     summary: str = ""
     commit: str | None = None
     skipped: str | None = None  # why the batch was recorded without a step (too few accepted pairs)
+    # done; awaiting-labels: an unlabelled batch that drifted, its label request out (label_request);
+    # labelled: the step that imported those labels (labelled/<batch>.json) and trained on them.
+    status: str = "done"
+    labelled: bool = True
+    label_request: str | None = None  # the request folder, relative to the workspace
+    labels: dict | None = None  # the import: {"from", "missing": [stems], "quarantined": n}
 
     @classmethod
     def read(cls, path: Path) -> StepRecord:

@@ -33,11 +33,13 @@ IMAGE_MODES = {"L", "RGB", "RGBA", "P", "LA", "I;16"}
 @dataclass
 class ValidationResult:
     accepted: list[tuple[Path, Path]] = field(default_factory=list)  # (image, mask)
+    images: list[Path] = field(default_factory=list)  # accepted images of an unlabelled folder
     rejected: list[dict] = field(default_factory=list)  # {"file": ..., "reason": ...}
 
     def summary(self) -> str:
         counts = Counter(r["reason"].split(":")[0] for r in self.rejected)
-        lines = [f"accepted {len(self.accepted)} pairs, rejected {len(self.rejected)} files"]
+        kept = f"{len(self.images)} images" if self.images else f"{len(self.accepted)} pairs"
+        lines = [f"accepted {kept}, rejected {len(self.rejected)} files"]
         lines += [f"  {n:5d}  {reason}" for reason, n in counts.most_common()]
         return "\n".join(lines)
 
@@ -66,7 +68,7 @@ def _check_image(path: Path, limits: SizeLimits = SizeLimits()) -> tuple[str | N
         return f"unreadable image: {type(err).__name__}: {err}", None
 
 
-def _check_mask(path: Path, size: tuple[int, int], num_classes: int) -> str | None:
+def check_mask(path: Path, size: tuple[int, int], num_classes: int) -> str | None:
     try:
         with Image.open(path) as img:
             if img.mode not in MASK_MODES:
@@ -83,7 +85,7 @@ def _check_mask(path: Path, size: tuple[int, int], num_classes: int) -> str | No
     return None
 
 
-def _by_stem(folder: Path, suffixes: set[str], result: ValidationResult, kind: str) -> dict[str, Path]:
+def files_by_stem(folder: Path, suffixes: set[str], result: ValidationResult, kind: str) -> dict[str, Path]:
     """Files of `folder` keyed by stem; unsupported types and duplicate stems are rejected."""
     groups: dict[str, list[Path]] = defaultdict(list)
     if folder.is_symlink():
@@ -126,8 +128,8 @@ def check_folder(
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: folder does not exist")
     result = ValidationResult()
-    images = _by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image")
-    masks = _by_stem(src / MASKS, MASK_SUFFIXES, result, "mask")
+    images = files_by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image")
+    masks = files_by_stem(src / MASKS, MASK_SUFFIXES, result, "mask")
     if not images and not masks and not result.rejected and not allow_empty:
         raise ValueError(f"{src}: empty folder (expected {IMAGES}/ and {MASKS}/ with files paired by stem)")
     for stem in sorted(set(masks) - set(images)):
@@ -138,7 +140,7 @@ def check_folder(
         if reason is None and mask is None:
             reason = "mask missing"
         if reason is None and mask is not None and size is not None:  # no reason yet: both are there
-            reason = _check_mask(mask, size, num_classes)
+            reason = check_mask(mask, size, num_classes)
             if reason is None:
                 result.accepted.append((image, mask))
                 continue
@@ -176,12 +178,39 @@ def validate_folder(
     for image, mask in result.accepted:
         _copy_new(image, out / IMAGES / image.name)
         _copy_new(mask, out / MASKS / f"{mask.stem}.png")  # the loader expects lower-case .png
+    quarantine_files(result.rejected, quarantine)
+    return result
+
+
+def quarantine_files(rejected: list[dict], quarantine: Path, folder: str | None = None) -> None:
+    """Copy each rejected file into `quarantine` (under `folder`, default its parent folder's
+    name) and append its reason and sha256 to quarantine/reasons.jsonl."""
     # The log exists even when empty: "validated, nothing rejected" is a record too.
     quarantine.mkdir(parents=True, exist_ok=True)
     with open(quarantine / "reasons.jsonl", "a") as log:
-        for item in result.rejected:
+        for item in rejected:
             path = Path(item["file"])
-            kept = _copy_new(path, quarantine / path.parent.name / path.name)
+            kept = _copy_new(path, quarantine / (folder or path.parent.name) / path.name)
             digest = {} if kept.is_symlink() else {"sha256": hashlib.sha256(kept.read_bytes()).hexdigest()}
             log.write(json.dumps({**item, "quarantined_as": str(kept), **digest}) + "\n")
+
+
+def validate_images(src: Path, out: Path, quarantine: Path, limits: SizeLimits = SizeLimits()) -> ValidationResult:
+    """An unlabelled folder (images/, no masks/): accepted images to out/images (`images`),
+    rejected files to `quarantine` with reasons. A masks/ folder is an error: such a batch is labelled."""
+    src, out, quarantine = Path(src), Path(out), Path(quarantine)
+    if src.is_symlink() or not src.is_dir():
+        raise FileNotFoundError(f"{src}: not a folder (links are never followed)")
+    if os.path.lexists(src / MASKS):
+        raise ValueError(f'{src}: has {MASKS}/ but is declared unlabelled (batch.json "labelled": false)')
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: destination exists and is not empty; refusing to overwrite")
+    result = ValidationResult()
+    for _, image in sorted(files_by_stem(src / IMAGES, IMAGE_SUFFIXES, result, "image").items()):
+        reason, _ = _check_image(image, limits)
+        if reason is None:
+            result.images.append(_copy_new(image, out / IMAGES / image.name))
+        else:
+            result.rejected.append({"file": str(image), "reason": reason})
+    quarantine_files(result.rejected, quarantine)
     return result
