@@ -92,13 +92,12 @@ class SplitSettings(_Strict):
 class NormSettings(_Strict):
     """Input normalisation inside the model: x in [0, 1] -> (clip(x, *clip) - mean) / std per channel.
 
-    kind `image`: mean and std of each image and channel instead of the dataset's (mean/std
-    unused), so a global gain, offset or tint of a new camera or exposure cancels out.
-    kind `local`: mean and std over a `window` x `window` neighbourhood of each pixel (local
-    contrast normalisation), so a gain and offset that vary smoothly across the image (haze
-    thickening with depth, vignetting, uneven light) cancel out too."""
+    kind `local`: mean and std over a `window` x `window` neighbourhood of each pixel instead
+    of the dataset's (local contrast normalisation; mean/std unused), so a gain and offset of a
+    new camera or exposure cancel out, even when they vary smoothly across the image (haze
+    thickening with depth, vignetting, uneven light)."""
 
-    kind: Literal["none", "zscore", "image", "local"] = "zscore"
+    kind: Literal["none", "zscore", "local"] = "zscore"
     mean: list[float] = [0.0]
     std: list[float] = [1.0]
     clip: tuple[float, float] | None = None
@@ -229,9 +228,6 @@ class ContinualSettings(_Strict):
     # A trained domain whose held-out mIoU is under this share of the champion's best domain is
     # weak: its next labelled batch is trained on whether it drifted or not.
     learnt_ratio: float = Field(0.8, ge=0.0, le=1.0)
-    # BatchNorm in an update: `train` (running statistics follow the update's batches) or `frozen`
-    # (normalise with the parent's statistics and keep them; the affine weights still learn).
-    batchnorm: Literal["train", "frozen"] = "train"
 
 
 class TrackingSettings(_Strict):

@@ -143,7 +143,6 @@ def _run(
         replay_ratio=ratio,
         extra_loss=extra,
         freeze_encoder=freeze,
-        frozen_bn=not joint and c.batchnorm == "frozen",
         new_classes=() if joint else c.new_classes,
         seg_loss=None if joint else _class_incremental_loss(settings, parent),
         meta=meta,

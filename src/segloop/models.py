@@ -57,9 +57,6 @@ class InputNorm(nn.Module):
             return x
         if self.clip is not None:
             x = x.clamp(*self.clip)
-        if self.kind == "image":
-            centred = x - x.mean(dim=(2, 3), keepdim=True)
-            return centred / (centred.square().mean(dim=(2, 3), keepdim=True) + 1e-6).sqrt()
         if self.kind == "local":  # borders: the part of the window inside the image
             pool = partial(F.avg_pool2d, kernel_size=self.window, stride=1, padding=self.window // 2)
             mean = pool(x, count_include_pad=False)

@@ -137,7 +137,6 @@ class TrainJob:
     replay_ratio: float = 0.0
     extra_loss: ExtraLoss | None = None
     freeze_encoder: bool = False
-    frozen_bn: bool = False  # BatchNorm normalises with (and keeps) the parent's running statistics
     new_classes: Sequence[str] = ()
     seg_loss: nn.Module | None = None
     meta: dict | None = None
@@ -363,10 +362,6 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         n_replayed = sampler.batches.k if isinstance(sampler.batches, MixedBatchSampler) else 0
         if job.freeze_encoder:
             model.get_submodule("encoder").eval()  # frozen means BatchNorm running statistics too
-        if job.frozen_bn:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
         loss_sum, n_batches, epoch_start = torch.zeros((), device=device), 0, time.monotonic()
         for images, masks in loader:
             # The schedule ends where the budget ends: progress is steps or time, whichever is further.
