@@ -50,9 +50,9 @@ def loop_raw(tmp_path_factory) -> dict:
     from conftest import ROOT, TINY, _merge
 
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    # alpha 0.001: a false alarm on a base batch is a 5% event per batch at 0.05 (a CI run saw
+    # alpha 0.01: a false alarm on a base batch is a 5% event per batch at 0.05 (a CI run saw
     # one at p 0.026, on a tiny model's embedding); fog drifts at p ~1e-10 and far below.
-    raw["drift"] |= {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.001}
+    raw["drift"] |= {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.01}
     raw["continual"] |= {"epochs": 10, "lr": 0.003}
     # A tiny champion's mIoU (~0.2) moves by more than the default 0.05 between two base batches
     # (a CI run saw a base batch "drift" on it); test_drift checks performance drift itself.

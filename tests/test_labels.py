@@ -39,8 +39,8 @@ loop.import_labels(loop.Workspace.of(settings), settings, "01-fog", Path(sys.arg
 
 def _params(root: Path) -> Path:
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    # alpha 0.001: the base batch must not raise a 5%-per-batch false alarm (as test_flows saw); fog drifts far below
-    raw["drift"] |= {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.001}
+    # alpha 0.01: the base batch must not raise a 5%-per-batch false alarm (as test_flows saw); fog drifts far below
+    raw["drift"] |= {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.01}
     raw["continual"] |= {"epochs": 4, "lr": 0.003}
     # The plumbing, not learning: every candidate passes the gate.
     raw["registry"] = {"model_name": "loop", "gate": {"min_gain": -1.0, "max_forgetting": 1.0, "floor_miou": 0.05}}
