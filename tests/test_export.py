@@ -16,9 +16,10 @@ from segloop.checkpoint import load_model, save_checkpoint
 from segloop.cli import main
 from segloop.data.dataset import list_samples
 from segloop.evaluate import predict_folder
-from segloop.export import OnnxBackend, export_model, int8_path, log_export, parity_path
+from segloop.export import OnnxBackend, export_model, int8_path, parity_path
 from segloop.inference import predict_logits
 from segloop.models import build_model
+from segloop.registry import log_export
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

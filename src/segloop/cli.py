@@ -149,7 +149,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from segloop.export import export_model, log_export, parity_lines, parity_path
+    from segloop.export import export_model, parity_lines, parity_path
+    from segloop.registry import log_export
 
     s = _settings(args)
     path, label, mv = _model(args.model, s)

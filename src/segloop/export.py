@@ -415,18 +415,3 @@ def parity_lines(report: dict) -> list[str]:
             f"pixels agreeing {100 * r['pixel_agreement']:.2f}%{miou}  ({r['bytes'] / 2**20:.1f} MiB)"
         )
     return lines
-
-
-def log_export(settings, mv, files: list[Path]) -> str:
-    """Attach exported files to registered version `mv`'s run (folder `export/`); tag the version.
-
-    Returns the artifact URI of the folder.
-    """
-    from segloop.registry import registry_client
-
-    client, _ = registry_client(settings)
-    for path in files:
-        client.log_artifact(mv.run_id, str(path), "export")
-    uri = f"{client.get_run(mv.run_id).info.artifact_uri}/export"
-    client.set_model_version_tag(mv.name, mv.version, "segloop.export", uri)
-    return uri

@@ -939,3 +939,16 @@ def gate(
         move_alias(settings, CHAMPION, str(candidate.version), "gate", f"gate passed: {summary}", decision_uri)
     decision["decision_uri"] = decision_uri
     return decision
+
+
+def log_export(settings, mv, files: list[Path]) -> str:
+    """Attach exported files to registered version `mv`'s run (folder `export/`); tag the version.
+
+    Returns the artifact URI of the folder.
+    """
+    client, _ = registry_client(settings)
+    for path in files:
+        client.log_artifact(mv.run_id, str(path), "export")
+    uri = f"{client.get_run(mv.run_id).info.artifact_uri}/export"
+    client.set_model_version_tag(mv.name, mv.version, "segloop.export", uri)
+    return uri
