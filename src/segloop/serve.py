@@ -420,7 +420,8 @@ def servability(
     ms = min(rounds, key=lambda r: r["candidate"] / r["champion"] if "champion" in r else 0.0)
     out["rounds"] = [{role: round(v, 3) for role, v in r.items()} for r in rounds]
     out["candidate_ms"] = round(ms["candidate"], 3)
-    answered = f"loaded on {backend}, answered in {ms['candidate']:.2f} ms"
+    # The reason shows the recorded (rounded) figures, so the two never disagree in a last digit.
+    answered = f"loaded on {backend}, answered in {out['candidate_ms']:.2f} ms"
     if champion is None:
         return done(True, f"{answered} (no champion: latency not compared)")
     if "champion" not in timed:
@@ -430,7 +431,7 @@ def servability(
         )
     out["champion_ms"] = round(ms["champion"], 3)
     out["ratio"] = ratio = ms["candidate"] / ms["champion"]
-    versus = f"{answered} vs champion {ms['champion']:.2f} ms (ratio {ratio:.2f}"
+    versus = f"{answered} vs champion {out['champion_ms']:.2f} ms (ratio {ratio:.2f}"
     if limit is None:
         return done(True, f"{versus}, registry.gate.max_latency_ratio off: latency not limited)")
     best = f"; best of {len(rounds)} timing rounds" if len(rounds) > 1 else ""
