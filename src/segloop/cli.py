@@ -11,7 +11,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from segloop.config import DEFAULT_PARAMS, Settings, SettingsError, load_settings, save_settings
 from segloop.tracking import TrackingError
@@ -173,39 +173,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def _compress(args: argparse.Namespace, kind: Literal["distill", "prune"], ref: str, ratio: float | None = None) -> int:
     from segloop.runs import compress_step
 
     result, _ = compress_step(
         _settings(args),
-        "distill",
-        args.teacher,
+        kind,
+        ref,
         args.data,
         args.out,
         args.val,
+        ratio,
         register=args.register,
         overwrite=args.overwrite,
     )
     print(json.dumps(result.__dict__, indent=1))
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    return _compress(args, "distill", args.teacher)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from segloop.runs import compress_step
-
-    result, _ = compress_step(
-        _settings(args),
-        "prune",
-        args.model,
-        args.data,
-        args.out,
-        args.val,
-        args.ratio,
-        register=args.register,
-        overwrite=args.overwrite,
-    )
-    print(json.dumps(result.__dict__, indent=1))
-    return 0
+    return _compress(args, "prune", args.model, args.ratio)
 
 
 def cmd_update(args: argparse.Namespace) -> int:
