@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from segloop import registry
+from segloop import gate, registry
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.cli import main
 from segloop.config import GateSettings, settings_from_dict
@@ -360,7 +360,7 @@ def test_gate_moves_no_alias_when_the_decision_cannot_be_logged(store, tmp_path,
     monkeypatch.setattr(MlflowClient, "log_artifacts", broken)
     candidate = "1" if champion != "1" else "2"
     with pytest.raises(OSError, match="artifact store unreachable"):
-        registry.gate(
+        gate.gate(
             store["settings"].model_copy(
                 update={
                     "registry": store["settings"].registry.model_copy(
@@ -391,7 +391,7 @@ def test_gate_moves_no_alias_when_the_decision_cannot_be_logged(store, tmp_path,
     ],
 )
 def test_decide_applies_min_gain_and_max_forgetting(cand, champ, promoted, failing):
-    d = registry.decide(cand, champ, "new", GateSettings(min_gain=0.01, max_forgetting=0.02, floor_miou=0.3))
+    d = gate.decide(cand, champ, "new", GateSettings(min_gain=0.01, max_forgetting=0.02, floor_miou=0.3))
     assert d["promoted"] is promoted
     assert sorted(c["domain"] for c in d["checks"] if not c["passed"]) == failing
     assert len(d["reasons"]) == 2 and all(
@@ -411,8 +411,8 @@ def test_decide_protects_only_learnt_domains():
     cfg = GateSettings(min_gain=0.01, max_forgetting=0.02, floor_miou=0.3)
     cand = {"base": 0.935, "lowlight": 0.180, "fog": 0.665}
     champ = {"base": 0.944, "lowlight": 0.205, "fog": 0.174}
-    assert registry.decide(cand, champ, "fog", cfg)["promoted"] is False  # every domain protected: refused
-    d = registry.decide(cand, champ, "fog", cfg, learnt=["base"])
+    assert gate.decide(cand, champ, "fog", cfg)["promoted"] is False  # every domain protected: refused
+    d = gate.decide(cand, champ, "fog", cfg, learnt=["base"])
     assert d["promoted"] is True and d["mlflow_validation"] == "passed" and d["learnt"] == ["base"]
     info = next(r for r in d["reasons"] if "lowlight" in r)
     assert (
@@ -421,22 +421,22 @@ def test_decide_protects_only_learnt_domains():
     )
     assert d["metrics"]["lowlight"]["role"] == "not_learnt" and d["metrics"]["base"]["role"] == "old"
     # a learnt domain that loses more than max_forgetting still refuses the candidate
-    d = registry.decide({**cand, "base": 0.90}, champ, "fog", cfg, learnt=["base"])
+    d = gate.decide({**cand, "base": 0.90}, champ, "fog", cfg, learnt=["base"])
     assert d["promoted"] is False and [c["domain"] for c in d["checks"] if not c["passed"]] == ["base"]
     # the target is held to min_gain whether learnt or not
-    assert registry.decide({**cand, "fog": 0.175}, champ, "fog", cfg, learnt=["base"])["promoted"] is False
+    assert gate.decide({**cand, "fog": 0.175}, champ, "fog", cfg, learnt=["base"])["promoted"] is False
 
 
 def test_decide_without_champion_uses_floors():
     cfg = GateSettings(floor_miou=0.3)
-    assert registry.decide({"a": 0.31, "b": 0.30}, None, "a", cfg)["promoted"] is True
-    d = registry.decide({"a": 0.31, "b": 0.29}, None, "a", cfg)
+    assert gate.decide({"a": 0.31, "b": 0.30}, None, "a", cfg)["promoted"] is True
+    d = gate.decide({"a": 0.31, "b": 0.29}, None, "a", cfg)
     assert (
         d["promoted"] is False
         and d["reasons"][1] == "FAIL b mIoU 0.2900 < floor 0.3000 (registry.gate.floor_miou, no champion yet)"
     )
     with pytest.raises(ValueError, match="target domain 'c' not among"):
-        registry.decide({"a": 0.5}, None, "c", cfg)
+        gate.decide({"a": 0.5}, None, "c", cfg)
 
 
 def test_parse_ref():

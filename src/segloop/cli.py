@@ -244,7 +244,7 @@ def _domain_dirs(pairs: list[str]) -> dict[str, Path]:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from segloop.registry import AlreadyChampion, gate
+    from segloop.gate import AlreadyChampion, gate
 
     try:
         d = gate(_settings(args), args.candidate, _domain_dirs(args.data), args.target, args.out)

@@ -740,7 +740,7 @@ def learnt_domains(state: LoopState) -> list[str] | None:
 
 
 def gate_candidate(ws: Workspace, batch: BatchInfo, version: str, settings: Settings) -> dict:
-    from segloop.registry import gate
+    from segloop.gate import gate
 
     out = ws.root / "steps" / batch.batch / "gate"
     learnt = learnt_domains(read_state(ws))
