@@ -133,6 +133,9 @@ class AugmentSettings(_Strict):
     contrast: float = Field(0.1, ge=0.0, lt=1.0)
     gamma: float = Field(0.1, ge=0.0, lt=1.0)
     noise_sigma: float = Field(0.0, ge=0.0, le=1.0)
+    # Gaussian blur of sigma uniform in [0, blur_sigma] px on a third of the crops (nnU-Net's
+    # blur augmentation; loop_stream: a base champion so trained already segments foggy images)
+    blur_sigma: float = Field(0.0, ge=0.0, le=8.0)
 
 
 class ForegroundSettings(_Strict):

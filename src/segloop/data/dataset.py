@@ -8,6 +8,7 @@ loader here assumes a validated folder and fails clearly when it is not one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,10 @@ def train_transform(crop: int, aug: AugmentSettings, fg: ForegroundSettings | No
         steps.append(v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
     if aug.gamma:
         steps.append(_RandomGamma(aug.gamma))
+    if aug.blur_sigma:
+        # The kernel covers +-3 sigma of the largest blur (an odd size, as torchvision requires).
+        size = 2 * math.ceil(3 * aug.blur_sigma) + 1
+        steps.append(v2.RandomApply([v2.GaussianBlur(size, sigma=(1e-3, aug.blur_sigma))], p=1 / 3))
     if aug.noise_sigma:
         steps += [v2.GaussianNoise(sigma=aug.noise_sigma, clip=True)]
     return v2.Compose(steps)
