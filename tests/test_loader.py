@@ -48,3 +48,20 @@ def test_augmentations_do_not_depend_on_workers(base_data, tiny_settings):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(inline[0], inline[2]))  # epoch 0 again: same
     assert not torch.equal(inline[0][0][0], inline[1][0][0])
+
+
+def test_blur_softens_some_images_and_never_the_masks():
+    """train.augment.blur_sigma: a third of the crops blurred (less high-frequency energy), masks as they were."""
+    from torchvision import tv_tensors
+
+    torch.manual_seed(0)
+    still = AugmentSettings(hflip=0, vflip=0, brightness=0, contrast=0, gamma=0)
+    blur = train_transform(32, still.model_copy(update={"blur_sigma": 2.0}))
+    image, mask = tv_tensors.Image(torch.rand(3, 32, 32)), tv_tensors.Mask(torch.randint(0, 4, (32, 32)))
+    edges = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean().item()  # noqa: E731
+    blurred = 0
+    for _ in range(60):
+        x, y = blur(image, mask)
+        assert torch.equal(y, mask)  # crop 32 of a 32-pixel image: geometry is the identity here
+        blurred += edges(x) < 0.8 * edges(image)
+    assert 10 <= blurred <= 35  # about a third of 60 (p = 1/3), never all or none
