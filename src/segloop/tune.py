@@ -72,7 +72,9 @@ def open_study(settings: Settings) -> optuna.Study:
         db.parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 60}}  # processes sharing the file wait for its lock
     # Heartbeats mark the trials of a killed process failed when the study is next run.
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, stable since Optuna 2.9
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
     return optuna.create_study(
         study_name=settings.tune.study,
         storage=storage,
@@ -268,7 +270,8 @@ def _progress(log: Callable[[str], None]) -> Callable[[optuna.Study, optuna.tria
             best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
         except ValueError:  # no trial completed yet
             best = "best -"
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else 0.0
+        ended, started = t.datetime_complete, t.datetime_start
+        seconds = (ended - started).total_seconds() if ended and started else 0.0
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
         log(f"trial {t.number:3d} {state:<8} {what}  {best}  {seconds:.0f}s  {params}")
 
