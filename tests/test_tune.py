@@ -102,7 +102,6 @@ def test_a_value_invalid_for_its_setting_fails_before_any_trial(tmp_path, tiny_r
     path.write_text(yaml.safe_dump(raw))
     argv = ["tune", "--params", str(path), "--data", str(base_data), "--val", str(base_data), "--out", str(tmp_path)]
     assert main(argv) == 2
-    assert "tune.space.data.crop_size=80: invalid settings\n  data.crop_size: Value error, must be a multiple of 32" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "tune.space.data.crop_size=80: invalid settings\n  data.crop_size: Value error, must be a multiple" in err
     assert not db.exists()  # no study was opened
