@@ -284,7 +284,11 @@ def _keep_best_checkpoints(study: optuna.Study, out: Path) -> None:
         best = str(study.best_trial.number)
     except ValueError:
         best = None
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    finished = {str(t.number) for t in study.get_trials(deepcopy=False, states=done)}
     for folder in (out / TRIALS).glob("*"):
+        if folder.name not in finished:  # still running (maybe in another process sharing `out`)
+            continue
         if folder.name != best:
             for ckpt in folder.glob("*.pt"):
                 ckpt.unlink()
