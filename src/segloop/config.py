@@ -417,7 +417,9 @@ class TuneSettings(_Strict):
     startup_trials: int = Field(3, ge=0)  # median: trials completed before any is pruned (TPE: random ones first)
     warmup_epochs: int = Field(1, ge=0)  # median: a trial's first epochs are never pruned
     grid_points: int = Field(3, ge=2)  # grid sampler: values per low..high range (evenly, log-evenly with log)
-    seed: int = 0  # sampler seed
+    # Sampler seed, plus the number of trials the study holds when a process starts (a resumed study or a
+    # second process draws new points); null: unseeded. Processes started at the same moment: give each its own.
+    seed: int | None = 0
     space: dict[str, ParamSpace] = {}
 
     @field_validator("space")

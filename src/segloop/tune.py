@@ -75,23 +75,27 @@ def open_study(settings: Settings) -> optuna.Study:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, stable since Optuna 2.9
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=settings.tune.study,
         storage=storage,
-        sampler=make_sampler(settings),
         pruner=make_pruner(settings),
         direction="maximize",
         load_if_exists=True,
     )
+    # Seeded by the trials already there: a resumed study, or a second process, does not redraw the first one's points.
+    study.sampler = make_sampler(settings, len(study.get_trials(deepcopy=False)))
+    return study
 
 
-def make_sampler(settings: Settings) -> optuna.samplers.BaseSampler:
+def make_sampler(settings: Settings, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """tune.sampler, seeded with tune.seed + `offset` (unseeded when tune.seed is null)."""
     t = settings.tune
+    seed = None if t.seed is None else t.seed + offset
     if t.sampler == "grid":
-        return optuna.samplers.GridSampler(grid(t.space, t.grid_points), seed=t.seed)
+        return optuna.samplers.GridSampler(grid(t.space, t.grid_points), seed=seed)
     if t.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=t.seed)
-    return optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=max(1, t.startup_trials))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, t.startup_trials))
 
 
 def make_pruner(settings: Settings) -> optuna.pruners.BasePruner:
