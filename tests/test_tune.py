@@ -49,6 +49,7 @@ def test_a_diverging_trial_is_pruned_and_the_best_params_train(
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "trial   0 COMPLETE" in printed and "trial   1 PRUNED   at epoch 1 (val mIoU nan)" in printed
+    assert '"trials_run": 2,\n "complete": 1,\n "pruned": 1,' in printed
 
     # The study is in the sqlite beside the MLflow store, and loads again (resumable) with both trials.
     assert storage_url(settings) == f"sqlite:///{tmp_path / 'store' / 'optuna.db'}"

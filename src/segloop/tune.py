@@ -202,11 +202,13 @@ class _Study:
     out: Path
     parent: TrackedRun | None
     clock: Callable[[], float]
+    ran: int = 0  # trials this process started (others may run on the same study)
 
 
 def _objective(job: _Study, trial: optuna.Trial) -> float:
     from segloop.train import train
 
+    job.ran += 1
     values = sample(trial, job.settings.tune.space)
     s = trial_settings(job.raw, overrides(values, job.settings.tune.space), job.planned, f"trial {trial.number}")
     out = job.out / TRIALS / str(trial.number)
@@ -343,14 +345,14 @@ def tune(
             catch=(ValueError, RuntimeError),
             callbacks=[_progress(log), lambda st, _: _keep_best_checkpoints(st, out)],
         )
-        result = _write_results(study, job, url, len(study.trials) - before)
+        result = _write_results(study, job, url)
         if run is not None:
             _log_study(run, result, out)
             result.run_id = run.run_id
     return result
 
 
-def _write_results(study: optuna.Study, job: _Study, url: str, ran: int) -> TuneResult:
+def _write_results(study: optuna.Study, job: _Study, url: str) -> TuneResult:
     states = [tr.state for tr in study.trials]
     count = {s: states.count(s) for s in optuna.trial.TrialState}
     complete = count[optuna.trial.TrialState.COMPLETE]
@@ -370,7 +372,7 @@ def _write_results(study: optuna.Study, job: _Study, url: str, ran: int) -> Tune
     result = TuneResult(
         study=study.study_name,
         storage=url,
-        trials_run=ran,
+        trials_run=job.ran,
         complete=complete,
         pruned=count[optuna.trial.TrialState.PRUNED],
         failed=count[optuna.trial.TrialState.FAIL],
