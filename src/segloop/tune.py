@@ -2,7 +2,7 @@
 
 Each trial is one ordinary `segloop.train.train` run with the sampled settings; its
 per-epoch hook (`on_epoch`) reports the validation mIoU to the pruner, which may stop it
-(a diverged trial, loss not finite, reports NaN: pruned at once). The study lives in an
+(a diverged trial, loss not finite, reports NaN, which pruners prune). The study lives in an
 RDB storage (`tune.storage`, default sqlite beside the MLflow store), so a study resumes
 where it stopped and several processes can work on it at once. With tracking on, each
 `segloop tune` process is one MLflow run and every trial it runs is a child run of it.
