@@ -401,14 +401,14 @@ def save_plots(study: optuna.Study, out: Path) -> list[Path]:
 
     written = []
     complete = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
-    plots: list[tuple[str, Callable[[optuna.Study], Any]]] = [(PLOTS[0], oplt.plot_optimization_history)]
+    plots: list[tuple[str, Callable[..., Any]]] = [(PLOTS[0], oplt.plot_optimization_history)]
     if len(complete) >= 2:
         plots.append((PLOTS[1], oplt.plot_param_importances))
     for name, plot in plots:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
-                ax = plot(study)
+                ax = plot(study, target_name="best val mIoU")
             except (ValueError, RuntimeError):  # e.g. importances of parameters that never varied
                 continue
         fig = ax.get_figure(root=True)
