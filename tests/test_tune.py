@@ -106,3 +106,17 @@ def test_a_value_invalid_for_its_setting_fails_before_any_trial(tmp_path, tiny_r
     err = capsys.readouterr().err
     assert "tune.space.data.crop_size=80: invalid settings\n  data.crop_size: Value error, must be a multiple" in err
     assert not db.exists()  # no study was opened
+
+
+def test_grid_spreads_ranges_and_keeps_choices(tiny_raw):
+    from segloop.tune import grid
+
+    space = {
+        "train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+        "train.patience": {"low": 2, "high": 7, "integer": True},
+        "model.arch": {"choices": ["Unet", "FPN"]},
+    }
+    s = settings_from_dict({**tiny_raw, "tune": {"sampler": "grid", "grid_points": 3, "space": space}})
+    g = grid(s.tune.space, s.tune.grid_points)
+    assert g["train.lr"] == pytest.approx([1e-4, 1e-3, 1e-2]) and g["train.lr"][-1] <= 1e-2  # inside the range
+    assert g["train.patience"] == [2, 4, 7] and g["model.arch"] == ["Unet", "FPN"]
