@@ -10,7 +10,7 @@ runs in it too, `train.num_workers` 0). The score
 is the final model's mIoU on the test split, which neither arm saw.
 
     python benchmarks/tune.py [--budget-min 30] [--seeds 0 1 2] [--trials 6] [--tune-share 0.5]
-                              [--n 160] [--threads 1] [--set KEY=VALUE] [--quick]
+                              [--n 160] [--threads 1] [--set KEY=VALUE] [--resume] [--quick]
 
 Writes reports/bench/tune.json and tune.png (work files in reports/bench/tune_work).
 """
@@ -94,7 +94,7 @@ def tuned_arm(settings: Settings, dirs: dict, out: Path, args, seed: int) -> dic
     study_settings = settings_from_dict(raw, "benchmark study")
     cpu = time.process_time()
     result = None
-    while time.process_time() - cpu + trial_min <= study_min * 1.02:  # 2%: overheads of the last trial's start
+    while (time.process_time() - cpu) / 60 + trial_min <= study_min * 1.02:  # 2%: overheads of a trial's start
         result = tune(study_settings, dirs["train"], dirs["val"], out / "study", log=print, clock=time.process_time)
     assert result is not None and result.params_file is not None, "no trial completed"
     study_cpu = time.process_time() - cpu
@@ -114,6 +114,14 @@ def tuned_arm(settings: Settings, dirs: dict, out: Path, args, seed: int) -> dic
         "study_cpu_s": round(study_cpu, 1),
         "final_cpu_s": round(time.process_time() - cpu - study_cpu, 1),
     }
+
+
+def cached(path: Path, budget_min: float | None) -> dict | None:
+    """An arm's earlier result at the same budget (--resume), else None."""
+    if not budget_min or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.pop("budget_min") == budget_min else None
 
 
 def _quiet(line: str) -> None:
@@ -151,6 +159,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "reports/bench/tune_work")
     p.add_argument("--out", type=Path, default=ROOT / "reports/bench")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a setting")
+    p.add_argument("--resume", action="store_true", help="reuse each seed's default arm trained at the same budget")
     p.add_argument("--quick", action="store_true", help="smoke run: 96 px images, 48 pairs, 2 CPU min, 1 seed")
     args = p.parse_args()
     if not 0 < args.tune_share < 1:
@@ -175,7 +184,10 @@ def main() -> None:
     for seed in args.seeds:
         dirs = make_data(args.work / "data", seed, args.n, size)
         work = args.work / f"seed-{seed}"
-        default = default_arm(settings, dirs, work / "default", args.budget_min, seed)
+        default = cached(work / "default.json", args.resume and args.budget_min) or default_arm(
+            settings, dirs, work / "default", args.budget_min, seed
+        )
+        (work / "default.json").write_text(json.dumps({**default, "budget_min": args.budget_min}))
         print(f"seed {seed} defaults: test mIoU {default['test_miou']:.4f} ({default['epochs']} epochs)", flush=True)
         tuned = tuned_arm(settings, dirs, work / "tuned", args, seed)
         print(f"seed {seed} tuned:    test mIoU {tuned['test_miou']:.4f} ({tuned['trials']})", flush=True)
