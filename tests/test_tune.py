@@ -120,3 +120,11 @@ def test_grid_spreads_ranges_and_keeps_choices(tiny_raw):
     g = grid(s.tune.space, s.tune.grid_points)
     assert g["train.lr"] == pytest.approx([1e-4, 1e-3, 1e-2]) and g["train.lr"][-1] <= 1e-2  # inside the range
     assert g["train.patience"] == [2, 4, 7] and g["model.arch"] == ["Unet", "FPN"]
+
+
+def test_a_storage_password_is_masked_wherever_settings_are_written(tiny_raw):
+    from segloop.config import settings_record
+
+    s = settings_from_dict({**tiny_raw, "tune": {"storage": "postgresql://optuna:s3cret@db:5432/optuna"}})
+    assert settings_record(s)["tune"]["storage"] == "postgresql://optuna:***@db:5432/optuna"
+    assert s.tune.storage == "postgresql://optuna:s3cret@db:5432/optuna"  # the study itself still connects with it

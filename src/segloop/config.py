@@ -588,13 +588,18 @@ def load_settings(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = 
     return settings_from_dict(raw, source)
 
 
+# Settings that may hold a URL with a password or token.
+SECRET_URLS = (("tracking", "uri"), ("tune", "storage"))
+
+
 def redact_settings(raw: dict[str, Any]) -> dict[str, Any]:
-    """A settings dict fit to write, log or embed: a password or token in tracking.uri masked."""
+    """A settings dict fit to write, log or embed: a password or token in tracking.uri or tune.storage masked."""
     from segloop.redaction import redact
 
-    tracking = raw.get("tracking")
-    if isinstance(tracking, dict) and tracking.get("uri"):
-        return {**raw, "tracking": {**tracking, "uri": redact(tracking["uri"])}}
+    for section, key in SECRET_URLS:
+        node = raw.get(section)
+        if isinstance(node, dict) and node.get(key):
+            raw = {**raw, section: {**node, key: redact(node[key])}}
     return raw
 
 
