@@ -17,6 +17,7 @@ from segloop.config import DEFAULT_PARAMS, Settings, SettingsError, load_setting
 from segloop.tracking import TrackingError
 
 DEFAULT_DRIFT_CACHE = Path(".cache/drift")  # features of reference and batches, keyed by content
+DEFAULT_TUNE_DIR = Path("models/tune")  # <study>/: best_params.yaml, plots, the trials' train folders
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -197,6 +198,28 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     return _compress(args, "prune", args.model, args.ratio)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from segloop.tune import tune
+
+    options = {
+        "trials": args.trials,
+        "timeout_min": args.timeout,
+        "study": args.study,
+        "sampler": args.sampler,
+        "pruner": args.pruner,
+        "storage": args.storage,
+    }
+    given = [f"tune.{k}={json.dumps(v)}" for k, v in options.items() if v is not None]  # JSON: YAML, types kept
+    s = load_settings(args.params, [*args.set, *given])
+    r = tune(s, args.data, args.val, args.out or DEFAULT_TUNE_DIR / s.tune.study)
+    print(json.dumps(r.__dict__, indent=1))
+    if r.params_file is None:
+        print(f"error: study {r.study}: no trial completed, no best params written", file=sys.stderr)
+        return 1
+    print(f"train with the best settings: segloop train --params {r.params_file} --data {args.data} --out DIR")
+    return 0
 
 
 def cmd_update(args: argparse.Namespace) -> int:
@@ -527,6 +550,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
     p.add_argument("--register", metavar="NAME", type=_model_name, help=REGISTER_HELP)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "tune", parents=[common], help="hyper-parameter search (Optuna) over tune.space; writes the best params file"
+    )
+    p.add_argument("--data", type=Path, required=True, help="training folder of every trial")
+    p.add_argument("--val", type=Path, required=True, help="validation folder (each trial's score: its best mIoU)")
+    p.add_argument("--out", type=Path, help=f"best_params.yaml, plots, trials/ (default {DEFAULT_TUNE_DIR}/STUDY)")
+    p.add_argument("--trials", type=int, help="trials this process runs (default tune.trials)")
+    p.add_argument("--timeout", type=float, metavar="MIN", help="start no trial after MIN minutes (tune.timeout_min)")
+    p.add_argument("--study", help="study name; an existing one is resumed (default tune.study)")
+    p.add_argument("--sampler", choices=["tpe", "random", "grid"], help="default tune.sampler")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default tune.pruner")
+    p.add_argument("--storage", help="Optuna RDB URL, e.g. postgresql://... (default tune.storage, else sqlite)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("update", parents=[common], help="update a parent model with a new batch (continual.strategy)")
     p.add_argument("--parent", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION to start from")

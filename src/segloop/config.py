@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -362,6 +362,80 @@ class PruneSettings(_Strict):
     lr: float = Field(2e-4, gt=0.0)
 
 
+class ParamSpace(_Strict):
+    """One dimension of `tune.space`: `choices` (categorical) or a `low`..`high` range
+    (uniform, log-uniform with `log`, whole numbers with `integer`).
+
+    The sampled value sets the setting the entry is named after (a dotted key such as
+    `train.lr`), or every key in `keys` (one value for several settings: an augmentation
+    strength setting brightness, contrast and gamma alike)."""
+
+    choices: list[bool | int | float | str] | None = Field(None, min_length=1)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    keys: list[str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpace:
+        ranged = self.low is not None or self.high is not None
+        if (self.choices is None) == (not ranged):
+            raise ValueError("give either choices or low and high")
+        if ranged:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"a range needs low < high, got low={self.low} high={self.high}")
+            if self.log and self.low <= 0:
+                raise ValueError(f"log: low must be > 0, got {self.low}")
+        elif self.log or self.integer:
+            raise ValueError("log and integer apply to low/high ranges, not choices")
+        return self
+
+
+def is_setting(key: str, model: type[BaseModel] | None = None) -> bool:
+    """Whether dotted `key` names a setting (or a section) of `Settings`."""
+    model = model or Settings
+    head, _, rest = key.partition(".")
+    field = model.model_fields.get(head)
+    if field is None:
+        return False
+    if not rest:
+        return True
+    options = get_args(field.annotation) or (field.annotation,)  # X | None: X
+    sections = [a for a in options if isinstance(a, type) and get_origin(a) is None]
+    return any(issubclass(a, BaseModel) and is_setting(rest, a) for a in sections)
+
+
+class TuneSettings(_Strict):
+    """`segloop tune`: an Optuna study over `space`, each trial one `train` run scored by its best val mIoU."""
+
+    trials: int = Field(20, gt=0)  # trials one `segloop tune` process runs (several processes share a study)
+    timeout_min: float | None = Field(None, gt=0.0)  # ...or until this many minutes have passed
+    study: str = Field("segloop", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # Optuna RDB storage URL; null: sqlite optuna.db beside the MLflow sqlite store (mlruns/),
+    # or e.g. postgresql://user:pw@host/db when the stack runs a server.
+    storage: str | None = None
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(3, ge=0)  # median: trials completed before any is pruned (TPE: random ones first)
+    warmup_epochs: int = Field(1, ge=0)  # median: a trial's first epochs are never pruned
+    grid_points: int = Field(3, ge=2)  # grid sampler: values per low..high range (evenly, log-evenly with log)
+    # Sampler seed, plus the number of trials the study holds when a process starts (a resumed study or a
+    # second process draws new points); null: unseeded. Processes started at the same moment: give each its own.
+    seed: int | None = 0
+    space: dict[str, ParamSpace] = {}
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, v: dict[str, ParamSpace]) -> dict[str, ParamSpace]:
+        for name, spec in v.items():
+            for key in spec.keys or [name]:
+                if key.split(".")[0] == "tune" or not is_setting(key):
+                    where = f"{name}.keys" if spec.keys else name
+                    raise ValueError(f"{where}: {key!r} is not a setting that can be tuned")
+        return v
+
+
 class CaptureSettings(_Strict):
     """`segloop serve` keeps a sample of what it sees and hands it to the loop as unlabelled batches."""
 
@@ -436,6 +510,7 @@ class Settings(_Strict):
     export: ExportSettings = ExportSettings()
     distill: DistillSettings = DistillSettings()
     prune: PruneSettings = PruneSettings()
+    tune: TuneSettings = TuneSettings()
     serve: ServeSettings = ServeSettings()
     labels: LabelSettings = LabelSettings()
 
@@ -516,13 +591,18 @@ def load_settings(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = 
     return settings_from_dict(raw, source)
 
 
+# Settings that may hold a URL with a password or token.
+SECRET_URLS = (("tracking", "uri"), ("tune", "storage"))
+
+
 def redact_settings(raw: dict[str, Any]) -> dict[str, Any]:
-    """A settings dict fit to write, log or embed: a password or token in tracking.uri masked."""
+    """A settings dict fit to write, log or embed: a password or token in tracking.uri or tune.storage masked."""
     from segloop.redaction import redact
 
-    tracking = raw.get("tracking")
-    if isinstance(tracking, dict) and tracking.get("uri"):
-        return {**raw, "tracking": {**tracking, "uri": redact(tracking["uri"])}}
+    for section, key in SECRET_URLS:
+        node = raw.get(section)
+        if isinstance(node, dict) and node.get(key):
+            raw = {**raw, section: {**node, key: redact(node[key])}}
     return raw
 
 

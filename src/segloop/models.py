@@ -31,6 +31,11 @@ ARCHS: dict[str, type[nn.Module]] = {
 _LIST_DECODERS = {"Unet", "UnetPlusPlus"}
 
 
+def takes_decoder_channels(arch: str) -> bool:
+    """Whether `model.decoder_channels` (a per-stage list) applies to `arch`."""
+    return arch in _LIST_DECODERS
+
+
 class InputNorm(nn.Module):
     """(N, C, H, W) float in [0, 1] -> clipped and z-scored per channel (`model.norm`).
 
