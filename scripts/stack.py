@@ -14,7 +14,7 @@ What runs (all on loopback, ports chosen free at start):
 
 Secrets (the database password, the S3 keys, the MLflow admin password) come from the
 environment (SEGLOOP_STACK_DB_PASSWORD, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-MLFLOW_AUTH_ADMIN_PASSWORD) or are generated once into DIR/secrets.env (mode 600; DIR is
+MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY) or are generated once into DIR/secrets.env (mode 600; DIR is
 git-ignored); never params.yaml. `up` records every process in DIR/stack.json (pids, ports,
 start-up seconds, memory); `down` stops exactly those, by pid, with their child processes.
 This script imports nothing from segloop: the stack is infrastructure, not the pipeline.
@@ -45,7 +45,13 @@ HOST = "127.0.0.1"
 DB_USER = "segloop"
 BUCKET = "segloop"
 POOL = "segloop"
-SECRET_KEYS = ("SEGLOOP_STACK_DB_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD")
+SECRET_KEYS = (
+    "SEGLOOP_STACK_DB_PASSWORD",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",  # --auth: the admin user's, set when the user store is created
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",  # --auth: signs the UI's CSRF tokens
+)
 
 
 class StackError(RuntimeError):
@@ -292,6 +298,7 @@ def start_mlflow(folder: Path, port: int, pg_port: int, s3_url: str, values: dic
     if args.auth:
         cmd += ["--app-name", "basic-auth"]
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(folder, pg_port, values))
+        env |= {k: values[k] for k in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")}
     proc, log = daemon("mlflow", cmd, env, folder)
     url = f"http://{HOST}:{port}"
     wait_http(f"{url}/health", proc, log, args.timeout)
@@ -451,6 +458,16 @@ def stop_trees(pids: list[int], timeout: float = 15) -> None:
             return
 
 
+def stop_postgres(pg: dict) -> bool:
+    """pg_ctl's fast shutdown (signals only, if that fails); False if it was not running."""
+    if not alive(pg["pid"]):
+        return False
+    cmd = as_postgres([pg_bin("pg_ctl"), "-D", pg["data"], "-m", "fast", "-w", "stop"])
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        stop_trees([pg["pid"]])
+    return True
+
+
 def down_folder(folder: Path) -> list[str]:
     """Stop what DIR/stack.json records: workers, servers and S3, then PostgreSQL (its own clean shutdown)."""
     if not (folder / "stack.json").exists():
@@ -458,13 +475,11 @@ def down_folder(folder: Path) -> list[str]:
     state = json.loads((folder / "stack.json").read_text())
     services = [(w["name"], w["pid"]) for w in state.get("workers", [])]
     services += [(name, state[name]["pid"]) for name in ("mlflow", "prefect", "s3") if name in state]
-    stop_trees([pid for _, pid in services])
-    stopped = [name for name, _ in services]
-    if "postgres" in state and alive(state["postgres"]["pid"]):
-        cmd = as_postgres([pg_bin("pg_ctl"), "-D", state["postgres"]["data"], "-m", "fast", "-w", "stop"])
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            stop_trees([state["postgres"]["pid"]])
-        stopped.append("postgres")
+    with ThreadPoolExecutor(1) as ex:
+        # PostgreSQL's own fast shutdown, meanwhile: its clients are going away anyway.
+        pg = ex.submit(stop_postgres, state["postgres"]) if "postgres" in state else None
+        stop_trees([pid for _, pid in services])
+        stopped = [name for name, _ in services] + (["postgres"] if pg and pg.result() else [])
     (folder / "stack.json").rename(folder / "stack.stopped.json")
     return stopped
 

@@ -1,6 +1,7 @@
-"""The scale-out stack for real: `scripts/stack.py up` starts PostgreSQL, moto's S3, the MLflow
-server (PostgreSQL + S3 artifacts) and the Prefect server (PostgreSQL) with a process pool and
-two workers from the local binaries, once for this module; every test talks to it over HTTP.
+"""The scale-out stack for real: `scripts/stack.py up --auth` starts PostgreSQL, moto's S3, the
+MLflow server (PostgreSQL + S3 artifacts, basic auth) and the Prefect server (PostgreSQL) with a
+process pool and two workers from the local binaries, once for this module; every test talks to
+it over HTTP with the client environment the stack writes (`DIR/env`).
 
 - the registry (register, gate, alias history, rollback) on the HTTP store, artifacts in S3;
 - `monitor_flow` deployed to the pool (`from_source`), two runs started at once: one cancelled
@@ -68,15 +69,24 @@ def stack():
     # Not under pytest's temp root: that is private to root (0700), and PostgreSQL runs as `postgres`.
     folder = Path(tempfile.mkdtemp(prefix="segloop-stack-"))
     folder.chmod(0o755)
-    up = [sys.executable, str(SCRIPT), "up", "--dir", str(folder), "--workers", "2", "--poll-s", "1"]
+    up = [sys.executable, str(SCRIPT), "up", "--dir", str(folder), "--workers", "2", "--poll-s", "1", "--auth"]
+    env = pytest.MonkeyPatch()
     try:
         done = subprocess.run(up, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"stack up failed:\n{done.stdout}\n{done.stderr}"
         print(done.stdout)
+        for key, value in _client_env(folder).items():  # as `source DIR/env` would (MLflow's login among them)
+            env.setenv(key, value)
         yield json.loads((folder / "stack.json").read_text())
     finally:
+        env.undo()
         subprocess.run([sys.executable, str(SCRIPT), "down", "--dir", str(folder)], timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _client_env(folder: Path) -> dict[str, str]:
+    lines = (folder / "env").read_text().splitlines()
+    return dict(line.removeprefix("export ").split("=", 1) for line in lines)
 
 
 def _raw(stack: dict, **sections) -> dict:
@@ -102,14 +112,18 @@ def _s3_keys(stack: dict) -> list[str]:
 
 
 def test_stack_records_urls_pids_memory_and_writes_the_client_env(stack):
-    env = dict(
-        line.removeprefix("export ").split("=", 1) for line in (Path(stack["dir"]) / "env").read_text().splitlines()
-    )
-    assert env["MLFLOW_TRACKING_URI"] == stack["mlflow"]["url"]
+    import urllib.error
+    import urllib.request
+
+    env = _client_env(Path(stack["dir"]))
+    assert env["MLFLOW_TRACKING_URI"] == stack["mlflow"]["url"] and env["MLFLOW_TRACKING_USERNAME"] == "admin"
     assert env["PREFECT_API_URL"] == stack["prefect"]["url"] and env["SEGLOOP_WORK_POOL"] == "segloop"
-    assert "secret" not in " ".join(env).lower()  # clients need no storage keys: the server serves artifacts
+    assert not any(k.startswith("AWS_") for k in env)  # clients need no storage keys: the server serves artifacts
     assert len(stack["workers"]) == 2 and all(v > 0 for v in stack["memory_mb"].values())
-    assert (Path(stack["dir"]) / "secrets.env").stat().st_mode & 0o077 == 0
+    for name in ("secrets.env", "env"):
+        assert (Path(stack["dir"]) / name).stat().st_mode & 0o077 == 0, f"{name} readable by others"
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # basic auth is on: no login, no answer
+        urllib.request.urlopen(f"{stack['mlflow']['url']}/api/2.0/mlflow/experiments/search?max_results=1")
 
 
 @pytest.mark.slow
