@@ -29,7 +29,9 @@ def monitor_flow(params: str = "params.yaml", overrides: list[str] | None = None
     whose step fails stays pending, and later batches wait for it (order matters), until
     it has failed `flows.max_attempts` times: then it is moved to failed/<batch>/ and this
     run goes on with the next batch (so does it for a refused batch name). A run that
-    finds the workspace locked by another run does nothing.
+    finds the workspace locked by another run does nothing. (That lock holds on one host;
+    deployed to a work pool, `flows.deploy.deploy_to_pool`'s concurrency limit cancels a
+    second run wherever it would start.)
     """
     lifeline.guard()  # Prefect's temporary server, DVC and training die with this process, even killed
     settings = load_settings(params, overrides or [])
