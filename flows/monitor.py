@@ -38,6 +38,7 @@ def monitor_flow(params: str = "params.yaml", overrides: list[str] | None = None
     ws, log = Workspace.of(settings), get_run_logger()
     try:
         with loop.workspace_lock(ws):
+            loop.pull_workspace(ws, settings)  # steps other hosts ran count as processed here too
             pending = loop.pending_batches(ws)
             log.info(
                 "%d pending batch(es) in %s: %s", len(pending), ws.incoming, ", ".join(p.name for p in pending) or "-"

@@ -186,6 +186,23 @@ def _worker_logs(stack: dict) -> str:
     return "\n".join(f"--- {w['name']}\n{Path(w['log']).read_text()[-3000:]}" for w in stack["workers"])
 
 
+def _loop_raw(stack: dict | None, ws: Path, **flows) -> dict:
+    """The loop's tiny settings (as tests/test_flows.py): every update passes the gate."""
+    sections = {
+        "flows": {"workspace": str(ws), "retries": 0, **flows},
+        "registry": {"model_name": "loop", "gate": {"min_gain": -1.0, "max_forgetting": 1.0, "floor_miou": 0.0}},
+        "train": {"epochs": 4},
+        "drift": {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.01},
+    }
+    raw = (
+        _raw(stack, **sections)
+        if stack
+        else _merge(_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), sections)
+    )
+    raw["drift"]["max_quality_drop"] = 0.5
+    return raw
+
+
 @pytest.mark.slow
 def test_monitor_deployment_runs_batches_on_a_worker_one_run_at_a_time(stack, tmp_path):
     from prefect.deployments import run_deployment
@@ -194,14 +211,7 @@ def test_monitor_deployment_runs_batches_on_a_worker_one_run_at_a_time(stack, tm
     from flows.deploy import deploy_to_pool
 
     ws = tmp_path / "ws"
-    raw = _raw(
-        stack,
-        flows={"workspace": str(ws), "retries": 0},
-        registry={"model_name": "loop", "gate": {"min_gain": -1.0, "max_forgetting": 1.0, "floor_miou": 0.0}},
-        train={"epochs": 4},
-        drift={"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.01},
-    )
-    raw["drift"]["max_quality_drop"] = 0.5
+    raw = _loop_raw(stack, ws)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     _arrive(ws, "00-base", "base", 32, 1)
@@ -221,3 +231,39 @@ def test_monitor_deployment_runs_batches_on_a_worker_one_run_at_a_time(stack, tm
     assert len(client_ml.search_model_versions("name = 'loop'")) == 1  # the bootstrap, trained once
     log = subprocess.run(["git", "-C", str(ws), "log", "--format=%s"], capture_output=True, text=True).stdout
     assert sum("00-base" in line for line in log.splitlines()) >= 1 and "01-base" in log
+
+
+# ---------------------------------------------------------------- the workspace's remotes (no servers needed)
+
+
+@pytest.mark.slow
+def test_two_hosts_share_the_workspace_through_its_git_and_dvc_remotes(tmp_path, store_uri):
+    from segloop import loop
+
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(tmp_path / "remote.git")], check=True)
+    remotes = {"git_remote": str(tmp_path / "remote.git"), "dvc_remote": str(tmp_path / "dvc-remote")}
+
+    def host(name: str):
+        raw = _loop_raw(None, tmp_path / name / "ws", **remotes)
+        raw["tracking"] = {"enabled": True, "uri": store_uri, "experiment": "loop"}
+        settings = settings_from_dict(raw)
+        return loop.Workspace.of(settings), settings
+
+    (ws_a, set_a), (ws_b, set_b) = host("a"), host("b")
+    _arrive(ws_a.root, "00-base", "base", 32, 1)
+    assert loop.process_batch(ws_a, ws_a.incoming / "00-base", set_a).promoted
+    # host B starts empty: its step pulls A's (champion, references, replay) and goes on from there
+    _arrive(ws_b.root, "01-base", "base", 16, 5)
+    rec = loop.process_batch(ws_b, ws_b.incoming / "01-base", set_b)
+    assert rec.drift is not None and not rec.updated and rec.champion_version == "1"
+    assert loop.processed(ws_b) == {"00-base", "01-base"}
+    loop.pull_workspace(ws_a, set_a)
+    assert loop.processed(ws_a) == {"00-base", "01-base"}
+    # a fresh clone: `dvc pull` restores the champion's data, `dvc repro` has nothing to do
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", remotes["git_remote"], str(clone)], check=True)
+    ws_c = loop.Workspace(clone, clone / "incoming")
+    loop.dvc(ws_c, "remote", "add", "--local", "-d", "shared", remotes["dvc_remote"])
+    loop.dvc(ws_c, "pull", "-q")
+    assert (clone / "models" / "00-base" / "best.pt").is_file() and (clone / "reference" / "v1" / "base").is_dir()
+    assert "Running stage" not in loop.dvc(ws_c, "repro")
