@@ -186,33 +186,34 @@ def _worker_logs(stack: dict) -> str:
     return "\n".join(f"--- {w['name']}\n{Path(w['log']).read_text()[-3000:]}" for w in stack["workers"])
 
 
-def _loop_raw(stack: dict | None, ws: Path, **flows) -> dict:
+def _loop_raw(stack: dict, ws: Path, **flows) -> dict:
     """The loop's tiny settings (as tests/test_flows.py): every update passes the gate."""
-    sections = {
-        "flows": {"workspace": str(ws), "retries": 0, **flows},
-        "registry": {"model_name": "loop", "gate": {"min_gain": -1.0, "max_forgetting": 1.0, "floor_miou": 0.0}},
-        "train": {"epochs": 4},
-        "drift": {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.01},
-    }
-    raw = (
-        _raw(stack, **sections)
-        if stack
-        else _merge(_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), sections)
+    raw = _raw(
+        stack,
+        flows={"workspace": str(ws), "retries": 0, **flows},
+        registry={"model_name": "loop", "gate": {"min_gain": -1.0, "max_forgetting": 1.0, "floor_miou": 0.0}},
+        train={"epochs": 4},
+        drift={"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.01},
     )
     raw["drift"]["max_quality_drop"] = 0.5
     return raw
 
 
-@pytest.mark.slow
-def test_monitor_deployment_runs_batches_on_a_worker_one_run_at_a_time(stack, tmp_path):
+@pytest.fixture(scope="module")
+def deployed(stack, tmp_path_factory) -> dict:
+    """`monitor_flow` deployed to the pool, its workspace with git + DVC remotes; two batches
+    waiting and two runs of the deployment started at once; returns when both have finished."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deploy import deploy_to_pool
 
-    ws = tmp_path / "ws"
-    raw = _loop_raw(stack, ws)
-    params = tmp_path / "params.yaml"
+    root = tmp_path_factory.mktemp("deployed")
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(root / "remote.git")], check=True)
+    remotes = {"git_remote": str(root / "remote.git"), "dvc_remote": str(root / "dvc-remote")}
+    ws = root / "a" / "ws"
+    raw = _loop_raw(stack, ws, **remotes)
+    params = root / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     _arrive(ws, "00-base", "base", 32, 1)
     _arrive(ws, "01-base", "base", 16, 5)
@@ -221,49 +222,47 @@ def test_monitor_deployment_runs_batches_on_a_worker_one_run_at_a_time(stack, tm
         # both at once: whichever a worker starts first holds the deployment's one slot
         runs = [run_deployment("monitor-flow/stack-test", timeout=0, as_subflow=False) for _ in range(2)]
         final = _wait_final([r.id for r in runs], timeout=420)
+    return {"root": root, "ws": ws, "raw": raw, "remotes": remotes, "final": final}
+
+
+@pytest.mark.slow
+def test_monitor_deployment_runs_batches_on_a_worker_one_run_at_a_time(stack, deployed):
+    ws, final = deployed["ws"], deployed["final"]
     assert sorted(final.values()) == ["Cancelled", "Completed"], f"{final}\n{_worker_logs(stack)}"
     processed = sorted(p.name for p in (ws / "processed").iterdir())
     assert processed == ["00-base.json", "01-base.json"]
     records = [json.loads((ws / "processed" / p).read_text()) for p in processed]
     assert records[0]["promoted"] and records[0]["champion_version"] == "1"
     assert not records[1]["updated"] and records[1]["champion_version"] == "1"
-    client_ml, _ = registry.registry_client(settings_from_dict(raw))
-    assert len(client_ml.search_model_versions("name = 'loop'")) == 1  # the bootstrap, trained once
-    log = subprocess.run(["git", "-C", str(ws), "log", "--format=%s"], capture_output=True, text=True).stdout
-    assert sum("00-base" in line for line in log.splitlines()) >= 1 and "01-base" in log
-
-
-# ---------------------------------------------------------------- the workspace's remotes (no servers needed)
+    client, _ = registry.registry_client(settings_from_dict(deployed["raw"]))
+    assert len(client.search_model_versions("name = 'loop'")) == 1  # the bootstrap, trained once
+    steps = subprocess.run(["git", "-C", str(ws), "log", "--format=%s"], capture_output=True, text=True).stdout
+    assert [line.split(":")[0] for line in steps.splitlines() if line.startswith("batch ")] == [
+        "batch 01-base",
+        "batch 00-base",
+    ]
 
 
 @pytest.mark.slow
-def test_two_hosts_share_the_workspace_through_its_git_and_dvc_remotes(tmp_path, store_uri):
+def test_another_host_goes_on_from_the_workspace_remotes_and_a_fresh_clone_rebuilds_nothing(stack, deployed):
     from segloop import loop
 
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(tmp_path / "remote.git")], check=True)
-    remotes = {"git_remote": str(tmp_path / "remote.git"), "dvc_remote": str(tmp_path / "dvc-remote")}
-
-    def host(name: str):
-        raw = _loop_raw(None, tmp_path / name / "ws", **remotes)
-        raw["tracking"] = {"enabled": True, "uri": store_uri, "experiment": "loop"}
-        settings = settings_from_dict(raw)
-        return loop.Workspace.of(settings), settings
-
-    (ws_a, set_a), (ws_b, set_b) = host("a"), host("b")
-    _arrive(ws_a.root, "00-base", "base", 32, 1)
-    assert loop.process_batch(ws_a, ws_a.incoming / "00-base", set_a).promoted
-    # host B starts empty: its step pulls A's (champion, references, replay) and goes on from there
-    _arrive(ws_b.root, "01-base", "base", 16, 5)
-    rec = loop.process_batch(ws_b, ws_b.incoming / "01-base", set_b)
+    # host B starts empty: its step pulls what the worker pushed (champion's references, replay) and goes on
+    raw_b = _loop_raw(stack, deployed["root"] / "b" / "ws", **deployed["remotes"])
+    settings_b = settings_from_dict(raw_b)
+    ws_b = loop.Workspace.of(settings_b)
+    _arrive(ws_b.root, "02-base", "base", 16, 6)
+    rec = loop.process_batch(ws_b, ws_b.incoming / "02-base", settings_b)
     assert rec.drift is not None and not rec.updated and rec.champion_version == "1"
-    assert loop.processed(ws_b) == {"00-base", "01-base"}
-    loop.pull_workspace(ws_a, set_a)
-    assert loop.processed(ws_a) == {"00-base", "01-base"}
+    assert loop.processed(ws_b) == {"00-base", "01-base", "02-base"}
+    settings_a = settings_from_dict(deployed["raw"])
+    loop.pull_workspace(loop.Workspace.of(settings_a), settings_a)  # and host A sees B's step
+    assert loop.processed(loop.Workspace.of(settings_a)) == {"00-base", "01-base", "02-base"}
     # a fresh clone: `dvc pull` restores the champion's data, `dvc repro` has nothing to do
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", remotes["git_remote"], str(clone)], check=True)
+    clone = deployed["root"] / "clone"
+    subprocess.run(["git", "clone", "-q", deployed["remotes"]["git_remote"], str(clone)], check=True)
     ws_c = loop.Workspace(clone, clone / "incoming")
-    loop.dvc(ws_c, "remote", "add", "--local", "-d", "shared", remotes["dvc_remote"])
+    loop.dvc(ws_c, "remote", "add", "--local", "-d", "shared", deployed["remotes"]["dvc_remote"])
     loop.dvc(ws_c, "pull", "-q")
     assert (clone / "models" / "00-base" / "best.pt").is_file() and (clone / "reference" / "v1" / "base").is_dir()
     assert "Running stage" not in loop.dvc(ws_c, "repro")
