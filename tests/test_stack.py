@@ -193,6 +193,7 @@ def _loop_raw(stack: dict, ws: Path, **flows) -> dict:
         flows={"workspace": str(ws), "retries": 0, **flows},
         registry={"model_name": "loop", "gate": {"min_gain": -1.0, "max_forgetting": 1.0, "floor_miou": 0.0}},
         train={"epochs": 4},
+        continual={"epochs": 3},
         drift={"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.01},
     )
     raw["drift"]["max_quality_drop"] = 0.5
@@ -266,3 +267,30 @@ def test_another_host_goes_on_from_the_workspace_remotes_and_a_fresh_clone_rebui
     loop.dvc(ws_c, "pull", "-q")
     assert (clone / "models" / "00-base" / "best.pt").is_file() and (clone / "reference" / "v1" / "base").is_dir()
     assert "Running stage" not in loop.dvc(ws_c, "repro")
+
+
+@pytest.mark.slow
+def test_a_step_that_died_on_one_host_is_finished_by_another_without_a_second_version(stack, deployed, monkeypatch):
+    from segloop import loop
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected: the worker died after training")
+
+    settings_c = settings_from_dict(_loop_raw(stack, deployed["root"] / "c" / "ws", **deployed["remotes"]))
+    ws_c = loop.Workspace.of(settings_c)
+    _arrive(ws_c.root, "03-fog", "fog", 24, 3)
+    client, _ = registry.registry_client(settings_c)
+    monkeypatch.setattr(loop, "registered_version", crash)  # after the update stage trained and registered
+    with pytest.raises(RuntimeError, match="injected"):
+        loop.process_batch(ws_c, ws_c.incoming / "03-fog", settings_c)
+    monkeypatch.undo()
+    registered = max(int(v.version) for v in client.search_model_versions("name = 'loop'"))
+    # the same batch arrives on host A (the deployment's workspace): it pulls, DVC's run cache
+    # restores the model the dead step trained, and its version is the one gated
+    settings_a = settings_from_dict(deployed["raw"])
+    ws_a = loop.Workspace.of(settings_a)
+    shutil.copytree(ws_c.incoming / "03-fog", ws_a.incoming / "03-fog")
+    rec = loop.process_batch(ws_a, ws_a.incoming / "03-fog", settings_a)
+    assert rec.updated and rec.candidate_version == str(registered)
+    assert max(int(v.version) for v in client.search_model_versions("name = 'loop'")) == registered
+    assert "03-fog" in loop.processed(ws_a)

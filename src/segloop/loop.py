@@ -42,6 +42,10 @@ it leaves the batch pending and the next run starts the batch again from that co
 Recovery first resets the workspace to that commit and only then reads state.json.
 Every command the loop runs (git, dvc, the training under `dvc repro`) dies with the
 process that runs the loop, even under `kill -9` (`segloop.lifeline`).
+With `flows.git_remote` and `flows.dvc_remote` the workspace lives on its remotes too: a
+step pulls at its start and pushes after its commit (`pull_workspace`, `push_workspace`),
+and a model stage's run cache is pushed as soon as it ran (`push_run_cache`), so any host
+can run the next step or redo a step whose host died, without training it twice.
 """
 
 from __future__ import annotations
@@ -304,6 +308,17 @@ def push_workspace(ws: Workspace, settings: Settings) -> None:
     git(ws, "push", "-q", GIT_REMOTE, "HEAD:refs/heads/main")
 
 
+def push_run_cache(ws: Workspace, settings: Settings) -> None:
+    """Right after a model stage, before the step commits: its outputs and DVC's run cache to
+    the DVC remote. A host that redoes the step after this one died restores the model, and
+    the version it registered (registered.json), from the run cache instead of training and
+    registering again. No-op without remotes."""
+    if settings.flows.dvc_remote is None:
+        return
+    _remotes(ws, settings)
+    dvc(ws, "push", "-q", "--run-cache", "-r", DVC_REMOTE)
+
+
 def read_state(ws: Workspace) -> LoopState:
     return LoopState.read(ws.root / STATE)
 
@@ -470,13 +485,15 @@ def run_stage(
     outs: list[Path],
     params: list[str],
     params_file: Path | None = None,
+    pull: bool = False,
 ) -> None:
-    """Write stage `name` to dvc.yaml and run it (`dvc repro -s`), its output shown as it comes."""
+    """Write stage `name` to dvc.yaml and run it (`dvc repro -s`), its output shown as it comes.
+    `pull`: a run another host pushed to the DVC remote's run cache is restored from there."""
     _stage_add(ws, name, cmd, deps, outs, params, params_file)
     tail: list[str] = []
     # Its own process group (with the training it starts), killed if this process dies or gives up.
     with lifeline.child(
-        ["dvc", "repro", "-s", name],
+        ["dvc", "repro", *(["--pull"] if pull else []), "-s", name],
         cwd=ws.root,
         env=_env(ws),
         text=True,
@@ -721,7 +738,9 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
             [out],
             STAGE_PARAMS,
             params,
+            pull=settings.flows.dvc_remote is not None,
         )
+        push_run_cache(ws, settings)
         return Candidate(
             registered_version(ws, settings, out, {"segloop.batch": b}), [ws.rel(train)], [], _images_seen(out)
         )
@@ -740,7 +759,8 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
         + "".join(f" --seen {q(ws.rel(x))}" for x in seen)
     )
     deps = [parent, train, *pooled, val, *old_vals, *([replay] if replay else []), *seen]
-    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS, params)
+    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS, params, pull=settings.flows.dvc_remote is not None)
+    push_run_cache(ws, settings)
     version = registered_version(ws, settings, out, {"segloop.batch": b, "segloop.parent_version": champ[0]})
     return Candidate(version, [ws.rel(x) for x in [train, *pooled]], [ws.rel(x) for x in pooled], _images_seen(out))
 
