@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo lint test test-crash bench ui prefect-ui screenshot serve monitor clean
+.PHONY: setup demo lint test test-crash bench ui prefect-ui screenshot serve monitor stack stack-down clean
 
 setup: $(VENV)/.installed
 
@@ -88,6 +88,17 @@ serve: setup
 # While it runs, `python scripts/screenshot_monitor.py` saves its graph page (reports/ui/).
 monitor: setup
 	scripts/monitor.sh
+
+# The scale-out stack on this machine (scripts/stack.py; README "From one machine to many"):
+# PostgreSQL (.stack/pg), a loopback S3 (moto), the MLflow server on PostgreSQL serving artifacts
+# from S3, the Prefect server on PostgreSQL, a process work pool and STACK_WORKERS workers; it
+# prints every URL and writes .stack/env (`source .stack/env`). STACK_ARGS=--auth: MLflow basic auth.
+STACK_WORKERS ?= 2
+stack: setup
+	$(BIN)/python scripts/stack.py up --workers $(STACK_WORKERS) $(STACK_ARGS)
+
+stack-down:
+	$(BIN)/python scripts/stack.py down
 
 # Everything the pipeline and the demo produced: data, models, reports, the loop's
 # workspace, the MLflow store and the Prefect database.

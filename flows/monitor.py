@@ -29,13 +29,16 @@ def monitor_flow(params: str = "params.yaml", overrides: list[str] | None = None
     whose step fails stays pending, and later batches wait for it (order matters), until
     it has failed `flows.max_attempts` times: then it is moved to failed/<batch>/ and this
     run goes on with the next batch (so does it for a refused batch name). A run that
-    finds the workspace locked by another run does nothing.
+    finds the workspace locked by another run does nothing. (That lock holds on one host;
+    deployed to a work pool, `flows.deploy.deploy_to_pool`'s concurrency limit cancels a
+    second run wherever it would start.)
     """
     lifeline.guard()  # Prefect's temporary server, DVC and training die with this process, even killed
     settings = load_settings(params, overrides or [])
     ws, log = Workspace.of(settings), get_run_logger()
     try:
         with loop.workspace_lock(ws):
+            loop.pull_workspace(ws, settings)  # steps other hosts ran count as processed here too
             pending = loop.pending_batches(ws)
             log.info(
                 "%d pending batch(es) in %s: %s", len(pending), ws.incoming, ", ".join(p.name for p in pending) or "-"

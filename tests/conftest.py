@@ -177,6 +177,7 @@ def move_store(db: Path, old: Path, new: Path) -> None:
 # workers start on the two longest files at once, so neither ends alone on a long one.
 SLOWEST_FIRST = (
     "test_flows.py",
+    "test_stack.py",
     "test_loop_integrity.py",
     "test_labels.py",
     "test_dvc_pipeline.py",

@@ -317,6 +317,17 @@ class FlowSettings(_Strict):
     # A batch whose step fails (or dies) this many times moves to <workspace>/failed/<batch>/
     # with its error, and the loop goes on with the next batch.
     max_attempts: int = Field(3, ge=1)
+    # The workspace's remotes, so a step can run on any host (README "From one machine to many"):
+    # a git URL or path (a bare repo) and a DVC remote URL (a path, ssh://...). Both or neither:
+    # a step pulls both at its start and pushes both after its commit (DVC with --run-cache first).
+    git_remote: str | None = None
+    dvc_remote: str | None = None
+
+    @model_validator(mode="after")
+    def _both_remotes(self) -> FlowSettings:
+        if (self.git_remote is None) != (self.dvc_remote is None):
+            raise ValueError("git_remote and dvc_remote: set both (a step's commit needs its data) or neither")
+        return self
 
     @field_validator("schedule")
     @classmethod

@@ -42,6 +42,10 @@ it leaves the batch pending and the next run starts the batch again from that co
 Recovery first resets the workspace to that commit and only then reads state.json.
 Every command the loop runs (git, dvc, the training under `dvc repro`) dies with the
 process that runs the loop, even under `kill -9` (`segloop.lifeline`).
+With `flows.git_remote` and `flows.dvc_remote` the workspace lives on its remotes too: a
+step pulls at its start and pushes after its commit (`pull_workspace`, `push_workspace`),
+and a model stage's run cache is pushed as soon as it ran (`push_run_cache`), so any host
+can run the next step or redo a step whose host died, without training it twice.
 """
 
 from __future__ import annotations
@@ -250,6 +254,71 @@ def commit(ws: Workspace, message: str) -> str:
     return git(ws, "rev-parse", "HEAD")
 
 
+# ---------------------------------------------------------------- remotes (flows.git_remote, flows.dvc_remote)
+
+GIT_REMOTE, DVC_REMOTE = "origin", "shared"
+
+
+def _remotes(ws: Workspace, settings: Settings) -> None:
+    """Point the workspace at the configured remotes (DVC's in .dvc/config.local: per host, never committed)."""
+    urls = git(ws, "remote").split()
+    git(ws, "remote", "set-url" if GIT_REMOTE in urls else "add", GIT_REMOTE, str(settings.flows.git_remote))
+    if (ws.root / ".dvc").exists():
+        dvc(ws, "remote", "add", "--local", "--force", "--default", DVC_REMOTE, str(settings.flows.dvc_remote))
+
+
+def pull_workspace(ws: Workspace, settings: Settings) -> None:
+    """Start of a step on any host: the workspace at the remote's last step, its DVC outputs and
+    run cache pulled. A local step commit the remote lacks (pushing it failed) is pushed first.
+    No-op without remotes."""
+    if settings.flows.git_remote is None:
+        return
+    ws.root.mkdir(parents=True, exist_ok=True)
+    if not (ws.root / ".git").exists():
+        git(ws, "init", "-q", "-b", "main")
+    _remotes(ws, settings)
+    git(ws, "fetch", "-q", GIT_REMOTE)
+    remote = f"refs/remotes/{GIT_REMOTE}/main"
+    if subprocess.run(["git", "rev-parse", "-q", "--verify", remote], cwd=ws.root, capture_output=True).returncode:
+        return  # nothing pushed yet: this host's step makes the first commit
+    if not has_head(ws) or _is_ancestor(ws, "HEAD", remote):
+        git(ws, "reset", "-q", "--hard", remote)
+        _remotes(ws, settings)  # .dvc/ may only now exist
+    elif _is_ancestor(ws, remote, "HEAD"):
+        push_workspace(ws, settings)
+    else:
+        raise RuntimeError(
+            f"{ws.root}: its history and {settings.flows.git_remote}'s have diverged (two hosts ran a step at "
+            "once?); one loop run at a time is the deployment's concurrency limit"
+        )
+    dvc(ws, "pull", "-q", "--run-cache", "-r", DVC_REMOTE)
+
+
+def _is_ancestor(ws: Workspace, a: str, b: str) -> bool:
+    return subprocess.run(["git", "merge-base", "--is-ancestor", a, b], cwd=ws.root).returncode == 0
+
+
+def push_workspace(ws: Workspace, settings: Settings) -> None:
+    """After a step's commit: its DVC outputs and run cache, then the commit (so the remote's
+    history never names data the DVC remote lacks). No-op without remotes."""
+    if settings.flows.git_remote is None:
+        return
+    _remotes(ws, settings)
+    dvc(ws, "push", "-q", "--run-cache", "-r", DVC_REMOTE)
+    git(ws, "push", "-q", GIT_REMOTE, "HEAD:refs/heads/main")
+
+
+def push_run_cache(ws: Workspace, settings: Settings) -> None:
+    """Right after a model stage, before the step commits: its outputs and DVC's run cache to
+    the DVC remote. A host that redoes the step after this one died restores the model, and
+    the version it registered (registered.json), from the run cache instead of training and
+    registering again. No-op without remotes."""
+    if settings.flows.dvc_remote is None:
+        return
+    _remotes(ws, settings)
+    dvc(ws, "push", "-q", "--run-cache", "-r", DVC_REMOTE)
+
+
 def read_state(ws: Workspace) -> LoopState:
     return LoopState.read(ws.root / STATE)
 
@@ -401,7 +470,7 @@ def _stage_add(
 
 
 # DVC's hints after `repro` (git add, autostage, dvc push) do not apply here: the step's
-# commit adds everything, and pushing is the operator's choice (see the README).
+# commit adds everything, and `push_workspace` pushes when the workspace has remotes.
 _DVC_ADVICE = re.compile(
     r"^\s*$|^To track the changes with git|^\s*git add |^To enable auto staging|"
     r"^\s*dvc config core.autostage|^Use `dvc push`"
@@ -416,13 +485,15 @@ def run_stage(
     outs: list[Path],
     params: list[str],
     params_file: Path | None = None,
+    pull: bool = False,
 ) -> None:
-    """Write stage `name` to dvc.yaml and run it (`dvc repro -s`), its output shown as it comes."""
+    """Write stage `name` to dvc.yaml and run it (`dvc repro -s`), its output shown as it comes.
+    `pull`: a run another host pushed to the DVC remote's run cache is restored from there."""
     _stage_add(ws, name, cmd, deps, outs, params, params_file)
     tail: list[str] = []
     # Its own process group (with the training it starts), killed if this process dies or gives up.
     with lifeline.child(
-        ["dvc", "repro", "-s", name],
+        ["dvc", "repro", *(["--pull"] if pull else []), "-s", name],
         cwd=ws.root,
         env=_env(ws),
         text=True,
@@ -667,7 +738,9 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
             [out],
             STAGE_PARAMS,
             params,
+            pull=settings.flows.dvc_remote is not None,
         )
+        push_run_cache(ws, settings)
         return Candidate(
             registered_version(ws, settings, out, {"segloop.batch": b}), [ws.rel(train)], [], _images_seen(out)
         )
@@ -686,7 +759,8 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
         + "".join(f" --seen {q(ws.rel(x))}" for x in seen)
     )
     deps = [parent, train, *pooled, val, *old_vals, *([replay] if replay else []), *seen]
-    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS, params)
+    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS, params, pull=settings.flows.dvc_remote is not None)
+    push_run_cache(ws, settings)
     version = registered_version(ws, settings, out, {"segloop.batch": b, "segloop.parent_version": champ[0]})
     return Candidate(version, [ws.rel(x) for x in [train, *pooled]], [ws.rel(x) for x in pooled], _images_seen(out))
 
@@ -844,7 +918,9 @@ def finish(
         state = fold_step(state, ws, record, replay, settings.continual.learnt_ratio)
     write_state(ws, state)
     write_marker(ws, record, marker)
-    return commit(ws, f"batch {record.batch}: {record.summary}")
+    head = commit(ws, f"batch {record.batch}: {record.summary}")
+    push_workspace(ws, settings)  # the step counts once committed; a failed push is redone by the next pull
+    return head
 
 
 def summary_line(rec: StepRecord) -> str:
@@ -907,6 +983,7 @@ def prepare(ws: Workspace, settings: Settings, batch: str) -> None:
     wrote is committed or read), then init (commits only its own files), and only then
     state.json is read to put back a champion the crashed attempt promoted."""
     reset_to_last_step(ws)
+    pull_workspace(ws, settings)  # another host may have run steps since (flows.git_remote)
     init_workspace(ws, settings)
     if batch in processed(ws):
         raise ValueError(f"batch {batch}: already processed ({ws.marker(batch)} committed); a batch is processed once")
