@@ -86,7 +86,7 @@ def test_a_diverging_trial_is_pruned_and_the_best_params_train(
     ("space", "message"),
     [
         ({"train.lrr": {"low": 0.1, "high": 1.0}}, "tune.space: Value error, train.lrr: 'train.lrr' is not a setting"),
-        ({"x": {"choices": [1], "keys": ["tune.trials"]}}, "x.keys: 'tune.trials' is not a setting that can be tuned"),
+        ({"x": {"choices": [1], "sets": ["tune.trials"]}}, "x.sets: 'tune.trials' is not a setting that can be tuned"),
         ({"train.lr": {"low": 0.0, "high": 1.0, "log": True}}, "tune.space.train.lr: Value error, log: low must be"),
         ({"train.lr": {"choices": [0.1], "low": 0.1}}, "give either choices or low and high"),
     ],

@@ -378,7 +378,7 @@ class ParamSpace(_Strict):
     (uniform, log-uniform with `log`, whole numbers with `integer`).
 
     The sampled value sets the setting the entry is named after (a dotted key such as
-    `train.lr`), or every key in `keys` (one value for several settings: an augmentation
+    `train.lr`), or every key in `sets` (one value for several settings: an augmentation
     strength setting brightness, contrast and gamma alike)."""
 
     choices: list[bool | int | float | str] | None = Field(None, min_length=1)
@@ -386,7 +386,8 @@ class ParamSpace(_Strict):
     high: float | None = None
     log: bool = False
     integer: bool = False
-    keys: list[str] | None = Field(None, min_length=1)
+    # not `keys`: Prefect (and dict()) would take a model with a `keys` attribute for a mapping
+    sets: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ParamSpace:
@@ -440,9 +441,9 @@ class TuneSettings(_Strict):
     @classmethod
     def _known_keys(cls, v: dict[str, ParamSpace]) -> dict[str, ParamSpace]:
         for name, spec in v.items():
-            for key in spec.keys or [name]:
+            for key in spec.sets or [name]:
                 if key.split(".")[0] == "tune" or not is_setting(key):
-                    where = f"{name}.keys" if spec.keys else name
+                    where = f"{name}.sets" if spec.sets else name
                     raise ValueError(f"{where}: {key!r} is not a setting that can be tuned")
         return v
 

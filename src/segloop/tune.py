@@ -137,8 +137,8 @@ def sample(trial: optuna.Trial, space: dict[str, ParamSpace]) -> dict[str, Any]:
 
 
 def overrides(values: dict[str, Any], space: dict[str, ParamSpace]) -> dict[str, Any]:
-    """{dotted settings key: value}: each entry sets its own name or its `keys`."""
-    return {key: value for name, value in values.items() for key in (space[name].keys or [name])}
+    """{dotted settings key: value}: each entry sets its own name or its `sets`."""
+    return {key: value for name, value in values.items() for key in (space[name].sets or [name])}
 
 
 def _parent_is_null(raw: dict, key: str) -> bool:
