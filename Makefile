@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo lint test test-crash bench ui prefect-ui screenshot serve monitor clean
+.PHONY: setup demo lint test test-crash bench ui prefect-ui evidently-ui screenshot serve monitor clean
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,15 @@ prefect-ui: setup
 	@echo "Prefect UI: http://127.0.0.1:4200  (database: $(PREFECT_HOME)/prefect.db)"
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
+# The Evidently UI on the loop's drift checks over time (drift.evidently_workspace, default
+# evidently/): one project per registered model, its dashboard on the Dashboard tab. Loopback;
+# port 8001 (8000 is `make serve`). DO_NOT_TRACK: Evidently's usage telemetry off (no network here).
+EVIDENTLY_PORT ?= 8001
+evidently-ui: setup
+	@mkdir -p evidently
+	@echo "Evidently UI: http://127.0.0.1:$(EVIDENTLY_PORT)  (workspace: evidently/)"
+	DO_NOT_TRACK=1 $(BIN)/evidently ui --workspace evidently --host 127.0.0.1 --port $(EVIDENTLY_PORT)
+
 # The champion as an HTTP service (README: Serving): models:/segloop@champion, followed live
 # (serve.poll_s and POST /v1/reload), on 127.0.0.1:8000, with /metrics.
 serve: setup
@@ -89,4 +98,4 @@ monitor: setup
 # Everything the pipeline and the demo produced: data, models, reports, the loop's
 # workspace, the MLflow store and the Prefect database.
 clean:
-	rm -rf data/raw data/valid data/split data/quarantine models reports workspace .prefect .cache mlruns/mlflow.db mlruns/artifacts
+	rm -rf data/raw data/valid data/split data/quarantine models reports workspace evidently .prefect .cache mlruns/mlflow.db mlruns/artifacts

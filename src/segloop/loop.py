@@ -598,7 +598,7 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
     closest = max(results, key=lambda d: results[d]["score"])
     r = results[closest]
     data_drift = all(x["data_drift"] for x in results.values())
-    return {
+    verdict = {
         "drift": bool(data_drift or r["performance_drift"]),
         "data_drift": data_drift,
         "performance_drift": r["performance_drift"],
@@ -609,6 +609,33 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
         "report": ws.rel(ws.root / "steps" / batch.batch / "drift" / closest / "drift.html"),
         "per_reference": {d: {"data_drift": x["data_drift"], "score": x["score"]} for d, x in results.items()},
     }
+    if settings.drift.evidently_workspace is not None:  # drift over time, where people look
+        record_drift_point(settings.drift.evidently_workspace, settings.registry.model_name, batch, version, verdict, r)
+    return verdict
+
+
+def record_drift_point(
+    workspace: Path, model: str, batch: BatchInfo, version: str, verdict: dict, closest: dict
+) -> None:
+    """The batch's verdict into the Evidently workspace and latest.json (segloop.drift.history);
+    `closest`: the drift.json of the closest reference (share drifted, confidences)."""
+    from segloop.drift.history import DriftPoint, record_point
+
+    confidence = closest.get("confidence") or {}
+    point = DriftPoint(
+        model=model,
+        batch=batch.batch,
+        domain=batch.domain,
+        time=now(),
+        score=verdict["score"],
+        share_drifted=closest["share_drifted"],
+        confidence=confidence.get("current"),
+        reference_confidence=confidence.get("reference"),
+        drift=verdict["drift"],
+        closest_domain=verdict["closest_domain"],
+        model_version=version,
+    )
+    record_point(workspace, point)
 
 
 def update_reason(champ: tuple[str, Path] | None, drift: dict | None, state: LoopState, domain: str) -> str:
