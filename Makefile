@@ -66,10 +66,12 @@ ui: setup
 # Headless-Chromium screenshots of the MLflow UI as `make ui` serves it: landing page, the
 # experiment's runs, the registered model and its champion's version (reports/ui/*.png),
 # from the project store; needs Debian's chromium (see the script).
-# ... and of the Prefect UI on the demo's flow runs (reports/ui/prefect_*.png).
+# ... and of the Prefect UI on the demo's flow runs (reports/ui/prefect_*.png), and of the
+# Evidently UI's drift dashboard (reports/ui/evidently_dashboard.png).
 screenshot: setup
 	$(BIN)/python scripts/screenshot_ui.py --store mlruns/mlflow.db --out reports/ui
 	$(BIN)/python scripts/screenshot_prefect.py --home .prefect --out reports/ui
+	$(BIN)/python scripts/screenshot_evidently.py --params params.yaml --out reports/ui
 
 # The Prefect UI on the project's database: the demo's monitor and continual flow runs.
 prefect-ui: setup
