@@ -4,6 +4,7 @@ The loop writing them on a real drift check is tested in test_labels.py (fixture
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -27,6 +28,7 @@ def point(batch: str, time: str, score: float, drift: bool, confidence: float | 
         drift=drift,
         closest_domain="base",
         model_version="3",
+        alpha=0.01,
     )
 
 
@@ -51,6 +53,7 @@ def test_points_are_snapshots_the_evidently_workspace_reads_back_with_a_dashboar
     assert fog["score"] == pytest.approx(2e-4) and fog["share_drifted"] == pytest.approx(0.4)
     assert fog["confidence"] == pytest.approx(0.62) and fog["reference_confidence"] == pytest.approx(0.95)
     assert fog["drift"] == 1.0 and rows[0]["drift"] == 0.0
+    assert fog["evidence"] == pytest.approx(-math.log10(2e-4)) and fog["threshold"] == pytest.approx(2.0)
     assert fog["model_version"] == "3" and "drift" in fog["tags"] and "domain:fog" in fog["tags"]
     assert history(ws, "other-model") == []
     record_point(ws, point("03-base", "2026-12-03T12:00:00+00:00", 0.5, False, confidence=None))
@@ -62,8 +65,8 @@ def test_points_are_snapshots_the_evidently_workspace_reads_back_with_a_dashboar
     dashboard = evidently.get_dashboard(project.id)
     titles = {p.title for p in dashboard.panels}
     assert {"Drift score", "Share of drifted features", "Champion's mean confidence", "Verdict"} <= titles
-    plotted = {v.metric_labels["column"] for p in dashboard.panels for v in p.values}
-    assert plotted == set(FIGURES)
+    plotted = {v.metric_labels["column"] for p in dashboard.panels for v in p.values if "column" in v.metric_labels}
+    assert plotted == set(FIGURES) - {"score"}  # the score is plotted as its -log10 (evidence)
     assert [t.title for t in dashboard.tabs] == ["Drift"]
 
 

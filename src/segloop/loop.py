@@ -640,21 +640,21 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
         "report": ws.rel(ws.root / "steps" / batch.batch / "drift" / closest / "drift.html"),
         "per_reference": {d: {"data_drift": x["data_drift"], "score": x["score"]} for d, x in results.items()},
     }
-    if settings.drift.evidently_workspace is not None:  # drift over time, where people look
-        record_drift_point(settings.drift.evidently_workspace, settings.registry.model_name, batch, version, verdict, r)
+    record_drift_point(settings, batch, version, verdict, r)  # drift over time, where people look (if on)
     return verdict
 
 
-def record_drift_point(
-    workspace: Path, model: str, batch: BatchInfo, version: str, verdict: dict, closest: dict
-) -> None:
+def record_drift_point(settings: Settings, batch: BatchInfo, version: str, verdict: dict, closest: dict) -> None:
     """The batch's verdict into the Evidently workspace and latest.json (segloop.drift.history);
     `closest`: the drift.json of the closest reference (share drifted, confidences)."""
     from segloop.drift.history import DriftPoint, record_point
 
+    workspace = settings.drift.evidently_workspace
+    if workspace is None:
+        return
     confidence = closest.get("confidence") or {}
     point = DriftPoint(
-        model=model,
+        model=settings.registry.model_name,
         batch=batch.batch,
         domain=batch.domain,
         time=now(),
@@ -665,6 +665,7 @@ def record_drift_point(
         drift=verdict["drift"],
         closest_domain=verdict["closest_domain"],
         model_version=version,
+        alpha=settings.drift.alpha,
     )
     record_point(workspace, point)
 

@@ -19,6 +19,7 @@ Evidently report's: `loop.check_drift` writes it. Nothing here imports MLflow or
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -27,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 # The dashboard's figures: columns of the one-row table each snapshot is computed on.
-FIGURES = ("score", "share_drifted", "confidence", "reference_confidence", "drift")
+# evidence = -log10(score) and threshold = -log10(alpha): drifted batches have p-values of
+# 1e-5 to 1e-80, which a linear axis shows as one flat line at 0.
+FIGURES = ("score", "evidence", "threshold", "share_drifted", "confidence", "reference_confidence", "drift")
 LATEST = "latest.json"  # not a UUID: Evidently's workspace listing skips it
 METRIC = "evidently:metric_v2:MeanValue"
 
@@ -47,6 +50,15 @@ class DriftPoint:
     drift: bool  # the loop's verdict (data drift against every reference, or a quality drop)
     closest_domain: str
     model_version: str  # the champion checked against
+    alpha: float  # drift.alpha: the batch drifts when score <= alpha
+
+    @property
+    def evidence(self) -> float:
+        return -math.log10(max(self.score, 1e-300))
+
+    @property
+    def threshold(self) -> float:
+        return -math.log10(self.alpha)
 
     def row(self) -> dict[str, float]:
         """The known figures (an unknown one is left out, not written as NaN)."""
@@ -60,13 +72,15 @@ def _panels() -> list:
     def value(column: str, legend: str) -> PanelMetric:
         return PanelMetric(legend=legend, metric=METRIC, metric_labels={"column": column})
 
+    checked = PanelMetric(legend="batches", metric="evidently:metric_v2:RowCount")
     return [
+        counter_panel("Batches checked", [checked], "drift checks written here", "half", "sum"),
         counter_panel("Drifted batches", [value("drift", "drifted")], "batches whose check said drift", "half", "sum"),
-        counter_panel("Last drift score", [value("score", "score")], "lower = stronger evidence", "half", "last"),
         line_plot_panel(
             "Drift score",
-            [value("score", "score")],
-            "smallest Bonferroni-adjusted p-value vs the closest reference; drift at <= drift.alpha",
+            [value("evidence", "-log10(score)"), value("threshold", "-log10(drift.alpha)")],
+            "score: smallest Bonferroni-adjusted p-value vs the closest reference; drift when the line is above the"
+            " threshold",
             "half",
         ),
         line_plot_panel(
@@ -104,14 +118,15 @@ def snapshot(point: DriftPoint):
     """The Evidently snapshot of one point: MeanValue of each figure over a one-row table."""
     import pandas as pd
     from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import MeanValue
+    from evidently.metrics import MeanValue, RowCount
 
     row = point.row()
     table = Dataset.from_pandas(pd.DataFrame([row]), data_definition=DataDefinition(numerical_columns=list(row)))
-    meta = {k: v for k, v in asdict(point).items() if k not in FIGURES}
+    meta = {k: v for k, v in asdict(point).items() if k not in FIGURES and k != "alpha"}
     when = datetime.fromisoformat(point.time).replace(tzinfo=None)  # Evidently's timestamps are naive UTC
     tags = ["drift" if point.drift else "no-drift", f"domain:{point.domain}"]
-    return Report([MeanValue(column=c) for c in row]).run(table, None, timestamp=when, metadata=meta, tags=tags)
+    metrics = [RowCount(), *(MeanValue(column=c) for c in row)]
+    return Report(metrics).run(table, None, timestamp=when, metadata=meta, tags=tags)
 
 
 def record_point(workspace: Path, point: DriftPoint) -> str:
