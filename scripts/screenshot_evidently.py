@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workspace", type=Path, help="Evidently workspace (default drift.evidently_workspace)")
     ap.add_argument("--model", help="registered model name (default registry.model_name)")
     ap.add_argument("--out", type=Path, default=Path("reports/ui"))
-    ap.add_argument("--size", type=int, nargs=2, default=[1500, 1300], metavar=("WIDTH", "HEIGHT"))
+    ap.add_argument("--size", type=int, nargs=2, default=[1500, 1700], metavar=("WIDTH", "HEIGHT"))
     ap.add_argument(
         "--budget-ms", type=int, default=10000, help="virtual time Chromium gives the app to load (doubled on retry)"
     )
