@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo lint test test-crash bench ui prefect-ui screenshot serve monitor stack stack-down clean
+.PHONY: setup demo lint test test-crash bench ui prefect-ui evidently-ui screenshot serve monitor stack stack-down clean
 
 setup: $(VENV)/.installed
 
@@ -69,15 +69,26 @@ ui: setup
 # Headless-Chromium screenshots of the MLflow UI as `make ui` serves it: landing page, the
 # experiment's runs, the registered model and its champion's version (reports/ui/*.png),
 # from the project store; needs Debian's chromium (see the script).
-# ... and of the Prefect UI on the demo's flow runs (reports/ui/prefect_*.png).
+# ... and of the Prefect UI on the demo's flow runs (reports/ui/prefect_*.png), and of the
+# Evidently UI's drift dashboard (reports/ui/evidently_dashboard.png).
 screenshot: setup
 	$(BIN)/python scripts/screenshot_ui.py --store mlruns/mlflow.db --out reports/ui
 	$(BIN)/python scripts/screenshot_prefect.py --home .prefect --out reports/ui
+	$(BIN)/python scripts/screenshot_evidently.py --params params.yaml --out reports/ui
 
 # The Prefect UI on the project's database: the demo's monitor and continual flow runs.
 prefect-ui: setup
 	@echo "Prefect UI: http://127.0.0.1:4200  (database: $(PREFECT_HOME)/prefect.db)"
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# The Evidently UI on the loop's drift checks over time (drift.evidently_workspace, default
+# evidently/): one project per registered model, its dashboard on the Dashboard tab. Loopback;
+# port 8001 (8000 is `make serve`). DO_NOT_TRACK: Evidently's usage telemetry off (no network here).
+EVIDENTLY_PORT ?= 8001
+evidently-ui: setup
+	@mkdir -p evidently
+	@echo "Evidently UI: http://127.0.0.1:$(EVIDENTLY_PORT)  (workspace: evidently/)"
+	DO_NOT_TRACK=1 $(BIN)/evidently ui --workspace evidently --host 127.0.0.1 --port $(EVIDENTLY_PORT)
 
 # The champion as an HTTP service (README: Serving): models:/segloop@champion, followed live
 # (serve.poll_s and POST /v1/reload), on 127.0.0.1:8000, with /metrics.
@@ -103,4 +114,4 @@ stack-down:
 # Everything the pipeline and the demo produced: data, models, reports, the loop's
 # workspace, the MLflow store and the Prefect database.
 clean:
-	rm -rf data/raw data/valid data/split data/quarantine models reports workspace .prefect .cache mlruns/mlflow.db mlruns/artifacts
+	rm -rf data/raw data/valid data/split data/quarantine models reports workspace evidently .prefect .cache mlruns/mlflow.db mlruns/artifacts

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from segloop import lifeline, loop
-from segloop.config import load_settings
+from segloop.config import Settings, load_settings
 from segloop.loop import Workspace
 
 # Sub-steps that only do I/O that can fail transiently and are safe to run again.
@@ -30,13 +30,9 @@ def _run_name() -> str:
     return f"continual-{Path(flow_run.parameters['batch_dir']).name}"
 
 
-@flow(flow_run_name=_run_name, log_prints=True)
-def continual_flow(batch_dir: str, params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """Process one batch folder; returns the step record (also written to processed/<batch>.json)."""
-    lifeline.guard()  # Prefect's temporary server, DVC and training die with this process, even killed
-    settings = load_settings(params, overrides or [])
-    ws, path = Workspace.of(settings), Path(batch_dir).resolve()
-    b, log = path.name, get_run_logger()
+def tasks_for(settings: Settings, b: str) -> Callable[..., Any]:
+    """The `call` a loop step runs its sub-steps with: each a Prefect task of batch `b`, retried
+    only if it is in RETRIED."""
     io = {"retries": settings.flows.retries, "retry_delay_seconds": settings.flows.retry_delay_s}
 
     def as_task(name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -44,6 +40,16 @@ def continual_flow(batch_dir: str, params: str = "params.yaml", overrides: list[
         t = task(fn, name=name, task_run_name=f"{name}-{b}", cache_policy=NO_CACHE, **(io if name in RETRIED else {}))
         return t(*args)
 
-    rec = loop.process_batch(ws, path, settings, as_task)
+    return as_task
+
+
+@flow(flow_run_name=_run_name, log_prints=True)
+def continual_flow(batch_dir: str, params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Process one batch folder; returns the step record (also written to processed/<batch>.json)."""
+    lifeline.guard()  # Prefect's temporary server, DVC and training die with this process, even killed
+    settings = load_settings(params, overrides or [])
+    ws, path = Workspace.of(settings), Path(batch_dir).resolve()
+    b, log = path.name, get_run_logger()
+    rec = loop.process_batch(ws, path, settings, tasks_for(settings, b))
     log.info("batch %s: %s", b, rec.summary)
     return rec.to_dict()

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 
 from flows.continual import continual_flow
+from flows.labels import labels_flow
 from segloop import lifeline, loop
 from segloop.config import load_settings
 from segloop.loop import Workspace
@@ -23,15 +24,17 @@ def _run_name() -> str:
 
 @flow(flow_run_name=_run_name, log_prints=True)
 def monitor_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> list[dict]:
-    """Run `continual_flow` for each pending batch; returns their step records.
+    """Run `labels_flow` for each ready label drop (labels/done/<batch>/), then `continual_flow`
+    for each pending batch; returns their step records.
 
-    A batch is pending until its step commits a marker (processed/<batch>.json): a batch
-    whose step fails stays pending, and later batches wait for it (order matters), until
-    it has failed `flows.max_attempts` times: then it is moved to failed/<batch>/ and this
-    run goes on with the next batch (so does it for a refused batch name). A run that
-    finds the workspace locked by another run does nothing. (That lock holds on one host;
-    deployed to a work pool, `flows.deploy.deploy_to_pool`'s concurrency limit cancels a
-    second run wherever it would start.)
+    A label drop that fails to import (too few good masks, ...) is logged and left in place (fix
+    it and the next run tries again); it never holds up the batches. A batch is pending until
+    its step commits a marker (processed/<batch>.json): a batch whose step fails stays pending,
+    and later batches wait for it (order matters), until it has failed `flows.max_attempts`
+    times: then it is moved to failed/<batch>/ and this run goes on with the next batch (so
+    does it for a refused batch name). A run that finds the workspace locked by another run
+    does nothing. (That lock holds on one host; deployed to a work pool,
+    `flows.deploy.deploy_to_pool`'s concurrency limit cancels a second run wherever it would start.)
     """
     lifeline.guard()  # Prefect's temporary server, DVC and training die with this process, even killed
     settings = load_settings(params, overrides or [])
@@ -39,11 +42,11 @@ def monitor_flow(params: str = "params.yaml", overrides: list[str] | None = None
     try:
         with loop.workspace_lock(ws):
             loop.pull_workspace(ws, settings)  # steps other hosts ran count as processed here too
+            records = import_label_drops(ws, params, overrides)
             pending = loop.pending_batches(ws)
             log.info(
                 "%d pending batch(es) in %s: %s", len(pending), ws.incoming, ", ".join(p.name for p in pending) or "-"
             )
-            records = []
             for batch in pending:
                 try:
                     records.append(continual_flow(str(batch), params, overrides))
@@ -53,6 +56,25 @@ def monitor_flow(params: str = "params.yaml", overrides: list[str] | None = None
     except loop.LoopBusy as busy:
         log.warning("%s: skipping this run", busy)
         return []
+
+
+def import_label_drops(ws: Workspace, params: str, overrides: list[str] | None) -> list[dict]:
+    """`labels_flow` for each ready drop, oldest first; the records of those that were imported."""
+    log, records = get_run_logger(), []
+    drops = loop.pending_labels(ws)
+    log.info("%d label drop(s) in %s: %s", len(drops), ws.labels_done, ", ".join(p.name for p in drops) or "-")
+    for drop in drops:
+        try:
+            records.append(labels_flow(drop.name, str(drop), params, overrides))
+        except Exception as err:  # the drop's own fault or a failed update: reported, the loop goes on
+            log.warning(
+                "labels for batch %s not imported (%s: %s); fix %s and the next run retries",
+                drop.name,
+                type(err).__name__,
+                err,
+                drop,
+            )
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,8 @@ TINY = {
     "eval": {"n_overlays": 2},
     # Tiny tests and the DVC pipeline test need no store; tracking tests point at a temp one.
     "tracking": {"enabled": False},
+    # No Evidently workspace in the checkout; tests that check it point it at their temp folder.
+    "drift": {"evidently_workspace": None},
 }
 
 

@@ -178,6 +178,10 @@ def test_fog_drifts_fresh_base_does_not(data, champion, tmp_path):
     assert saved["n_reference"] == 40 and saved["n_current"] == 24
     assert "embedding" in saved["method"] and saved["embeddings"]["test"] == "mmd_rbf_permutation"
     assert 0 < saved["share_drifted"] <= 1 and saved["rule"]["alpha"] == CFG.alpha
+    # The champion's mean confidence on each side (the drift dashboard plots it): its column's mean.
+    ref_conf = featurise_folder(data / "ref", 3, champion, cache, crop=CFG.model_crop, progress=False)
+    assert saved["confidence"]["reference"] == pytest.approx(ref_conf.columns["confidence"].mean())
+    assert 0 < saved["confidence"]["current"] <= 1
     # The benchmark's fast path (scipy) gives the p-values Evidently reported.
     ref = featurise_folder(data / "ref", 3, champion, cache, crop=CFG.model_crop, progress=False)
     cur = featurise_folder(data / "fog", 3, champion, cache, crop=CFG.model_crop, progress=False)
@@ -193,7 +197,7 @@ def test_without_model_uses_image_statistics_only(data, tmp_path):
     r = detect_drift(data / "ref", data / "fog", tmp_path, CFG, 3, None, None, progress=False)
     assert r["data_drift"] and "no champion" in r["method"] and r["embeddings"] is None
     assert not any(c.startswith(("area_", "emb_")) for c in r["pvalues"])
-    assert r["performance_drift"] is None
+    assert r["performance_drift"] is None and r["confidence"] is None  # no champion, no confidence
 
 
 @pytest.mark.slow

@@ -278,3 +278,38 @@ def test_monitor_moves_a_failing_or_misnamed_batch_to_failed_and_goes_on(copy):
     assert kinds == {"01-bad": "failed", "site A": "refused"}
     assert loop.pending_batches(ws) == [] and loop.git(ws, "status", "--porcelain") == ""
     assert loop.read_state(ws).champion == _champion(settings) == "1"
+
+
+@pytest.mark.slow
+def test_demo_s_unlabelled_batch_gets_a_request_stand_in_labels_and_an_update(copy, tmp_path, capsys):
+    """`make demo`'s unlabelled round with tiny settings, on the bootstrapped workspace (its stream's
+    first batch, 00-base, is processed already): drift -> label request -> the demo's stand-in
+    labels dropped into labels/done/ -> monitor_flow imports them -> update -> promotion."""
+    from flows import demo
+    from segloop.drift.history import history
+
+    root, params, settings, ws = copy
+    evidently = tmp_path / "evidently"
+    # A drop for a batch that asked for nothing is left alone.
+    (ws.labels_drop("00-base") / "masks").mkdir(parents=True)
+    (ws.labels_drop("00-base") / loop.READY).write_text("")
+    assert loop.pending_labels(ws) == []
+    out = tmp_path / "demo"
+    args = ["--params", str(params), "--stream", "base:40", "--unlabelled", "fog:32", "--out", str(out)]
+    # Two update epochs: the plumbing, not learning (the gate passes every candidate here).
+    sets = ["--set", f"drift.evidently_workspace={evidently}", "--set", "continual.epochs=2"]
+    assert demo.main([*args, *sets]) == 0
+    printed = capsys.readouterr().out
+    assert "the demo stands in for a person here" in printed and "8 requested images" in printed
+
+    asked = json.loads(ws.marker("01-fog").read_text())
+    assert asked["status"] == "awaiting-labels" and asked["drift"]["drift"] and not asked["updated"]
+    done = json.loads(ws.labelled_marker("01-fog").read_text())
+    assert done["status"] == "labelled" and done["labels"]["quarantined"] == 0 and done["accepted"] == 8
+    assert done["updated"] and done["promoted"] and _champion(settings) == done["champion_version"] == "2"
+    stems = sorted(i["stem"] for i in json.loads((ws.request("01-fog") / "request.json").read_text())["images"])
+    assert sorted(p.stem for p in (ws.labels_drop("01-fog") / "masks").iterdir()) == stems
+    assert loop.pending_labels(ws) == [] and loop.git(ws, "status", "--porcelain") == ""  # drops are ignored by git
+    summary = (out / "summary.md").read_text()
+    assert "| 01-fog | yes" in summary and "| label request |" in summary and "| 01-fog (its labels) |" in summary
+    assert [(p["batch"], p["drift"]) for p in history(evidently, "loop")] == [("01-fog", 1.0)]

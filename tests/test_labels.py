@@ -21,6 +21,7 @@ from PIL import Image
 from segloop import cli, loop, registry
 from segloop.config import LabelSettings, load_settings
 from segloop.data.synthetic import generate
+from segloop.drift.history import history
 from segloop.labels import Uncertainty, budget_count, k_center, select
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,6 +42,7 @@ def _params(root: Path) -> Path:
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     # alpha 0.01: the base batch must not raise a 5%-per-batch false alarm (as test_flows saw); fog drifts far below
     raw["drift"] |= {"min_images": 8, "reference_size": 32, "model_crop": 64, "mmd_permutations": 200, "alpha": 0.01}
+    raw["drift"]["evidently_workspace"] = str(root / "evidently")  # drift over time (test_drift_history.py)
     raw["continual"] |= {"epochs": 4, "lr": 0.003}
     # The plumbing, not learning: every candidate passes the gate.
     raw["registry"] = {"model_name": "loop", "gate": {"min_gain": -1.0, "max_forgetting": 1.0, "floor_miou": 0.05}}
@@ -124,6 +126,11 @@ def test_a_drifted_unlabelled_batch_asks_for_labels_and_does_not_block_the_next(
     assert loop.pending_batches(ws) == [] and loop.processed(ws) == {"00-base", "01-fog", "02-base"}
     status = {r["batch"]: r["status"] for r in loop.list_batches(ws)}
     assert status == {"00-base": "processed", "01-fog": "awaiting-labels", "02-base": "processed"}
+    # Each drift check is a snapshot in the Evidently workspace (the bootstrap had none to make).
+    points = history(settings.drift.evidently_workspace, "loop")
+    assert [(p["batch"], p["drift"]) for p in points] == [("01-fog", 1.0), ("02-base", 0.0)]
+    assert [p["score"] for p in points] == pytest.approx([rec.drift["score"], nxt.drift["score"]])
+    assert all(0 < p["confidence"] <= 1 and p["model_version"] == "1" for p in points)
     assert loop.git(ws, "status", "--porcelain") == "" and "up to date" in loop.dvc(ws, "status")
 
 

@@ -282,6 +282,10 @@ class DriftSettings(_Strict):
     reference_seed: int = 0
     # Labelled batch: a champion mIoU drop larger than this (absolute) is performance drift.
     max_quality_drop: float = Field(0.05, gt=0.0, lt=1.0)
+    # The loop writes each batch's check as a snapshot into this Evidently workspace (one project
+    # per registered model, with its dashboard; `make evidently-ui`) and its latest.json, which
+    # the service's /metrics exposes. null: off.
+    evidently_workspace: Path | None = None
 
     @field_validator("model_crop")
     @classmethod

@@ -20,6 +20,8 @@ The workspace is the loop's own git + DVC repository (`flows.workspace`):
     processed/<batch>.json     the step record; committed (in HEAD), it means "done, never again"
     labels/requests/<batch>/   label request of a drifted unlabelled batch (tracked by its .dvc):
                                images, drafts, tasks.json (Label Studio), request.json
+    labels/done/<batch>/       labels dropped for a request: masks/<stem>.png, then READY written
+                               last (ignored by git; `pending_labels`, imported by monitor_flow)
     labelled/<batch>.json      the record of the step that imported its labels (`import_labels`):
                                committed, the batch's labels are in and trained on, never again
     failed/<batch>/            dead letters: a batch refused or failing flows.max_attempts times,
@@ -99,6 +101,7 @@ IGNORED = (
     f"/{ATTEMPTS_DIR}/",
     "/quarantine/*/*",
     "!/quarantine/*/reasons.jsonl",
+    "/labels/done/",  # people's drops: versioned once imported (batches/<batch>/labelled), never cleaned by a reset
 )
 # What a model step's output depends on (where it is logged and registered does not).
 STAGE_PARAMS = ["data", "model", "train", "continual"]
@@ -133,6 +136,13 @@ class Workspace:
 
     def request(self, b: str) -> Path:
         return self.root / "labels" / "requests" / b
+
+    @property
+    def labels_done(self) -> Path:
+        return self.root / "labels" / "done"
+
+    def labels_drop(self, b: str) -> Path:
+        return self.labels_done / b
 
     def labelled_marker(self, b: str) -> Path:
         return self.root / LABELLED_DIR / f"{b}.json"
@@ -350,6 +360,27 @@ def _committed(ws: Workspace, folder: str) -> set[str]:
         return set()
     names = git(ws, "ls-tree", "-z", "--name-only", "HEAD", f"{folder}/").split("\0")
     return {Path(n).name.removesuffix(".json") for n in names if n.endswith(".json")}
+
+
+def pending_labels(ws: Workspace) -> list[Path]:
+    """Label drops to import, oldest first: labels/done/<batch>/ holding `READY` (written after its
+    masks/, as for batches) for a batch whose label request waits (status awaiting-labels, labels
+    not imported at HEAD). A drop for any other batch is left alone; `segloop labels import` says why."""
+    done_dir = ws.labels_done
+    if not done_dir.is_dir():
+        return []
+    asked, imported = processed(ws), labels_imported(ws)
+    drops = [
+        p
+        for p in done_dir.iterdir()
+        if p.is_dir()
+        and not p.is_symlink()
+        and (p / READY).is_file()
+        and p.name in asked
+        and p.name not in imported
+        and StepRecord.read(ws.marker(p.name)).status == AWAITING
+    ]
+    return sorted(drops, key=lambda p: ((p / READY).stat().st_mtime, p.name))
 
 
 def is_ready(batch_dir: Path) -> bool:
@@ -669,7 +700,7 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
     closest = max(results, key=lambda d: results[d]["score"])
     r = results[closest]
     data_drift = all(x["data_drift"] for x in results.values())
-    return {
+    verdict = {
         "drift": bool(data_drift or r["performance_drift"]),
         "data_drift": data_drift,
         "performance_drift": r["performance_drift"],
@@ -680,6 +711,34 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
         "report": ws.rel(ws.root / "steps" / batch.batch / "drift" / closest / "drift.html"),
         "per_reference": {d: {"data_drift": x["data_drift"], "score": x["score"]} for d, x in results.items()},
     }
+    record_drift_point(settings, batch, version, verdict, r)  # drift over time, where people look (if on)
+    return verdict
+
+
+def record_drift_point(settings: Settings, batch: BatchInfo, version: str, verdict: dict, closest: dict) -> None:
+    """The batch's verdict into the Evidently workspace and latest.json (segloop.drift.history);
+    `closest`: the drift.json of the closest reference (share drifted, confidences)."""
+    from segloop.drift.history import DriftPoint, record_point
+
+    workspace = settings.drift.evidently_workspace
+    if workspace is None:
+        return
+    confidence = closest.get("confidence") or {}
+    point = DriftPoint(
+        model=settings.registry.model_name,
+        batch=batch.batch,
+        domain=batch.domain,
+        time=now(),
+        score=verdict["score"],
+        share_drifted=closest["share_drifted"],
+        confidence=confidence.get("current"),
+        reference_confidence=confidence.get("reference"),
+        drift=verdict["drift"],
+        closest_domain=verdict["closest_domain"],
+        model_version=version,
+        alpha=settings.drift.alpha,
+    )
+    record_point(workspace, point)
 
 
 def update_reason(champ: tuple[str, Path] | None, drift: dict | None, state: LoopState, domain: str) -> str:

@@ -444,10 +444,16 @@ def servability(
 class Metrics:
     """The service's Prometheus metrics, in a registry of its own (one per service)."""
 
-    def __init__(self):
+    def __init__(self, drift_workspace: Path | None = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
         self.registry = r = CollectorRegistry()
+        if drift_workspace is not None:
+            # The loop's last drift check per model (segloop_drift_*): Prometheus already scrapes
+            # this service, while the monitor flow is a short batch job with nothing to scrape.
+            from segloop.drift.history import DriftGauges
+
+            r.register(DriftGauges(drift_workspace))
         self.requests = Counter(
             "segloop_serve_requests",
             "POST /v1/segment requests by HTTP status and model version",
@@ -716,7 +722,7 @@ def create_app(service: Service):
 
     settings = service.settings
     cfg = settings.serve
-    metrics = service.metrics = Metrics()
+    metrics = service.metrics = Metrics(settings.drift.evidently_workspace)
     if service.current is not None:
         metrics.served(service.current)
     if service.capture is not None:

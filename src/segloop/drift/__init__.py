@@ -6,6 +6,8 @@
 - `decision`: Evidently report over the columns, an MMD test on the embeddings, the
   multiple-testing rule that turns them into one drift / no-drift answer, and the
   optional quality-drop check on labelled batches.
+- `history`: the loop's checks over time, as snapshots in an Evidently workspace (one
+  project per registered model, with its dashboard) and as Prometheus gauges.
 
 Nothing here imports Prefect or MLflow; `drift.json` and `drift.html` are files a
 caller logs wherever it likes.

@@ -130,6 +130,10 @@ def detect_drift(
         "model": str(champion.path) if champion is not None and champion.path else None,
         "reference_model_id": (reference_record or {}).get("model_id"),
         "cache": {"reference": ref.from_cache, "current": cur.from_cache},
+        # The champion's mean max-softmax on each side (a prediction column; None without a champion).
+        "confidence": {k: float(t.columns["confidence"].mean()) for k, t in (("reference", ref), ("current", cur))}
+        if "confidence" in cur.columns
+        else None,
         "warnings": warnings,
     }
     record = drift_record(decision, quality, method, n_ref, n_cur, cfg, extra)
