@@ -20,7 +20,7 @@ from conftest import ROOT, TINY, _merge, move_store
 from crash_step import BOUNDARIES, CRASH_EXIT
 from PIL import Image
 
-from segloop import loop, registry
+from segloop import gate, loop, registry
 from segloop.config import load_settings
 from segloop.data.synthetic import generate
 
@@ -177,8 +177,9 @@ def test_a_gate_retried_after_it_promoted_succeeds_without_a_second_move(copy, m
             raise ConnectionError("injected: the store went away for a moment")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "move_alias", moving)
-    monkeypatch.setattr(registry, "describe_version", flaky)
+    monkeypatch.setattr(gate, "move_alias", moving)  # the gate's own references to the registry's functions
+    for module in (registry, gate):
+        monkeypatch.setattr(module, "describe_version", flaky)
 
     def retrying(name, fn, *args):  # what continual_flow's task retries do, without Prefect
         try:

@@ -26,7 +26,7 @@ def study_params(tmp_path, tracked_raw):
         "space": {
             "train.lr": {"choices": [0.003, DIVERGING_LR]},
             "model.arch": {"choices": ["Unet", "FPN"]},
-            "augment_strength": {"low": 0.0, "high": 0.4, "keys": ["train.augment.brightness", "train.augment.gamma"]},
+            "augment_strength": {"low": 0.0, "high": 0.4, "sets": ["train.augment.brightness", "train.augment.gamma"]},
         },
     }
     path = tmp_path / "params.yaml"
