@@ -313,8 +313,7 @@ def push_workspace(ws: Workspace, settings: Settings) -> None:
     history never names data the DVC remote lacks). No-op without remotes."""
     if settings.flows.git_remote is None:
         return
-    _remotes(ws, settings)
-    dvc(ws, "push", "-q", "--run-cache", "-r", DVC_REMOTE)
+    push_run_cache(ws, settings)
     git(ws, "push", "-q", GIT_REMOTE, "HEAD:refs/heads/main")
 
 
@@ -779,6 +778,7 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
     b, domain = batch.batch, batch.domain
     state = read_state(ws)
     train, val, out = ws.split(b, "train"), ws.split(b, "val"), ws.root / "models" / b
+    shared = settings.flows.dvc_remote is not None  # a run another host pushed is pulled, not redone
     pooled = [ws.root / p for p in state.pool.get(domain, [])] if champ is not None else []
     # The loop's stages are the ones that register into the loop's model (ad-hoc runs register nowhere).
     q = shlex.quote  # a stage's command runs through a shell: every path and name quoted
@@ -797,7 +797,7 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
             [out],
             STAGE_PARAMS,
             params,
-            pull=settings.flows.dvc_remote is not None,
+            pull=shared,
         )
         push_run_cache(ws, settings)
         return Candidate(
@@ -818,7 +818,7 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
         + "".join(f" --seen {q(ws.rel(x))}" for x in seen)
     )
     deps = [parent, train, *pooled, val, *old_vals, *([replay] if replay else []), *seen]
-    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS, params, pull=settings.flows.dvc_remote is not None)
+    run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS, params, pull=shared)
     push_run_cache(ws, settings)
     version = registered_version(ws, settings, out, {"segloop.batch": b, "segloop.parent_version": champ[0]})
     return Candidate(version, [ws.rel(x) for x in [train, *pooled]], [ws.rel(x) for x in pooled], _images_seen(out))
