@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo lint test test-crash bench ui prefect-ui evidently-ui screenshot serve monitor stack stack-down clean
+.PHONY: setup demo lint test test-crash bench ui prefect-ui evidently-ui screenshot serve monitor stack stack-down demo-stack clean
 
 setup: $(VENV)/.installed
 
@@ -29,9 +29,22 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 # plan's, plus train.augment.blur_sigma): a base champion so trained already segments lowlight
 # and fog (docs/loop_stream.md measures both, 3 seeds); the loop trains on what it cannot.
 DEMO_AUGMENT := {hflip: 0.5, vflip: 0.5, rot90: 0.5, brightness: 0.2, contrast: 0.2, gamma: 0.2, blur_sigma: 1.5}
+DEMO_SETS := --set train.max_minutes=null --set train.epochs=16 --set data.crop_size=96 \
+  --set continual.epochs=8 --set model.norm.kind=local --set 'train.augment=$(DEMO_AUGMENT)'
 demo: setup
-	$(BIN)/python -m flows.demo --set train.max_minutes=null --set train.epochs=16 --set data.crop_size=96 \
-	  --set continual.epochs=8 --set model.norm.kind=local --set 'train.augment=$(DEMO_AUGMENT)'
+	$(BIN)/python -m flows.demo $(DEMO_SETS)
+
+# The demo on the stack (`make stack` first): the same batches, each monitor run a run of the
+# deployment segloop-demo that a worker of the pool picks up; runs and models in the stack's
+# MLflow server (PostgreSQL, artifacts in S3), its own workspace-stack/ and reports/demo-stack/;
+# then screenshots of the stack's MLflow and Prefect UIs (reports/ui/stack/). DEMO_ARGS: more
+# flows.demo arguments (a shorter --stream, more --set).
+demo-stack: setup
+	@test -f .stack/env || { echo "no stack here (.stack/env): run make stack first"; exit 2; }
+	. ./.stack/env && $(BIN)/python -m flows.demo --pool $$SEGLOOP_WORK_POOL --out reports/demo-stack $(DEMO_SETS) \
+	  --set flows.workspace=workspace-stack --set drift.evidently_workspace=evidently-stack $(DEMO_ARGS)
+	. ./.stack/env && $(BIN)/python scripts/screenshot_ui.py --url $$MLFLOW_TRACKING_URI --out reports/ui/stack \
+	  && $(BIN)/python scripts/screenshot_prefect.py --api $$PREFECT_API_URL --out reports/ui/stack
 
 # Lint, format and type checks (pyproject.toml: [tool.ruff], [tool.mypy]); `make test` runs them first.
 lint: setup
@@ -114,4 +127,4 @@ stack-down:
 # Everything the pipeline and the demo produced: data, models, reports, the loop's
 # workspace, the MLflow store and the Prefect database.
 clean:
-	rm -rf data/raw data/valid data/split data/quarantine models reports workspace evidently .prefect .cache mlruns/mlflow.db mlruns/artifacts
+	rm -rf data/raw data/valid data/split data/quarantine models reports workspace workspace-stack evidently evidently-stack .prefect .cache mlruns/mlflow.db mlruns/artifacts

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from segloop.loop import BATCH_INFO, READY, Workspace
 STREAM = "base:240,base:96,lowlight:120,fog:120,noise:120,base:96"
 # Arrives after the stream, without masks: a domain the stream never showed.
 UNLABELLED = "colorshift:160"
+DEPLOYMENT = "segloop-demo"  # --pool: the demo's own deployment, next to the scheduled one
 KEYS = ("batch", "drift", "updated", "promoted", "champion_version", "miou_before", "miou_after")
 
 
@@ -76,14 +79,38 @@ def label_as_a_person(ws: Workspace, batch: str, truth: Path) -> int | None:
     return len(request.images)
 
 
-def unlabelled_round(ws: Workspace, i: int, spec: str, settings, params: str, overrides: list[str], out: Path) -> None:
+def monitor_runs(params: str, overrides: list[str], pool: str | None) -> Callable[[], object]:
+    """How the demo starts each monitor run and waits for it: `monitor_flow` in this process
+    (Prefect's ephemeral mode, or the server PREFECT_API_URL names), or with `pool` a run of
+    the deployment DEPLOYMENT on that work pool, which one of its workers picks up."""
+    if pool is None:
+        return lambda: monitor_flow(params, overrides)
+    from prefect.deployments import run_deployment
+
+    from flows.deploy import deploy_to_pool
+
+    parameters = {"params": str(Path(params).resolve()), "overrides": overrides}
+    deploy_to_pool(DEPLOYMENT, pool, parameters, description="segloop demo: the loop's monitor runs on the pool")
+    print(f"deployment monitor-flow/{DEPLOYMENT} on work pool {pool}: its workers run the demo's monitor runs")
+
+    def run() -> None:
+        flow_run = run_deployment(f"monitor-flow/{DEPLOYMENT}", as_subflow=False)  # waits for the end
+        if flow_run.state is None or not flow_run.state.is_completed():
+            state = flow_run.state.name if flow_run.state else "no state"
+            raise RuntimeError(f"monitor run {flow_run.name} ({flow_run.id}) ended {state}: see the Prefect UI")
+        print(f"monitor run {flow_run.name} completed on a worker of pool {pool}", flush=True)
+
+    return run
+
+
+def unlabelled_round(ws: Workspace, i: int, spec: str, settings, run: Callable[[], object], out: Path) -> None:
     """A shifted batch without masks: monitor run (drift -> label request), the demo's stand-in
     labels, monitor run (labels imported -> update -> gate -> promotion)."""
     domain, n = parse_stream(spec)[0]
     truth = out / "truth"
     batch = arrive(ws, i, domain, n, settings, truth)
     print(f"\n=== batch {batch.name} arrived: {n} {domain} images without masks; monitor run ===", flush=True)
-    monitor_flow(params, overrides)
+    run()
     asked = label_as_a_person(ws, batch.name, truth)
     if asked is None:
         print(f"\nbatch {batch.name}: no label request waiting (no drift, or labelled already): nothing to label")
@@ -93,7 +120,7 @@ def unlabelled_round(ws: Workspace, i: int, spec: str, settings, params: str, ov
         f"masks of the {asked} requested images ({ws.labels_drop(batch.name)}); monitor run ===",
         flush=True,
     )
-    monitor_flow(params, overrides)
+    run()
 
 
 def step_records(ws: Workspace) -> list[dict]:
@@ -190,16 +217,20 @@ def main(argv: list[str] | None = None) -> int:
         help=f"DOMAIN:N arriving after the stream without masks ('' : none; default {UNLABELLED})",
     )
     parser.add_argument("--out", type=Path, default=Path("reports/demo"))
+    parser.add_argument(
+        "--pool", help="run each monitor run as a deployment run on this Prefect work pool (make demo-stack)"
+    )
     args = parser.parse_args(argv)
     settings = load_settings(args.params, args.set)
     ws, started = Workspace.of(settings), time.monotonic()
+    run = monitor_runs(args.params, args.set, args.pool)
     stream = parse_stream(args.stream)
     for i, (domain, n) in enumerate(stream):
         batch = arrive(ws, i, domain, n, settings)
         print(f"\n=== batch {batch.name} arrived: {n} {domain} images; monitor run ===", flush=True)
-        monitor_flow(args.params, args.set)
+        run()
     if args.unlabelled:
-        unlabelled_round(ws, len(stream), args.unlabelled, settings, args.params, args.set, args.out)
+        unlabelled_round(ws, len(stream), args.unlabelled, settings, run, args.out)
     records = step_records(ws)
     write_reports(records, args.out, time.monotonic() - started)
     print("\n" + table(records))
@@ -207,11 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{batches(records)} batches in {(time.monotonic() - started) / 60:.1f} min; reports: {args.out}/summary.md, "
         "summary.json"
     )
-    print(
-        "Look at it:  make ui          (MLflow: runs, models, champion history at http://127.0.0.2:5000; it prints "
-        "the links)"
-    )
-    print("             make prefect-ui  (Prefect: the monitor and continual flow runs at http://127.0.0.1:4200)")
+    if args.pool:  # the stack's own servers hold the runs
+        api = os.environ.get("PREFECT_API_URL", "")
+        print(f"Look at it:  MLflow UI {os.environ.get('MLFLOW_TRACKING_URI')}, Prefect UI {api.removesuffix('/api')}")
+    else:
+        print(
+            "Look at it:  make ui          (MLflow: runs, models, champion history at http://127.0.0.2:5000; it "
+            "prints the links)"
+        )
+        print("             make prefect-ui  (Prefect: the monitor and continual flow runs at http://127.0.0.1:4200)")
     if settings.drift.evidently_workspace is not None:
         print("             make evidently-ui  (Evidently: drift checks over time at http://127.0.0.1:8001)")
     return 0

@@ -48,6 +48,22 @@ def updated_run(api: str, continual: list[dict]) -> dict:
     return first
 
 
+def shoot_runs(browser: str, base: str, api: str, args, where: str) -> None:
+    """The flow runs list and the newest continual run that updated the model, with its tasks."""
+    runs = post_json(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 50})
+    continual = [r for r in runs if r["name"].startswith("continual-") and r["state_type"] == "COMPLETED"]
+    if not continual:
+        raise ScreenshotError(f"no completed continual-* flow runs in {where} (run `make demo`)")
+    newest, shown = continual[0], updated_run(api, continual)
+    tasks = [t for t in shown["tasks"] if t.startswith(("update-", "gate-"))]
+    pages = [
+        (f"{base}/runs", [newest["name"], "monitor-"], args.out / "prefect_runs.png"),
+        (f"{base}/runs/flow-run/{shown['id']}", [shown["name"], *tasks], args.out / "prefect_flow_run.png"),
+    ]
+    shoot_pages(browser, pages, args.budget_ms, tuple(args.size))
+    print(f"{len(runs)} flow runs; flow run shown: {shown['name']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -59,15 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-ms", type=int, default=10000, help="virtual time Chromium gives the app to load (doubled on retry)"
     )
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server")
+    ap.add_argument("--api", help="shoot this running Prefect server's UI (e.g. the stack's .../api) instead")
     args = ap.parse_args(argv)
     try:
         browser = find_browser()
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.api:
+            api = args.api.rstrip("/")
+            shoot_runs(browser, api.removesuffix("/api"), api, args, args.api)
+            return 0
         home = args.home.resolve()
         if not (home / "prefect.db").is_file():
             raise ScreenshotError(f"{home / 'prefect.db'}: no Prefect database here (run `make demo` first)")
         port = free_port()
         base, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
-        args.out.mkdir(parents=True, exist_ok=True)
         log = args.out / "prefect_server.log"
         env = {
             **os.environ,
@@ -89,18 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         proc = start_server(cmd, env, log)
         try:
             up_s = wait_until_up(f"{api}/health", proc, args.timeout, log, "prefect server")
-            runs = post_json(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 50})
-            continual = [r for r in runs if r["name"].startswith("continual-") and r["state_type"] == "COMPLETED"]
-            if not continual:
-                raise ScreenshotError(f"no completed continual-* flow runs in {home / 'prefect.db'} (run `make demo`)")
-            newest, shown = continual[0], updated_run(api, continual)
-            tasks = [t for t in shown["tasks"] if t.startswith(("update-", "gate-"))]
-            pages = [
-                (f"{base}/runs", [newest["name"], "monitor-"], args.out / "prefect_runs.png"),
-                (f"{base}/runs/flow-run/{shown['id']}", [shown["name"], *tasks], args.out / "prefect_flow_run.png"),
-            ]
-            shoot_pages(browser, pages, args.budget_ms, tuple(args.size))
-            print(f"Prefect API answered after {up_s:.1f} s; {len(runs)} flow runs; flow run shown: {shown['name']}")
+            print(f"Prefect API answered after {up_s:.1f} s")
+            shoot_runs(browser, base, api, args, str(home / "prefect.db"))
         finally:
             stop_ui(proc)
     except ScreenshotError as err:

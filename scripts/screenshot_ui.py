@@ -203,26 +203,27 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-ms", type=int, default=8000, help="virtual time Chromium gives the app to load (doubled on retry)"
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the UI server")
+    ap.add_argument("--url", help="shoot this running MLflow server (e.g. the stack's) instead of one on --store")
     args = ap.parse_args(argv)
     try:
         browser = find_browser()
-        db = args.store.resolve()
-        if not db.is_file():
-            raise ScreenshotError(f"{db}: no MLflow store here (run `make demo`, or pass --store PATH/mlflow.db)")
         name = args.model
         if name is None:
             sys.path.insert(0, str(ROOT / "src"))
             from segloop.config import load_settings
 
             name = load_settings(args.params).registry.model_name
-        artifacts = (args.artifacts or db.parent / "artifacts").resolve()
-        port = free_port()
-        base = f"http://{HOST}:{port}"
         args.out.mkdir(parents=True, exist_ok=True)
-        log = args.out / "mlflow_ui.log"
-        proc = start_ui(db, artifacts, port, log)
+        base, proc, log = (args.url or "").rstrip("/"), None, args.out / "mlflow_ui.log"
+        if not args.url:
+            db = args.store.resolve()
+            if not db.is_file():
+                raise ScreenshotError(f"{db}: no MLflow store here (run `make demo`, or pass --store PATH/mlflow.db)")
+            port = free_port()
+            base = f"http://{HOST}:{port}"
+            proc = start_ui(db, (args.artifacts or db.parent / "artifacts").resolve(), port, log)
         try:
-            up_s = wait_until_up(f"{base}/health", proc, args.timeout, log)
+            up_s = wait_until_up(f"{base}/health", proc, args.timeout, log) if proc else 0.0
             model = registered_model(base, name)
             aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
             if "champion" not in aliases:
@@ -251,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             shoot_pages(browser, pages, args.budget_ms, size)
             print(f"UI answered after {up_s:.1f} s; champion is {name} v{aliases['champion']}")
         finally:
-            stop_ui(proc)
+            if proc is not None:
+                stop_ui(proc)
     except ScreenshotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

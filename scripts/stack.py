@@ -307,14 +307,15 @@ def start_mlflow(folder: Path, port: int, pg_port: int, s3_url: str, values: dic
 
 def start_prefect(folder: Path, port: int, pg_port: int, values: dict, env: dict, args) -> dict:
     started = time.monotonic()
+    url = f"http://{HOST}:{port}/api"
     env = env | {
         "PREFECT_API_DATABASE_CONNECTION_URL": db_url(
             "asyncpg", pg_port, values["SEGLOOP_STACK_DB_PASSWORD"], "prefect"
-        )
+        ),
+        "PREFECT_UI_API_URL": url,  # else the UI asks :4200 for its data, not this server
     }
     cmd = [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
     proc, log = daemon("prefect", cmd, env, folder)
-    url = f"http://{HOST}:{port}/api"
     wait_http(f"{url}/health", proc, log, args.timeout)
     return {"pid": proc.pid, "port": port, "url": url, "log": str(log), "seconds": time.monotonic() - started}
 

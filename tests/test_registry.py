@@ -725,3 +725,15 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(
     assert f"`{sets['lowlight']['train']}` (md5 `{dir_md5(sets['lowlight']['train'])}`)" in v2.description
     v1 = client.get_model_version(NAME, "1").description
     assert v1.startswith("base model: scratch, parent none; gate: promoted") and "champion since" in v1
+
+
+def test_the_download_cache_keeps_only_the_most_recently_used_checkpoints(tmp_path):
+    import os
+
+    for i, key in enumerate("abcde"):  # e used last; then c is used again, most recently of all
+        (tmp_path / key).mkdir()
+        (tmp_path / key / registry.CHECKPOINT_FILE).write_bytes(b"x")
+        os.utime(tmp_path / key / registry.CHECKPOINT_FILE, (1000 + i, 1000 + i))
+    os.utime(tmp_path / "c" / registry.CHECKPOINT_FILE, (2000, 2000))
+    registry.prune_model_cache(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "e"]

@@ -6,6 +6,9 @@ it over HTTP with the client environment the stack writes (`DIR/env`).
 - the registry (register, gate, alias history, rollback) on the HTTP store, artifacts in S3;
 - `monitor_flow` deployed to the pool (`from_source`), two runs started at once: one cancelled
   by the deployment's concurrency limit (CANCEL_NEW), the other processes both batches, once each.
+- the workspace's git + DVC remotes: another host goes on from them; a step killed (SIGKILL)
+  mid-way on one host is finished by another without a second model version; a fresh clone
+  of the workspace pulls the champion's data and `dvc repro` has nothing to do.
 
 Skipped (with the reason) only where a binary the stack needs is missing on this machine.
 """
@@ -124,6 +127,9 @@ def test_stack_records_urls_pids_memory_and_writes_the_client_env(stack):
         assert (Path(stack["dir"]) / name).stat().st_mode & 0o077 == 0, f"{name} readable by others"
     with pytest.raises(urllib.error.HTTPError, match="401"):  # basic auth is on: no login, no answer
         urllib.request.urlopen(f"{stack['mlflow']['url']}/api/2.0/mlflow/experiments/search?max_results=1")
+    ui = stack["prefect"]["url"].removesuffix("/api")
+    with urllib.request.urlopen(f"{ui}/ui-settings") as r:  # the Prefect UI reads its data from this server
+        assert json.load(r)["api_url"] == stack["prefect"]["url"]
 
 
 @pytest.mark.slow
@@ -269,28 +275,64 @@ def test_another_host_goes_on_from_the_workspace_remotes_and_a_fresh_clone_rebui
     assert "Running stage" not in loop.dvc(ws_c, "repro")
 
 
+# Host C's step, in a process of its own so that it can be killed outright.
+_STEP = """
+import sys
+from segloop import loop
+from segloop.config import load_settings
+settings = load_settings(sys.argv[1])
+ws = loop.Workspace.of(settings)
+loop.process_batch(ws, ws.incoming / sys.argv[2], settings)
+"""
+
+
 @pytest.mark.slow
-def test_a_step_that_died_on_one_host_is_finished_by_another_without_a_second_version(stack, deployed, monkeypatch):
+def test_a_worker_killed_mid_step_is_finished_by_another_host_without_a_second_version(stack, deployed):
+    import signal
+
     from segloop import loop
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("injected: the worker died after training")
-
-    settings_c = settings_from_dict(_loop_raw(stack, deployed["root"] / "c" / "ws", **deployed["remotes"]))
-    ws_c = loop.Workspace.of(settings_c)
+    raw_c = _loop_raw(stack, deployed["root"] / "c" / "ws", **deployed["remotes"])
+    params_c = deployed["root"] / "params-c.yaml"
+    params_c.write_text(yaml.safe_dump(raw_c))
+    ws_c = loop.Workspace.of(settings_from_dict(raw_c))
     _arrive(ws_c.root, "03-fog", "fog", 24, 3)
-    client, _ = registry.registry_client(settings_c)
-    monkeypatch.setattr(loop, "registered_version", crash)  # after the update stage trained and registered
-    with pytest.raises(RuntimeError, match="injected"):
-        loop.process_batch(ws_c, ws_c.incoming / "03-fog", settings_c)
-    monkeypatch.undo()
-    registered = max(int(v.version) for v in client.search_model_versions("name = 'loop'"))
+    client, _ = registry.registry_client(settings_from_dict(raw_c))
+
+    def versions() -> set[int]:
+        return {int(v.version) for v in client.search_model_versions("name = 'loop'")}
+
+    def pushed() -> bool:
+        """The step tags its update's version once the stage's run cache is on the DVC remote."""
+        new = versions() - before
+        tags = registry.version_tags(client.get_model_version("loop", str(max(new)))) if new else {}
+        return tags.get("segloop.batch") == "03-fog"
+
+    before = versions()
+    log = deployed["root"] / "host-c.log"
+    with log.open("w") as out:  # its own session: SIGKILL takes its DVC and training processes too
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STEP, str(params_c), "03-fog"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    # killed once the update it trained is registered and pushed: mid-step (the gate is next)
+    deadline = time.monotonic() + 300
+    while not pushed():
+        assert proc.poll() is None, f"host C's step ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"host C registered nothing in 300 s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert "03-fog" not in loop.processed(ws_c)  # it died before its step committed
+    (registered,) = versions() - before
     # the same batch arrives on host A (the deployment's workspace): it pulls, DVC's run cache
-    # restores the model the dead step trained, and its version is the one gated
+    # restores the model the killed step trained, and its version is the one gated
     settings_a = settings_from_dict(deployed["raw"])
     ws_a = loop.Workspace.of(settings_a)
     shutil.copytree(ws_c.incoming / "03-fog", ws_a.incoming / "03-fog")
     rec = loop.process_batch(ws_a, ws_a.incoming / "03-fog", settings_a)
     assert rec.updated and rec.candidate_version == str(registered)
-    assert max(int(v.version) for v in client.search_model_versions("name = 'loop'")) == registered
+    assert versions() - before == {registered}
     assert "03-fog" in loop.processed(ws_a)

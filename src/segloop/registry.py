@@ -41,6 +41,7 @@ from segloop.tracking import (
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT_FILE = "best.pt"  # the segloop checkpoint, inside the logged model's extra_files/
+MODEL_CACHE_KEEP = 16  # downloaded checkpoints kept in the temp folder (download_checkpoint)
 MODEL_ARTIFACT = "model"
 HISTORY_FOLDER = "alias_history"
 DECISION_FILE = "promotion_decision.json"
@@ -307,7 +308,9 @@ def download_checkpoint(client, store: Store, mv) -> Path:
     """The segloop checkpoint of model version `mv`, as a local file.
 
     A registered version's files never change, so copies are cached per store and version
-    in the temp folder instead of piling up one download per command.
+    in the temp folder instead of piling up one download per command; the cache keeps the
+    MODEL_CACHE_KEEP most recently used (every test run's and benchmark's fresh stores add
+    new keys: unbounded, it had grown to 19 GB and filled this machine's disk).
     """
     import hashlib
     import os
@@ -320,8 +323,10 @@ def download_checkpoint(client, store: Store, mv) -> Path:
     # so a fresh store's "version 1" never resolves to an old store's cached file.
     identity = f"{store.uri}|{mv.name}|{mv.version}|{mv.run_id}|{mv.source}|{mv.creation_timestamp}"
     key = hashlib.md5(identity.encode()).hexdigest()[:16]
-    cached = Path(tempfile.gettempdir()) / f"segloop-models-{getpass.getuser()}" / key / CHECKPOINT_FILE
+    cache = Path(tempfile.gettempdir()) / f"segloop-models-{getpass.getuser()}"
+    cached = cache / key / CHECKPOINT_FILE
     if cached.is_file():
+        os.utime(cached)  # recently used: kept by the pruning below
         return cached
     # MLflow 3 versions point at a LoggedModel; the sqlite store fills `source`
     # (models:/m-<id>) but may leave `model_id` empty.
@@ -342,7 +347,22 @@ def download_checkpoint(client, store: Store, mv) -> Path:
             )
         load_checkpoint(path)  # a torn or foreign file must not enter the cache
         os.replace(path, cached)
+    prune_model_cache(cache, MODEL_CACHE_KEEP)
     return cached
+
+
+def prune_model_cache(cache: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently used checkpoints of the download cache."""
+    import shutil
+
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:  # pruned by another process meanwhile
+            return 0.0
+
+    for old in sorted(cache.glob(f"*/{CHECKPOINT_FILE}"), key=used, reverse=True)[keep:]:
+        shutil.rmtree(old.parent, ignore_errors=True)  # another process pruning at once: fine
 
 
 def resolve_model(ref: str | Path, settings: Settings) -> tuple[Path, str, Any]:
