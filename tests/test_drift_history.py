@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from segloop.drift import history as drift_history
 from segloop.drift.history import FIGURES, LATEST, DriftPoint, history, open_project, read_latest, record_point
 from segloop.serve import Metrics
 
@@ -68,6 +69,38 @@ def test_points_are_snapshots_the_evidently_workspace_reads_back_with_a_dashboar
     plotted = {v.metric_labels["column"] for p in dashboard.panels for v in p.values if "column" in v.metric_labels}
     assert plotted == set(FIGURES) - {"score"}  # the score is plotted as its -log10 (evidence)
     assert [t.title for t in dashboard.tabs] == ["Drift"]
+
+
+def test_a_batch_rewritten_after_a_write_died_midway_is_held_once_and_checks_do_not_scan(tmp_path, monkeypatch):
+    ws = tmp_path / "evidently"
+    record_point(ws, point("01-base", "2026-12-03T10:00:00+00:00", 0.8, False))
+    real_write = drift_history._write_json
+    calls = {"n": 0}
+
+    def die_after_adding(path, data):  # the second write of the index: after the snapshot was added
+        calls["n"] += 1
+        if path.name == drift_history.INDEX and calls["n"] == 2:
+            raise OSError("injected: died after adding the snapshot")
+        real_write(path, data)
+
+    monkeypatch.setattr(drift_history, "_write_json", die_after_adding)
+    with pytest.raises(OSError, match="injected"):
+        record_point(ws, point("02-fog", "2026-12-03T11:00:00+00:00", 1e-4, True))
+    monkeypatch.undo()
+    assert [r["batch"] for r in history(ws, "loop")] == ["01-base", "02-fog"]  # added, but not indexed
+    record_point(ws, point("02-fog", "2026-12-03T11:05:00+00:00", 2e-4, True))  # the step's retry
+    rows = history(ws, "loop")
+    assert [r["batch"] for r in rows] == ["01-base", "02-fog"] and rows[1]["score"] == pytest.approx(2e-4)
+
+    # An ordinary check (a new batch, or a retried one the index knows) reads no earlier snapshot.
+    read = []
+    evidently, _ = open_project(ws, "loop")
+    monkeypatch.setattr(type(evidently), "get_run", lambda self, *a: read.append(a))
+    record_point(ws, point("03-base", "2026-12-03T12:00:00+00:00", 0.5, False))
+    record_point(ws, point("03-base", "2026-12-03T12:05:00+00:00", 0.6, False))
+    assert read == []
+    monkeypatch.undo()
+    assert [r["batch"] for r in history(ws, "loop")] == ["01-base", "02-fog", "03-base"]
 
 
 def test_the_service_metrics_carry_each_model_s_latest_point(tmp_path):

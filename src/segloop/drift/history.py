@@ -32,6 +32,8 @@ from typing import Any
 # 1e-5 to 1e-80, which a linear axis shows as one flat line at 0.
 FIGURES = ("score", "evidence", "threshold", "share_drifted", "confidence", "reference_confidence", "drift")
 LATEST = "latest.json"  # not a UUID: Evidently's workspace listing skips it
+INDEX = "snapshots.json"  # {model: {batch: snapshot id}}: a retried batch's snapshot found without a scan
+PENDING = "pending"  # the index entry while a batch's snapshot is being written
 METRIC = "evidently:metric_v2:MeanValue"
 
 
@@ -131,20 +133,54 @@ def snapshot(point: DriftPoint):
 
 def record_point(workspace: Path, point: DriftPoint) -> str:
     """Write `point` into the Evidently workspace (its model's project, replacing an earlier
-    snapshot of the same batch) and as the model's latest point. Returns the snapshot id."""
+    snapshot of the same batch) and as the model's latest point. Returns the snapshot id.
+
+    The batch's earlier snapshot comes from the index (no scan of the project's snapshots per
+    check); only a write that died between marking the batch pending and recording its new
+    snapshot makes the retry scan for the batch's snapshots."""
     workspace = Path(workspace)
     ws, project = open_project(workspace, point.model)
-    for sid in ws.list_runs(project.id):
-        old = ws.get_run(project.id, sid)
-        if old is not None and old.metadata.get("batch") == point.batch:
-            ws.delete_run(project.id, sid)
+    index = snapshot_index(ws, project, workspace, point.model)
+    batches = index[point.model]
+    known = batches.get(point.batch)
+    stale = _scan(ws, project).get(point.batch, []) if known == PENDING else [known] if known else []
+    batches[point.batch] = PENDING
+    _write_json(workspace / INDEX, index)
+    for sid in stale:
+        ws.delete_run(project.id, sid)
     ref = ws.add_run(project.id, snapshot(point), name=point.batch)
+    batches[point.batch] = str(ref.id)
+    _write_json(workspace / INDEX, index)
     latest = read_latest(workspace)
     latest[point.model] = asdict(point)
-    tmp = workspace / f".{LATEST}.tmp"  # atomic: a scrape reads the old file or the new one
-    tmp.write_text(json.dumps(latest, indent=1) + "\n")
-    os.replace(tmp, workspace / LATEST)
+    _write_json(workspace / LATEST, latest)
     return str(ref.id)
+
+
+def snapshot_index(ws, project, workspace: Path, model: str) -> dict[str, dict[str, str]]:
+    """The index of snapshots by model and batch; a model missing from it (a workspace written
+    before the index existed) is indexed by one scan of its project."""
+    path = workspace / INDEX
+    index = json.loads(path.read_text()) if path.is_file() else {}
+    if model not in index:
+        index[model] = {batch: ids[-1] for batch, ids in _scan(ws, project).items()}
+    return index
+
+
+def _scan(ws, project) -> dict[str, list[str]]:
+    """{batch: its snapshot ids}, reading every snapshot of the project."""
+    found: dict[str, list[str]] = {}
+    for sid in ws.list_runs(project.id):
+        run = ws.get_run(project.id, sid)
+        if run is not None and "batch" in run.metadata:
+            found.setdefault(run.metadata["batch"], []).append(str(sid))
+    return found
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader sees the old file or the new one
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def read_latest(workspace: Path) -> dict[str, dict[str, Any]]:
