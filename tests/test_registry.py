@@ -727,13 +727,22 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(
     assert v1.startswith("base model: scratch, parent none; gate: promoted") and "champion since" in v1
 
 
-def test_the_download_cache_keeps_only_the_most_recently_used_checkpoints(tmp_path):
+def test_the_download_cache_keeps_the_most_recently_used_and_every_recent_checkpoint(tmp_path):
     import os
+    import time
 
-    for i, key in enumerate("abcde"):  # e used last; then c is used again, most recently of all
+    def entry(key: str, used: float) -> None:
         (tmp_path / key).mkdir()
         (tmp_path / key / registry.CHECKPOINT_FILE).write_bytes(b"x")
-        os.utime(tmp_path / key / registry.CHECKPOINT_FILE, (1000 + i, 1000 + i))
+        os.utime(tmp_path / key / registry.CHECKPOINT_FILE, (used, used))
+
+    for i, key in enumerate("abcde"):  # used long ago, e last; then c again, the latest of them
+        entry(key, 1000 + i)
     os.utime(tmp_path / "c" / registry.CHECKPOINT_FILE, (2000, 2000))
-    registry.prune_model_cache(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "e"]
+    registry.prune_model_cache(tmp_path, keep=3, idle_s=3600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d", "e"]
+    now = time.time()
+    entry("f", now - 60)  # used a minute ago: another process may still be about to read it
+    entry("g", now - 30)
+    registry.prune_model_cache(tmp_path, keep=1, idle_s=3600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "g"]

@@ -41,7 +41,8 @@ from segloop.tracking import (
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT_FILE = "best.pt"  # the segloop checkpoint, inside the logged model's extra_files/
-MODEL_CACHE_KEEP = 16  # downloaded checkpoints kept in the temp folder (download_checkpoint)
+MODEL_CACHE_KEEP = 16  # downloaded checkpoints always kept in the temp folder (download_checkpoint) ...
+MODEL_CACHE_IDLE_S = 6 * 3600  # ... and any other used within this time (a caller may still hold its path)
 MODEL_ARTIFACT = "model"
 HISTORY_FOLDER = "alias_history"
 DECISION_FILE = "promotion_decision.json"
@@ -309,8 +310,10 @@ def download_checkpoint(client, store: Store, mv) -> Path:
 
     A registered version's files never change, so copies are cached per store and version
     in the temp folder instead of piling up one download per command; the cache keeps the
-    MODEL_CACHE_KEEP most recently used (every test run's and benchmark's fresh stores add
-    new keys: unbounded, it had grown to 19 GB and filled this machine's disk).
+    MODEL_CACHE_KEEP most recently used and whatever was used in the last MODEL_CACHE_IDLE_S
+    (every test run's and benchmark's fresh stores add new keys: unbounded, it had grown to
+    19 GB and filled this machine's disk; pruned by count alone, it deleted files that other
+    processes had just been handed).
     """
     import hashlib
     import os
@@ -347,13 +350,15 @@ def download_checkpoint(client, store: Store, mv) -> Path:
             )
         load_checkpoint(path)  # a torn or foreign file must not enter the cache
         os.replace(path, cached)
-    prune_model_cache(cache, MODEL_CACHE_KEEP)
+    prune_model_cache(cache, MODEL_CACHE_KEEP, MODEL_CACHE_IDLE_S)
     return cached
 
 
-def prune_model_cache(cache: Path, keep: int) -> None:
-    """Delete all but the `keep` most recently used checkpoints of the download cache."""
+def prune_model_cache(cache: Path, keep: int, idle_s: float) -> None:
+    """Delete the download cache's checkpoints beyond the `keep` most recently used that were
+    not used for `idle_s` seconds."""
     import shutil
+    import time
 
     def used(path: Path) -> float:
         try:
@@ -362,7 +367,8 @@ def prune_model_cache(cache: Path, keep: int) -> None:
             return 0.0
 
     for old in sorted(cache.glob(f"*/{CHECKPOINT_FILE}"), key=used, reverse=True)[keep:]:
-        shutil.rmtree(old.parent, ignore_errors=True)  # another process pruning at once: fine
+        if time.time() - used(old) > idle_s:
+            shutil.rmtree(old.parent, ignore_errors=True)  # another process pruning at once: fine
 
 
 def resolve_model(ref: str | Path, settings: Settings) -> tuple[Path, str, Any]:
