@@ -161,7 +161,10 @@ def snapshot_index(ws, project, workspace: Path, model: str) -> dict[str, dict[s
     """The index of snapshots by model and batch; a model missing from it (a workspace written
     before the index existed) is indexed by one scan of its project."""
     path = workspace / INDEX
-    index = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        index = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); delete it and the next check rebuilds it") from None
     if model not in index:
         index[model] = {batch: ids[-1] for batch, ids in _scan(ws, project).items()}
     return index
