@@ -74,7 +74,7 @@ def test_points_are_snapshots_the_evidently_workspace_reads_back_with_a_dashboar
 def test_a_batch_rewritten_after_a_write_died_midway_is_held_once_and_checks_do_not_scan(tmp_path, monkeypatch):
     ws = tmp_path / "evidently"
     record_point(ws, point("01-base", "2026-12-03T10:00:00+00:00", 0.8, False))
-    real_write = drift_history._write_json
+    real_write = drift_history.write_json
     calls = {"n": 0}
 
     def die_after_adding(path, data):  # the second write of the index: after the snapshot was added
@@ -83,7 +83,7 @@ def test_a_batch_rewritten_after_a_write_died_midway_is_held_once_and_checks_do_
             raise OSError("injected: died after adding the snapshot")
         real_write(path, data)
 
-    monkeypatch.setattr(drift_history, "_write_json", die_after_adding)
+    monkeypatch.setattr(drift_history, "write_json", die_after_adding)
     with pytest.raises(OSError, match="injected"):
         record_point(ws, point("02-fog", "2026-12-03T11:00:00+00:00", 1e-4, True))
     monkeypatch.undo()

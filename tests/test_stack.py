@@ -295,9 +295,10 @@ def test_a_worker_killed_mid_step_is_finished_by_another_host_without_a_second_v
     raw_c = _loop_raw(stack, deployed["root"] / "c" / "ws", **deployed["remotes"])
     params_c = deployed["root"] / "params-c.yaml"
     params_c.write_text(yaml.safe_dump(raw_c))
-    ws_c = loop.Workspace.of(settings_from_dict(raw_c))
+    settings_c = settings_from_dict(raw_c)
+    ws_c = loop.Workspace.of(settings_c)
     _arrive(ws_c.root, "03-fog", "fog", 24, 3)
-    client, _ = registry.registry_client(settings_from_dict(raw_c))
+    client, _ = registry.registry_client(settings_c)
 
     def versions() -> set[int]:
         return {int(v.version) for v in client.search_model_versions("name = 'loop'")}

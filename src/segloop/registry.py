@@ -366,8 +366,10 @@ def prune_model_cache(cache: Path, keep: int, idle_s: float) -> None:
         except FileNotFoundError:  # pruned by another process meanwhile
             return 0.0
 
-    for old in sorted(cache.glob(f"*/{CHECKPOINT_FILE}"), key=used, reverse=True)[keep:]:
-        if time.time() - used(old) > idle_s:
+    idle_since = time.time() - idle_s
+    by_use = sorted(((used(p), p) for p in cache.glob(f"*/{CHECKPOINT_FILE}")), reverse=True)
+    for last_used, old in by_use[keep:]:
+        if last_used < idle_since:
             shutil.rmtree(old.parent, ignore_errors=True)  # another process pruning at once: fine
 
 

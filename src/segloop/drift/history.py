@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from segloop.records import write_json
 
 # The dashboard's figures: columns of the one-row table each snapshot is computed on.
 # evidence = -log10(score) and threshold = -log10(alpha): drifted batches have p-values of
@@ -145,15 +146,15 @@ def record_point(workspace: Path, point: DriftPoint) -> str:
     known = batches.get(point.batch)
     stale = _scan(ws, project).get(point.batch, []) if known == PENDING else [known] if known else []
     batches[point.batch] = PENDING
-    _write_json(workspace / INDEX, index)
+    write_json(workspace / INDEX, index)
     for sid in stale:
         ws.delete_run(project.id, sid)
     ref = ws.add_run(project.id, snapshot(point), name=point.batch)
     batches[point.batch] = str(ref.id)
-    _write_json(workspace / INDEX, index)
+    write_json(workspace / INDEX, index)
     latest = read_latest(workspace)
     latest[point.model] = asdict(point)
-    _write_json(workspace / LATEST, latest)
+    write_json(workspace / LATEST, latest)
     return str(ref.id)
 
 
@@ -178,12 +179,6 @@ def _scan(ws, project) -> dict[str, list[str]]:
         if run is not None and "batch" in run.metadata:
             found.setdefault(run.metadata["batch"], []).append(str(sid))
     return found
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader sees the old file or the new one
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def read_latest(workspace: Path) -> dict[str, dict[str, Any]]:
