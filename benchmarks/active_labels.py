@@ -29,7 +29,7 @@ from loop_stream import BENCH, QUICK, audit_scores, make_audit, seed_settings  #
 
 from segloop.config import LabelSettings
 from segloop.continual import update
-from segloop.data.dataset import IMAGES, MASKS
+from segloop.data.files import IMAGES, MASKS
 from segloop.data.replay import update_buffer
 from segloop.data.split import split_dataset
 from segloop.data.synthetic import generate

@@ -32,7 +32,8 @@ from infer_speed import cpu_name, time_rounds  # benchmarks/ (this script's fold
 from segloop.checkpoint import load_model
 from segloop.compress import count_parameters, distill, prune
 from segloop.config import Settings, apply_override, settings_from_dict
-from segloop.data.dataset import list_samples, read_image, to_tensor
+from segloop.data.dataset import to_tensor
+from segloop.data.files import list_samples, read_image
 from segloop.data.synthetic import generate
 from segloop.evaluate import miou_on
 from segloop.export import OnnxBackend, convert_to_ort, export_model, int8_path

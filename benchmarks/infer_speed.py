@@ -30,7 +30,8 @@ import torch
 
 from segloop.checkpoint import load_model
 from segloop.config import load_settings
-from segloop.data.dataset import list_samples, read_image, to_tensor
+from segloop.data.dataset import to_tensor
+from segloop.data.files import list_samples, read_image
 from segloop.data.synthetic import generate
 from segloop.export import OnnxBackend, export_model, int8_path
 from segloop.registry import resolve_model

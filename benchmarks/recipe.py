@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _datasets import KINDS, generate  # noqa: E402
 
 from segloop.config import EvalSettings, load_settings  # noqa: E402
-from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, list_samples  # noqa: E402
+from segloop.data.dataset import SegmentationDataset  # noqa: E402
+from segloop.data.files import IGNORE_INDEX, list_samples  # noqa: E402
 from segloop.evaluate import confusion_over  # noqa: E402
 from segloop.metrics import nanmean, per_class_iou  # noqa: E402
 

@@ -17,7 +17,8 @@ from segloop.cli import main
 from segloop.compress import count_parameters, prune_model
 from segloop.config import ModelSettings
 from segloop.continual import Distillation
-from segloop.data.dataset import list_samples, read_image, to_tensor
+from segloop.data.dataset import to_tensor
+from segloop.data.files import list_samples, read_image
 from segloop.models import build_model, layer_widths
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from segloop.checkpoint import load_checkpoint, load_model
 from segloop.config import settings_from_dict
 from segloop.continual import STRATEGIES, Distillation, continual_metrics, update
-from segloop.data.dataset import list_samples
+from segloop.data.files import list_samples
 from segloop.data.replay import MixedBatchSampler, read_manifest, update_buffer
 from segloop.data.synthetic import generate
 from segloop.evaluate import miou_on
@@ -290,7 +290,7 @@ def test_replay_only_distillation_sees_replayed_rows_only(tiny_settings):
 
 
 def test_relabel_maps_masks_and_keeps_images(tmp_path, base_data):
-    from segloop.data.dataset import read_mask
+    from segloop.data.files import read_mask
     from segloop.data.relabel import relabel
 
     assert relabel(base_data, tmp_path / "step", {1: 0, 2: 0}) == 24

@@ -14,7 +14,7 @@ from PIL import Image
 
 from segloop.checkpoint import load_model, save_checkpoint
 from segloop.cli import main
-from segloop.data.dataset import list_samples
+from segloop.data.files import list_samples
 from segloop.evaluate import predict_folder
 from segloop.export import OnnxBackend, export_model, int8_path, parity_path
 from segloop.inference import predict_logits

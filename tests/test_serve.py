@@ -26,7 +26,7 @@ from segloop.capture import CAPTURES, PENDING, Capture, read_captured_batch
 from segloop.checkpoint import save_checkpoint
 from segloop.cli import main
 from segloop.config import CaptureSettings, settings_from_dict
-from segloop.data.dataset import list_samples, read_mask
+from segloop.data.files import list_samples, read_mask
 from segloop.loop import Workspace, batch_domain, pending_batches
 from segloop.models import build_model
 from segloop.serve import Service, create_app

@@ -13,7 +13,7 @@ from PIL import Image
 
 from segloop.checkpoint import load_checkpoint
 from segloop.config import settings_from_dict
-from segloop.data.dataset import list_samples, read_mask
+from segloop.data.files import list_samples, read_mask
 from segloop.evaluate import evaluate, predict_folder
 from segloop.metrics import confusion_matrix, summarize
 from segloop.train import train

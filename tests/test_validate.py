@@ -162,3 +162,25 @@ def test_cli_exit_codes(messy, tmp_path, cli_env):
     nothing = run(bad, "nothing")
     assert nothing.returncode == 1
     assert "nothing accepted" in nothing.stderr
+
+
+def test_the_file_only_commands_start_without_torch(messy, tmp_path, cli_env):
+    """generate, validate and split handle files only: importing torch would add ~10 s to
+    each of them (and to every such DVC stage) on a 2-core CPU."""
+    from conftest import ROOT
+
+    params, out = str(ROOT / "params.yaml"), tmp_path
+    script = f"""
+import sys
+from segloop import cli
+for argv in (["validate", {str(messy)!r}, "--out", {str(out / "ok")!r}, "--quarantine", {str(out / "q")!r}],
+             ["split", {str(out / "ok")!r}, "--out", {str(out / "split")!r}],
+             ["generate", "--domain", "fog", "--n", "4", "--out", {str(out / "gen")!r}]):
+    assert cli.main(argv + ["--params", {params!r}]) == 0, argv
+print(sorted(m for m in ("torch", "torchvision", "mlflow", "matplotlib") if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert len(list((out / "split" / "train" / "images").iterdir())) >= 1
+    assert len(list((out / "gen" / "images").iterdir())) == 4

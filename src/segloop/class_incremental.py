@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segloop.data.dataset import IGNORE_INDEX
+from segloop.data.files import IGNORE_INDEX
 
 # The output convolution of every segmentation_models_pytorch architecture.
 HEAD = "segmentation_head.0"

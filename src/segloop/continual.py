@@ -24,7 +24,7 @@ from torch import nn
 from segloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
 from segloop.config import GateSettings, Settings, Strategy
-from segloop.data.dataset import IGNORE_INDEX
+from segloop.data.files import IGNORE_INDEX
 from segloop.data.replay import group_of, read_manifest
 from segloop.inference import pick_device
 from segloop.tracking import dir_md5

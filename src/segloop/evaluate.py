@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.config import EvalSettings, Settings, save_settings
-from segloop.data.dataset import Sample, list_samples, read_image, read_mask, to_tensor
+from segloop.data.dataset import to_tensor
+from segloop.data.files import Sample, list_samples, read_image, read_mask
 from segloop.inference import Backend, OnnxBackend, pick_device, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou, summarize
 from segloop.plots import palette, save_confusion, save_overlay

@@ -28,7 +28,8 @@ from torch import nn
 
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.config import EvalSettings, ExportSettings, redact_settings
-from segloop.data.dataset import list_samples, read_image, read_mask, to_tensor
+from segloop.data.dataset import to_tensor
+from segloop.data.files import list_samples, read_image, read_mask
 from segloop.inference import INPUT, META, OUTPUT, Backend, OnnxBackend, pad_to_stride, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou
 

@@ -229,7 +229,7 @@ def gate(
     Writes `out_dir/promotion_decision.json` and per-model, per-domain reports; logs them
     to the candidate's run; moves `champion` only after all of that is logged.
     """
-    from segloop.data.dataset import list_samples
+    from segloop.data.files import list_samples
     from segloop.evaluate import evaluate
     from segloop.serve import servability
 

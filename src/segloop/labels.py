@@ -26,7 +26,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from segloop.config import LabelSettings, LabelStrategy, Settings
-from segloop.data.dataset import IMAGES, MASK_SUFFIXES
+from segloop.data.files import IMAGES, MASK_SUFFIXES
 from segloop.records import write_json
 
 REQUEST_JSON, TASKS_JSON, LABEL_CONFIG, DRAFTS = "request.json", "tasks.json", "label_config.xml", "drafts"
@@ -118,7 +118,8 @@ def champion_uncertainty(
     embeddings are drift's (`featurise_folder`, the same cache key: computed once per batch)."""
     import torch
 
-    from segloop.data.dataset import list_samples, read_image, to_tensor
+    from segloop.data.dataset import to_tensor
+    from segloop.data.files import list_samples, read_image
     from segloop.drift.features import featurise_folder, load_champion
     from segloop.inference import predict_logits
 

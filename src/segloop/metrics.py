@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from segloop.data.dataset import IGNORE_INDEX
+from segloop.data.files import IGNORE_INDEX
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from segloop.data.dataset import IGNORE_INDEX  # noqa: E402
+from segloop.data.files import IGNORE_INDEX  # noqa: E402
 
 
 def palette(num_classes: int) -> np.ndarray:

@@ -39,7 +39,8 @@ from torch.utils.data import ConcatDataset
 from segloop.checkpoint import load_checkpoint, save_checkpoint
 from segloop.class_incremental import grow_head
 from segloop.config import Settings, TrainSettings, save_settings
-from segloop.data.dataset import IGNORE_INDEX, SegmentationDataset, train_transform
+from segloop.data.dataset import SegmentationDataset, train_transform
+from segloop.data.files import IGNORE_INDEX
 from segloop.data.loader import SEED_STRIDE, EpochBatches, sized, training_loader
 from segloop.data.replay import MixedBatchSampler
 from segloop.distributed import any_rank, device_for, from_primary, mean_over_ranks, process_group, world_from_env

@@ -1,80 +1,21 @@
-"""The dataset contract and its PyTorch loader.
-
-A dataset is a folder with `images/` and `masks/` whose files pair by stem.
-Images are PNG/JPEG, grayscale or RGB, any size; masks are single-channel PNG of
-class indices, 255 = ignore. `segloop validate` enforces the contract; the
-loader here assumes a validated folder and fails clearly when it is not one.
+"""The PyTorch side of a dataset folder (segloop.data.files is its contract): tensors,
+training augmentations and the loader's Dataset. The loader assumes a validated folder and
+fails clearly when it is not one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from segloop.config import AugmentSettings, ForegroundSettings
-
-IMAGES, MASKS = "images", "masks"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-MASK_SUFFIXES = {".png"}
-IGNORE_INDEX = 255
-
-
-@dataclass(frozen=True)
-class Sample:
-    stem: str
-    image: Path
-    mask: Path | None
-
-    @property
-    def labels(self) -> Path:
-        """The mask of a labelled sample (listed with `require_masks`, the default)."""
-        if self.mask is None:
-            raise FileNotFoundError(f"{self.image}: no mask")
-        return self.mask
-
-
-def list_samples(root: Path, require_masks: bool = True) -> list[Sample]:
-    """Pairs of a validated dataset folder, sorted by stem.
-
-    Without `require_masks`, a plain folder of images is accepted too (mask = None).
-    """
-    images_dir = root / IMAGES
-    if not images_dir.is_dir():
-        if require_masks or not root.is_dir():
-            raise FileNotFoundError(f"{root}: not a dataset folder (no {IMAGES}/ inside)")
-        images_dir = root
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"{images_dir}: no images (expected {sorted(IMAGE_SUFFIXES)})")
-    samples = []
-    for image in images:
-        mask = root / MASKS / f"{image.stem}.png"
-        has_mask = mask.is_file()
-        if not has_mask and require_masks:
-            raise FileNotFoundError(f"{mask}: mask missing for {image} (run `segloop validate` first)")
-        samples.append(Sample(image.stem, image, mask if has_mask else None))
-    return samples
-
-
-def read_image(path: Path, channels: int) -> np.ndarray:
-    """Decode to (H, W, C) uint8 with C = channels (grayscale/RGB converted as needed)."""
-    with Image.open(path) as img:
-        arr = np.array(img.convert("L" if channels == 1 else "RGB"))
-    return arr[..., None] if channels == 1 else arr
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """Decode a mask to (H, W) uint8 class indices (a palette PNG gives its indices)."""
-    with Image.open(path) as img:
-        return np.array(img)
+from segloop.data.files import IGNORE_INDEX, list_samples, read_image, read_mask
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segloop.data.dataset import IGNORE_INDEX, IMAGES, MASKS, list_samples, read_mask
+from segloop.data.files import IGNORE_INDEX, IMAGES, MASKS, list_samples, read_mask
 
 
 def relabel(src: Path, out: Path, mapping: dict[int, int]) -> int:

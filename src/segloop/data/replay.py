@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from segloop.data.dataset import IMAGES, MASKS, list_samples
+from segloop.data.files import IMAGES, MASKS, list_samples
 
 MANIFEST = "manifest.json"
 BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")

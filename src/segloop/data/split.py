@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from segloop.config import SplitSettings
-from segloop.data.dataset import IMAGES, MASKS, list_samples
+from segloop.data.files import IMAGES, MASKS, list_samples
 
 SPLITS = ("train", "val", "test")
 

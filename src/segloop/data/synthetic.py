@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from segloop.config import Domain
-from segloop.data.dataset import IMAGES, MASKS
+from segloop.data.files import IMAGES, MASKS
 
 CLASSES = ("background", "stripes", "checker", "speckle")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segloop.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, IMAGES, MASK_SUFFIXES, MASKS
+from segloop.data.files import IGNORE_INDEX, IMAGE_SUFFIXES, IMAGES, MASK_SUFFIXES, MASKS
 
 MASK_MODES = {"L", "P", "I;16", "I"}  # single-channel integer modes
 IMAGE_MODES = {"L", "RGB", "RGBA", "P", "LA", "I;16"}

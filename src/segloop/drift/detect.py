@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from segloop.config import DriftSettings, EvalSettings
-from segloop.data.dataset import list_samples
+from segloop.data.files import list_samples
 from segloop.drift.decision import (
     QualityCheck,
     decide,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from segloop.data.dataset import list_samples, read_image
+from segloop.data.files import list_samples, read_image
 
 # Bump when a feature's definition changes: old cache entries then miss instead of lying.
 FEATURE_VERSION = 1

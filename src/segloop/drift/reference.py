@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segloop.data.dataset import IMAGES, list_samples
+from segloop.data.files import IMAGES, list_samples
 from segloop.drift.features import file_sha256
 
 REFERENCE_FILE = "reference.json"
