@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from segloop.checkpoint import load_checkpoint
@@ -24,7 +25,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, base_data):
     """One tiny model trained for TINY epochs, shared by the tests below."""
-    import yaml
     from conftest import ROOT, TINY, _merge
 
     raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
@@ -116,8 +116,10 @@ def test_init_transfers_weights_and_rejects_mismatch(trained, base_data, tmp_pat
         train(settings_from_dict(tiny_raw), base_data, tmp_path / "bad", init=out / "best.pt")
 
 
-def test_resume_after_kill_continues_from_saved_epoch(base_data, tmp_path, tiny_params, tiny_settings, cli_env):
-    out, epochs = tmp_path / "run", tiny_settings.train.epochs
+def test_resume_after_kill_continues_from_saved_epoch(base_data, tmp_path, tiny_raw, cli_env):
+    out, epochs = tmp_path / "run", tiny_raw["train"]["epochs"]
+    tiny_params = tmp_path / "params.yaml"  # the resume state after every epoch (tiny epochs take a second)
+    tiny_params.write_text(yaml.safe_dump({**tiny_raw, "train": {**tiny_raw["train"], "resume_every_s": 0}}))
     cmd = [
         sys.executable,
         "-m",

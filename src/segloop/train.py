@@ -4,9 +4,9 @@ One call trains a model on a dataset folder: settings left null planned from the
 data (segloop.plan), joint augmentation, Dice + CE (ignore 255), AdamW with warm-up +
 cosine/poly ending where the wall-clock budget ends, epochs of a fixed number of steps,
 gradient clipping, an EMA of the weights validated on full images, early stopping on
-validation mIoU, atomic checkpoints (`last.pt` every epoch, `best.pt` on improvement)
-and `resume`. Each epoch is reseeded from
-(seed, epoch), so a resumed run replays the same shuffles and augmentations
+validation mIoU, atomic checkpoints (`best.pt` on improvement; `last.pt`, the resume state,
+every `train.resume_every_s` and after the last epoch) and `resume`. Each epoch is reseeded
+from (seed, epoch), so a resumed run replays the same shuffles and augmentations
 (segloop.data.loader).
 
 channels_last on every device (oneDNN's CPU convolutions gain too). On CUDA: bf16
@@ -343,6 +343,15 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         **({"widths": widths} if widths else {}),
         **(job.meta or {}),
     }
+
+    def save_resume_state() -> None:
+        nonlocal resume_saved_at
+        resume = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        ema_state = {"ema": ema.module.state_dict()} if ema is not None else {}
+        save_checkpoint(job.out_dir / LAST, {**meta, **state, **resume, **ema_state})
+        resume_saved_at = clock()
+
+    resume_saved_at = clock()
     stopped = "completed"
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     kept = ema.module if ema is not None else model  # the weights validated, kept and exported
@@ -437,17 +446,9 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
                 )
         else:
             state["bad_epochs"] += 1
-        if primary:
-            save_checkpoint(
-                job.out_dir / LAST,
-                {
-                    **meta,
-                    **state,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
-                },
-            )
+        last = epoch + 1 == cfg.epochs or stopped == "time_budget" or state["bad_epochs"] >= cfg.patience
+        if primary and (last or clock() - resume_saved_at >= cfg.resume_every_s):
+            save_resume_state()  # the resume state of a finished run is its last epoch's
         job.log(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['loss']:.4f}  val mIoU {val_miou:.4f}"
             f"{' *' if improved else '  '}  {record['img_per_s']:6.1f} img/s  {record['seconds']:6.1f}s"
