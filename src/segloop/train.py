@@ -344,6 +344,8 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         **(job.meta or {}),
     }
 
+    resume_saved_at = clock()
+
     def save_resume_state() -> None:
         nonlocal resume_saved_at
         resume = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -351,7 +353,6 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         save_checkpoint(job.out_dir / LAST, {**meta, **state, **resume, **ema_state})
         resume_saved_at = clock()
 
-    resume_saved_at = clock()
     stopped = "completed"
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     kept = ema.module if ema is not None else model  # the weights validated, kept and exported
