@@ -158,3 +158,16 @@ def test_resume_after_kill_continues_from_saved_epoch(base_data, tmp_path, tiny_
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     assert history[:k] == interrupted["history"]
+
+
+@pytest.mark.parametrize("every_s, expected", [(3600.0, [False, False, False]), (0.0, [False, True, True])])
+def test_the_resume_state_is_written_every_resume_every_s_and_after_the_last_epoch(
+    base_data, tmp_path, tiny_raw, every_s, expected
+):
+    """last.pt (4x best.pt) is not rewritten after every epoch unless asked to: each epoch's
+    hook sees whether an earlier epoch left one; the finished run always has its last epoch's."""
+    raw = {**tiny_raw, "train": {**tiny_raw["train"], "epochs": 3, "iters_per_epoch": 1, "resume_every_s": every_s}}
+    out, seen = tmp_path / "run", []
+    train(settings_from_dict(raw), base_data, out, on_epoch=lambda _: seen.append((out / "last.pt").exists()))
+    assert seen == expected
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3

@@ -343,16 +343,7 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         **({"widths": widths} if widths else {}),
         **(job.meta or {}),
     }
-
     resume_saved_at = clock()
-
-    def save_resume_state() -> None:
-        nonlocal resume_saved_at
-        resume = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        ema_state = {"ema": ema.module.state_dict()} if ema is not None else {}
-        save_checkpoint(job.out_dir / LAST, {**meta, **state, **resume, **ema_state})
-        resume_saved_at = clock()
-
     stopped = "completed"
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     kept = ema.module if ema is not None else model  # the weights validated, kept and exported
@@ -448,8 +439,11 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         else:
             state["bad_epochs"] += 1
         last = epoch + 1 == cfg.epochs or stopped == "time_budget" or state["bad_epochs"] >= cfg.patience
-        if primary and (last or clock() - resume_saved_at >= cfg.resume_every_s):
-            save_resume_state()  # the resume state of a finished run is its last epoch's
+        if primary and (last or clock() - resume_saved_at >= cfg.resume_every_s):  # a finished run: its last epoch
+            resume = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            ema_state = {"ema": ema.module.state_dict()} if ema is not None else {}
+            save_checkpoint(job.out_dir / LAST, {**meta, **state, **resume, **ema_state})
+            resume_saved_at = clock()
         job.log(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['loss']:.4f}  val mIoU {val_miou:.4f}"
             f"{' *' if improved else '  '}  {record['img_per_s']:6.1f} img/s  {record['seconds']:6.1f}s"
