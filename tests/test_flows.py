@@ -241,6 +241,18 @@ def test_a_crash_leaves_champion_and_batch_pending_and_the_next_run_completes_it
     assert monitor_flow(str(params)) == [] and loop.git(ws, "status", "--porcelain") == ""
 
 
+def test_a_drifted_batch_the_champion_keeps_its_quality_on_is_pooled_not_trained_on(copy):
+    root, params, settings, ws = copy
+    rec = continual_flow(str(arrive(root, "01-fog", "fog", 30, 3)), str(params), ["continual.skip_covered=true"])
+    # max_quality_drop 0.5 here: the champion's quality on fog "holds" (continual.skip_covered)
+    assert rec["drift"]["data_drift"] and rec["drift"]["performance_drift"] is False
+    assert not rec["updated"] and rec["update_reason"] == "" and rec["kept_in_pool"]
+    assert "no update: the champion keeps its quality" in rec["summary"] and _champion(settings) == "1"
+    state = loop.read_state(ws)
+    assert state.pool == {"fog": ["batches/01-fog/split/train"]} and "fog" in state.heldout
+    assert len(registry.registry_client(settings)[0].search_model_versions("name = 'loop'")) == 1
+
+
 def test_a_refused_batch_stays_in_its_domain_pool_and_the_next_update_trains_on_it(copy):
     from segloop.checkpoint import load_checkpoint
     from segloop.records import StepRecord

@@ -234,6 +234,9 @@ class ContinualSettings(_Strict):
     # A trained domain whose held-out mIoU is under this share of the champion's best domain is
     # weak: its next labelled batch is trained on whether it drifted or not.
     learnt_ratio: float = Field(0.8, ge=0.0, le=1.0)
+    # A labelled batch whose data drifted but on which the champion keeps its quality (no
+    # performance drift) is not trained on: its training split joins its domain's pool.
+    skip_covered: bool = True
 
 
 class TrackingSettings(_Strict):

@@ -740,21 +740,31 @@ def record_drift_point(settings: Settings, batch: BatchInfo, version: str, verdi
     record_point(workspace, point)
 
 
-def update_reason(champ: tuple[str, Path] | None, drift: dict | None, state: LoopState, domain: str) -> str:
+def update_reason(
+    champ: tuple[str, Path] | None, drift: dict | None, state: LoopState, domain: str, skip_covered: bool = False
+) -> str:
     """The loop's policy for training ("" = no update): bootstrap when there is no champion;
     update the champion when the batch drifted (its data looks like none of the champion's
     domains, or the champion's quality on it dropped), or when the batch is labelled data of
     a domain the champion is known to be poor at: met but never learnt (its update was
-    refused) or weak (LoopState.weak). Otherwise the champion already serves it."""
+    refused) or weak (LoopState.weak). Otherwise the champion already serves it; with
+    `skip_covered`, also when only the data drifted and the batch's own labels show the
+    champion keeps its quality there (training on it could not pass the gate's min_gain)."""
     if champ is None:
         return "bootstrap"
-    if drift and drift["drift"]:
+    drifted = bool(drift and drift["drift"])
+    if drifted and not (skip_covered and quality_holds(drift)):
         return "drift"
     if domain in state.weak:
         return f"domain {domain} weak (under continual.learnt_ratio of the best domain)"
     if domain in state.heldout and domain not in state.trained_domains and domain not in state.covered:
         return f"domain {domain} not learnt yet (its last update was refused)"
     return ""
+
+
+def quality_holds(drift: dict | None) -> bool:
+    """Data drift, but the champion's quality on the batch was checked and did not drop."""
+    return bool(drift and drift["drift"] and drift.get("performance_drift") is False)
 
 
 @dataclass(frozen=True)
@@ -935,9 +945,9 @@ def fold_step(
 ) -> LoopState:
     """state.json after the step: the domain's held-out set known; a promotion makes the domain
     learnt (its pool is now in the champion) and marks weak every learnt domain under
-    `learnt_ratio` of the best one's held-out mIoU; a refusal keeps the batch's training split
-    in its domain's pool for the next update of that domain. Every step re-marks covered the
-    untrained domains the champion reaches that bar on."""
+    `learnt_ratio` of the best one's held-out mIoU; a refusal (or a covered batch, not trained
+    on) keeps the batch's training split in its domain's pool for the next update of that
+    domain. Every step re-marks covered the untrained domains the champion reaches that bar on."""
     b, domain, train = record.batch, record.domain, ws.rel(ws.split(record.batch, "train"))
     state.heldout.setdefault(domain, ws.rel(ws.split(b, "test")))
     if record.promoted:
@@ -1010,6 +1020,9 @@ def summary_line(rec: StepRecord) -> str:
             parts.append(failed[0])
         if rec.kept_in_pool:
             parts.append(f"training split kept in the {rec.domain} pool")
+    elif quality_holds(rec.drift):
+        quality = rec.drift["quality"] if rec.drift else ""
+        parts.append(f"no update: the champion keeps its quality on the batch ({quality}); split kept in the pool")
     else:
         parts.append("no update")
     return " -> ".join(parts)
@@ -1203,7 +1216,9 @@ def process_batch(ws: Workspace, batch_dir: Path, settings: Settings, call: Call
             return unlabelled_step(ws, info, champ, rec, settings, call)
         if champ is not None:
             rec.drift = call("drift", check_drift, ws, info, champ, settings)
-        rec.update_reason = update_reason(champ, rec.drift, read_state(ws), info.domain)
+        rec.update_reason = update_reason(
+            champ, rec.drift, read_state(ws), info.domain, settings.continual.skip_covered
+        )
         return update_step(ws, info, champ, rec, settings, call)
 
 
@@ -1231,6 +1246,7 @@ def update_step(
         before, after = decision["before"], decision["after"] if decision["promoted"] else decision["before"]
     else:
         before = after = call("evaluate-champion", champion_scores, ws, info, champ, settings)
+        rec.kept_in_pool = quality_holds(rec.drift)  # covered: the split waits for its domain's next update
     rec.champion_version = rec.candidate_version if rec.promoted else (champ[0] if champ else None)
     rec.miou_before = {} if champ is None else before
     rec.miou_after = {} if rec.champion_version is None else after

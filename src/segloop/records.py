@@ -62,7 +62,8 @@ class LoopState:
     that bar (it generalises there): protected by the gate like learnt ones, and not
     trained on without drift.
     `heldout`: every domain's held-out set, learnt or not.
-    `pool`: labelled training splits of batches whose update was refused, per domain;
+    `pool`: labelled training splits of batches whose update was refused (or that drifted
+    but were not trained on, the champion keeping its quality on them), per domain;
     the next update on that domain trains on them too, so no labelled data is wasted.
     """
 
@@ -109,7 +110,7 @@ class StepRecord:
     update_reason: str = ""  # why the step trained: bootstrap, drift, or the batch's domain not learnt yet
     trained_on: list[str] = field(default_factory=list)  # training folders of the update (pooled ones included)
     pooled: list[str] = field(default_factory=list)  # of those, earlier refused batches' splits
-    kept_in_pool: bool = False  # refused: this batch's training split waits for the next update of its domain
+    kept_in_pool: bool = False  # refused or covered: the training split waits for its domain's next update
     images_seen: int | None = None  # training images the update processed (replayed ones included)
     summary: str = ""
     commit: str | None = None
