@@ -293,6 +293,10 @@ def seed_metrics(result: dict) -> dict:
         "shifted": shifted,
         "first_arrival_promoted": round(sum(x["promoted"] for x in firsts) / max(1, len(firsts)), 4),
         "first_arrival_learnt": round(sum(x["learnt_after"] for x in firsts) / max(1, len(firsts)), 4),
+        # of the first arrivals the loop trained on (continual.skip_covered leaves covered ones alone)
+        "first_arrival_promoted_of_trained": round(
+            sum(x["promoted"] for x in firsts) / max(1, sum(x["updated"] for x in firsts)), 4
+        ),
         "second_arrival_learnt": round(sum(second.values()) / len(second), 4) if second else None,
         "worst_audit_change_on_learnt": round(min(audit_changes), 4) if audit_changes else None,
         "final_audit_mean": round(mean, 4),
@@ -309,6 +313,7 @@ def summarise(metrics: list[dict]) -> dict:
     keys = [
         "first_arrival_promoted",
         "first_arrival_learnt",
+        "first_arrival_promoted_of_trained",
         "second_arrival_learnt",
         "worst_audit_change_on_learnt",
         "mean_vs_joint",
@@ -499,7 +504,7 @@ def main() -> None:
                 + (
                     "PROMOTED"
                     if x["promoted"]
-                    else "no update"
+                    else ("covered, " if x["covered"] else "") + "no update"
                     if not x["updated"]
                     else "refused: " + (x["first_failed"] or "")[:60]
                 )
