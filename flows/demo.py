@@ -173,7 +173,13 @@ def table(records: list[dict]) -> str:
             else "-"
         )
         update = (
-            f"v{r['candidate_version']}" if r["updated"] else "label request" if status == "awaiting-labels" else "no"
+            f"v{r['candidate_version']}"
+            if r["updated"]
+            else "label request"
+            if status == "awaiting-labels"
+            else "no: quality holds, pooled"  # continual.skip_covered
+            if r.get("kept_in_pool")
+            else "no"
         )
         name = f"{r['batch']} (its labels)" if status == "labelled" else r["batch"]
         lines.append(
