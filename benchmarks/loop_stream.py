@@ -91,13 +91,16 @@ QUICK = [
 
 
 def seed_settings(root: Path, seed: int, overrides: list[str]):
-    """params.yaml + the benchmark's overrides, with this seed's store, workspace and training seed."""
+    """params.yaml + the benchmark's overrides, with this seed's store, workspace, Evidently
+    workspace and training seed (seeds run as parallel processes: Evidently's local workspace
+    is not safe for two writers, one seed crashed reading a snapshot the other was writing)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for o in [
         *overrides,
         f"train.seed={seed}",
         f"tracking.uri=sqlite:///{root / 'store' / 'mlflow.db'}",
         f"flows.workspace={root / 'ws'}",
+        f"drift.evidently_workspace={root / 'evidently'}",
         "flows.retries=0",
     ]:
         apply_override(raw, o)

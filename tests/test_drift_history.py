@@ -127,3 +127,32 @@ def test_a_corrupt_latest_file_names_itself(tmp_path):
     with pytest.raises(ValueError, match=LATEST):
         read_latest(tmp_path)
     assert read_latest(tmp_path / "none") == {}
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from segloop.drift.history import DriftPoint, record_point
+ws, name = Path(sys.argv[1]), sys.argv[2]
+for i in range(8):
+    batch = f"{name}-{i:02d}"
+    record_point(ws, DriftPoint("loop", batch, "fog", f"2026-12-03T10:{i:02d}:00+00:00", 1e-4, 0.4, 0.6, 0.9,
+                                True, "base", "2", 0.01))
+"""
+
+
+def test_two_loops_writing_one_evidently_workspace_at_once_lose_no_point(tmp_path):
+    """Loops of different workspaces (or parallel benchmark seeds) share drift.evidently_workspace;
+    Evidently's local storage is not safe for two writers (one crashed reading a snapshot the
+    other was replacing), so record_point holds a lock on the workspace."""
+    import subprocess
+    import sys
+
+    ws = tmp_path / "evidently"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(ws), name], stderr=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert sorted(r["batch"] for r in history(ws, "loop")) == [f"{n}-{i:02d}" for n in "ab" for i in range(8)]

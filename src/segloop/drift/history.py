@@ -18,6 +18,7 @@ Evidently report's: `loop.check_drift` writes it. Nothing here imports MLflow or
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 from collections.abc import Iterator
@@ -138,8 +139,17 @@ def record_point(workspace: Path, point: DriftPoint) -> str:
 
     The batch's earlier snapshot comes from the index (no scan of the project's snapshots per
     check); only a write that died between marking the batch pending and recording its new
-    snapshot makes the retry scan for the batch's snapshots."""
+    snapshot makes the retry scan for the batch's snapshots. Writers queue on an OS lock
+    (<workspace>/.lock): loops of other workspaces write here too, and Evidently's local
+    storage is not safe for two writers (one read a snapshot file the other was writing)."""
     workspace = Path(workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    with open(workspace / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        return _record(workspace, point)
+
+
+def _record(workspace: Path, point: DriftPoint) -> str:
     ws, project = open_project(workspace, point.model)
     index = snapshot_index(ws, project, workspace, point.model)
     batches = index[point.model]
