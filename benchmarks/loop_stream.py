@@ -296,7 +296,7 @@ def seed_metrics(result: dict) -> dict:
         "shifted": shifted,
         "first_arrival_promoted": round(sum(x["promoted"] for x in firsts) / max(1, len(firsts)), 4),
         "first_arrival_learnt": round(sum(x["learnt_after"] for x in firsts) / max(1, len(firsts)), 4),
-        # of the first arrivals the loop trained on (continual.skip_covered leaves covered ones alone)
+        # of the first arrivals the loop trained on (continual.covered_drop leaves covered ones alone)
         "first_arrival_promoted_of_trained": round(
             sum(x["promoted"] for x in firsts) / max(1, sum(x["updated"] for x in firsts)), 4
         ),

@@ -177,7 +177,7 @@ def table(records: list[dict]) -> str:
             if r["updated"]
             else "label request"
             if status == "awaiting-labels"
-            else "no: quality holds, pooled"  # continual.skip_covered
+            else "no: covered, pooled"  # continual.covered_drop
             if r.get("kept_in_pool")
             else "no"
         )

@@ -43,7 +43,7 @@ TINY = {
     "drift": {"evidently_workspace": None},
     # A tiny champion is poor on every domain, so its quality "holds" on a shifted batch and the
     # loop would skip the update; loop tests exercise drift -> update (test_flows checks the skip).
-    "continual": {"skip_covered": False},
+    "continual": {"covered_drop": None},
 }
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from segloop.loop import Workspace, fold_step, learnt_domains, quality_holds, summary_line, update_reason
+from segloop.loop import Workspace, covered, fold_step, learnt_domains, summary_line, update_reason
 from segloop.records import LoopState, StepRecord
 
 WS = Workspace(Path("/ws"), Path("/ws/incoming"))
@@ -87,19 +87,19 @@ def test_a_domain_the_champion_already_segments_is_covered_protected_and_not_ret
     assert update_reason(CHAMP, NO_DRIFT, state, "lowlight").startswith("domain lowlight not learnt yet")
 
 
-def test_a_drifted_batch_the_champion_keeps_its_quality_on_is_not_trained_on_but_pooled():
+def test_a_drifted_batch_the_champion_covers_is_not_trained_on_but_pooled():
     state = fold_step(LoopState(), WS, promoted("00-base", "base", {"base": 0.90}), "replay/00-base", 0.8)
-    covered = {"drift": True, "data_drift": True, "performance_drift": False, "score": 1e-4, "closest_domain": "base"}
-    covered["quality"] = "mIoU drop +0.0100 vs allowed 0.05"
-    dropped = {**covered, "performance_drift": True}
-    unchecked = {**covered, "performance_drift": None}  # no held-out score to compare with
-    assert update_reason(CHAMP, covered, state, "lowlight", skip_covered=True) == ""
-    assert update_reason(CHAMP, covered, state, "lowlight", skip_covered=False) == "drift"
-    assert update_reason(CHAMP, dropped, state, "lowlight", skip_covered=True) == "drift"
-    assert update_reason(CHAMP, unchecked, state, "lowlight", skip_covered=True) == "drift"
+    holds = {"drift": True, "data_drift": True, "performance_drift": False, "score": 1e-4, "closest_domain": "base"}
+    holds |= {"quality": "mIoU drop +0.0100 vs allowed 0.05", "quality_drop": 0.01}
+    gap = {**holds, "quality_drop": 0.0497}  # no performance drift, but 5 points an update can win
+    unchecked = {**holds, "quality_drop": None}  # no held-out score to compare with
+    assert update_reason(CHAMP, holds, state, "lowlight", covered_drop=0.02) == ""
+    assert update_reason(CHAMP, holds, state, "lowlight", covered_drop=None) == "drift"
+    assert update_reason(CHAMP, gap, state, "lowlight", covered_drop=0.02) == "drift"
+    assert update_reason(CHAMP, unchecked, state, "lowlight", covered_drop=0.02) == "drift"
     # the step that was not trained on: its split joins the pool, the summary says why
     rec = StepRecord(
-        "01-lowlight", "lowlight", "t", 10, 0, drift=covered, champion_version="3", kept_in_pool=quality_holds(covered)
+        "01-lowlight", "lowlight", "t", 10, 0, drift=holds, champion_version="3", kept_in_pool=covered(holds, 0.02)
     )
     rec.miou_after = {"base": 0.9, "lowlight": 0.88}
     assert "no update: the champion keeps its quality" in summary_line(rec)
@@ -107,4 +107,4 @@ def test_a_drifted_batch_the_champion_keeps_its_quality_on_is_not_trained_on_but
     assert state.pool == {"lowlight": ["batches/01-lowlight/split/train"]} and state.covered == ["lowlight"]
     # a weak learnt domain is still trained on when only its data drifted
     state = fold_step(state, WS, promoted("02-fog", "fog", {"base": 0.89, "fog": 0.55, "lowlight": 0.8}), "r", 0.8)
-    assert update_reason(CHAMP, covered, state, "fog", skip_covered=True).startswith("domain fog weak")
+    assert update_reason(CHAMP, holds, state, "fog", covered_drop=0.02).startswith("domain fog weak")

@@ -234,9 +234,10 @@ class ContinualSettings(_Strict):
     # A trained domain whose held-out mIoU is under this share of the champion's best domain is
     # weak: its next labelled batch is trained on whether it drifted or not.
     learnt_ratio: float = Field(0.8, ge=0.0, le=1.0)
-    # A labelled batch whose data drifted but on which the champion keeps its quality (no
-    # performance drift) is not trained on: its training split joins its domain's pool.
-    skip_covered: bool = True
+    # A labelled batch whose data drifted is not trained on when the champion's mIoU on its
+    # labels is at most this below its held-out mIoU (covered: its split joins the domain's
+    # pool); None: every drifted batch is trained on.
+    covered_drop: float | None = Field(0.02, ge=0.0, le=1.0)
 
 
 class TrackingSettings(_Strict):

@@ -707,6 +707,7 @@ def check_drift(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settin
         "closest_domain": closest,
         "drifted_features": r["drifted_features"],
         "quality": r["quality"]["reason"],
+        "quality_drop": r["quality"]["drop"],  # champion's held-out mIoU minus its mIoU on the batch
         "report": ws.rel(ws.root / "steps" / batch.batch / "drift" / closest / "drift.html"),
         "per_reference": {d: {"data_drift": x["data_drift"], "score": x["score"]} for d, x in results.items()},
     }
@@ -741,19 +742,17 @@ def record_drift_point(settings: Settings, batch: BatchInfo, version: str, verdi
 
 
 def update_reason(
-    champ: tuple[str, Path] | None, drift: dict | None, state: LoopState, domain: str, skip_covered: bool = False
+    champ: tuple[str, Path] | None, drift: dict | None, state: LoopState, domain: str, covered_drop: float | None = None
 ) -> str:
     """The loop's policy for training ("" = no update): bootstrap when there is no champion;
     update the champion when the batch drifted (its data looks like none of the champion's
     domains, or the champion's quality on it dropped), or when the batch is labelled data of
     a domain the champion is known to be poor at: met but never learnt (its update was
-    refused) or weak (LoopState.weak). Otherwise the champion already serves it; with
-    `skip_covered`, also when only the data drifted and the batch's own labels show the
-    champion keeps its quality there (training on it could not pass the gate's min_gain)."""
+    refused) or weak (LoopState.weak). Otherwise the champion already serves it; so it does
+    a drifted batch it covers (`covered`: an update there has next to nothing to gain)."""
     if champ is None:
         return "bootstrap"
-    drifted = bool(drift and drift["drift"])
-    if drifted and not (skip_covered and quality_holds(drift)):
+    if drift and drift["drift"] and not covered(drift, covered_drop):
         return "drift"
     if domain in state.weak:
         return f"domain {domain} weak (under continual.learnt_ratio of the best domain)"
@@ -762,9 +761,11 @@ def update_reason(
     return ""
 
 
-def quality_holds(drift: dict | None) -> bool:
-    """Data drift, but the champion's quality on the batch was checked and did not drop."""
-    return bool(drift and drift["drift"] and drift.get("performance_drift") is False)
+def covered(drift: dict | None, within: float | None) -> bool:
+    """The batch's data drifted, but the champion's mIoU on its labels is at most `within`
+    below its held-out mIoU (continual.covered_drop; None: never)."""
+    drop = (drift or {}).get("quality_drop")
+    return within is not None and bool(drift and drift["drift"]) and drop is not None and drop <= within
 
 
 @dataclass(frozen=True)
@@ -1020,7 +1021,7 @@ def summary_line(rec: StepRecord) -> str:
             parts.append(failed[0])
         if rec.kept_in_pool:
             parts.append(f"training split kept in the {rec.domain} pool")
-    elif quality_holds(rec.drift):
+    elif rec.kept_in_pool:  # drifted but covered (continual.covered_drop)
         quality = rec.drift["quality"] if rec.drift else ""
         parts.append(f"no update: the champion keeps its quality on the batch ({quality}); split kept in the pool")
     else:
@@ -1217,7 +1218,7 @@ def process_batch(ws: Workspace, batch_dir: Path, settings: Settings, call: Call
         if champ is not None:
             rec.drift = call("drift", check_drift, ws, info, champ, settings)
         rec.update_reason = update_reason(
-            champ, rec.drift, read_state(ws), info.domain, settings.continual.skip_covered
+            champ, rec.drift, read_state(ws), info.domain, settings.continual.covered_drop
         )
         return update_step(ws, info, champ, rec, settings, call)
 
@@ -1246,7 +1247,7 @@ def update_step(
         before, after = decision["before"], decision["after"] if decision["promoted"] else decision["before"]
     else:
         before = after = call("evaluate-champion", champion_scores, ws, info, champ, settings)
-        rec.kept_in_pool = quality_holds(rec.drift)  # covered: the split waits for its domain's next update
+        rec.kept_in_pool = covered(rec.drift, settings.continual.covered_drop)  # waits for the domain's next update
     rec.champion_version = rec.candidate_version if rec.promoted else (champ[0] if champ else None)
     rec.miou_before = {} if champ is None else before
     rec.miou_after = {} if rec.champion_version is None else after
