@@ -1022,8 +1022,11 @@ def summary_line(rec: StepRecord) -> str:
         if rec.kept_in_pool:
             parts.append(f"training split kept in the {rec.domain} pool")
     elif rec.kept_in_pool:  # drifted but covered (continual.covered_drop)
-        quality = rec.drift["quality"] if rec.drift else ""
-        parts.append(f"no update: the champion keeps its quality on the batch ({quality}); split kept in the pool")
+        drop = (rec.drift or {}).get("quality_drop") or 0.0
+        parts.append(
+            f"no update: the champion keeps its quality on the batch (mIoU drop {drop:+.4f} <= "
+            "continual.covered_drop); split kept in the pool"
+        )
     else:
         parts.append("no update")
     return " -> ".join(parts)
