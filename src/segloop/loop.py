@@ -1021,10 +1021,9 @@ def summary_line(rec: StepRecord) -> str:
             parts.append(failed[0])
         if rec.kept_in_pool:
             parts.append(f"training split kept in the {rec.domain} pool")
-    elif rec.kept_in_pool:  # drifted but covered (continual.covered_drop)
-        drop = (rec.drift or {}).get("quality_drop") or 0.0
+    elif rec.kept_in_pool and d is not None:  # drifted but covered (continual.covered_drop)
         parts.append(
-            f"no update: the champion keeps its quality on the batch (mIoU drop {drop:+.4f} <= "
+            f"no update: the champion keeps its quality on the batch (mIoU drop {d['quality_drop']:+.4f} <= "
             "continual.covered_drop); split kept in the pool"
         )
     else:
