@@ -10,7 +10,12 @@ and the pruned model is `segloop prune` of it (`prune.ratio`, `prune.epochs` of 
 on the same data. Training budgets count CPU seconds of this process (a shared machine
 gives every model the same compute whatever else runs).
 
-    python benchmarks/compress.py [--model REF] [--minutes M] [--n N] [--threads T] [--set KEY=VALUE] [--quick]
+    python benchmarks/compress.py [--model REF] [--minutes M] [--n N] [--seed S] [--side PX] [--threads T]
+                                  [--set KEY=VALUE] [--build-only] [--quick]
+
+`--seed` sets the training seeds and the synthetic data's scenes (run 3 for a spread);
+`--build-only` trains the models and stops (seeds train in parallel, each in its --work,
+then each is timed alone on an idle machine by a second run that finds them trained).
 
 Writes reports/bench/compress.json and compress.png (work files in reports/bench/compress_work).
 """
@@ -58,14 +63,14 @@ def merged(base: dict, update: dict) -> dict:
     return out
 
 
-def make_data(root: Path, domains: list[str], n: int, size: tuple[int, int]) -> dict[str, dict[str, Path]]:
+def make_data(root: Path, domains: list[str], n: int, size: tuple[int, int], seed: int) -> dict[str, dict[str, Path]]:
     """{split: {domain: folder}}: the same scenes in every domain (generate's seed), split by seed."""
     dirs: dict[str, dict[str, Path]] = {}
-    for split, count, seed in (("train", n, 100), ("val", max(8, n // 4), 200), ("test", max(8, n // 2), 300)):
+    for split, count, k in (("train", n, 100), ("val", max(8, n // 4), 200), ("test", max(8, n // 2), 300)):
         for domain in domains:
-            out = root / f"{split}_{domain}_{count}x{size[0]}x{size[1]}"
+            out = root / f"{split}_{domain}_{count}x{size[0]}x{size[1]}_seed{seed}"
             if not out.exists():
-                generate(out, domain, count, seed, size)
+                generate(out, domain, count, seed * 1000 + k, size)
             dirs.setdefault(split, {})[domain] = out
     return dirs
 
@@ -170,6 +175,9 @@ def main() -> None:
     parser.add_argument("--model", help="the champion: checkpoint or models:/ ref (default: trained here)")
     parser.add_argument("--minutes", type=float, default=5.0, help="CPU minutes of each training (default 5)")
     parser.add_argument("--n", type=int, default=96, help="training pairs per domain (default 96)")
+    parser.add_argument("--seed", type=int, default=0, help="training seeds and data scenes (default 0)")
+    parser.add_argument("--side", type=int, default=512, help="timed images are side x side (default 512)")
+    parser.add_argument("--build-only", action="store_true", help="train the models into --work and stop")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (default: cores)")
     parser.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1 (batch 8: a third)")
     parser.add_argument("--work", type=Path, default=ROOT / "reports/bench/compress_work")
@@ -183,20 +191,24 @@ def main() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     if args.quick:
         raw, args.minutes, args.n, args.rounds = merged(raw, QUICK), min(args.minutes, 1.0), min(args.n, 24), 3
+    raw["train"]["seed"] = args.seed
     for assignment in args.set:
         apply_override(raw, assignment)
     settings = settings_from_dict(raw, "params.yaml" + (" (quick)" if args.quick else ""))
-    side = 128 if args.quick else 256
-    torch.manual_seed(0)
+    side = 128 if args.quick else args.side
+    torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     started, load_before = time.monotonic(), os.getloadavg()
     size = (96, 96) if args.quick else tuple(settings.generate.image_size)
-    dirs = make_data(args.work / "data", list(settings.generate.domains), args.n, size)
+    dirs = make_data(args.work / "data", list(settings.generate.domains), args.n, size, args.seed)
     args.speed = args.work / "data" / f"speed_{side}"
     if not args.speed.exists():
         generate(args.speed, "base", 8, 45, (side, side))
 
     models = build_models(args, settings, dirs)
+    if args.build_only:
+        print(f"trained into {args.work}: {', '.join(models)}")
+        return
     rows = measure(args, settings, models, dirs, side, args.rounds)
     champion = rows["champion fp32"]
     report = {
@@ -204,6 +216,7 @@ def main() -> None:
         f"{side}x{side} images; mIoU on {args.n // 2} synthetic test images of {size[0]}x{size[1]} per domain",
         "scale": {
             "quick": args.quick,
+            "seed": args.seed,
             "train_pairs_per_domain": args.n,
             "domains": list(settings.generate.domains),
             "cpu_minutes_per_training": args.minutes,

@@ -171,3 +171,10 @@ def test_the_resume_state_is_written_every_resume_every_s_and_after_the_last_epo
     train(settings_from_dict(raw), base_data, out, on_epoch=lambda _: seen.append((out / "last.pt").exists()))
     assert seen == expected
     assert load_checkpoint(out / "last.pt")["epoch"] == 3
+
+
+def test_no_resume_state_is_written_when_resume_every_s_is_null(base_data, tmp_path, tiny_raw):
+    raw = {**tiny_raw, "train": {**tiny_raw["train"], "epochs": 2, "iters_per_epoch": 1, "resume_every_s": None}}
+    out = tmp_path / "run"
+    train(settings_from_dict(raw), base_data, out)
+    assert (out / "best.pt").is_file() and not (out / "last.pt").exists()

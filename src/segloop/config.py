@@ -165,7 +165,8 @@ class TrainSettings(_Strict):
     max_minutes: float | None = Field(5.0, gt=0.0)
     # last.pt (model, EMA and optimizer: 4x best.pt) is written at most this often, and after
     # the last epoch: a killed run redoes at most this much (every epoch: 43% of a tiny run's time).
-    resume_every_s: float = Field(60.0, ge=0.0)
+    # None: never (runs that are never resumed, like the loop's DVC stages, which rerun from scratch).
+    resume_every_s: float | None = Field(60.0, ge=0.0)
     seed: int = 0
     num_workers: int = Field(1, ge=0)
     bf16: bool = True  # CUDA only; CPU always trains in fp32

@@ -252,8 +252,11 @@ def _write_params(settings: Settings, path: Path) -> None:
 def write_step_params(ws: Workspace, settings: Settings, batch: str) -> None:
     """params/<batch>.yaml: the settings this step runs with, the only params file its stages
     read and depend on. Written once per step and committed with it, so a later run with
-    other settings (which rewrites the workspace's params.yaml) leaves `dvc status` clean."""
-    _write_params(settings, ws.step_params(batch))
+    other settings (which rewrites the workspace's params.yaml) leaves `dvc status` clean.
+    No resume state (last.pt, 4x best.pt): `dvc repro` reruns a stage from scratch, and its
+    outputs go to the DVC cache (and remote) every step."""
+    train = settings.train.model_copy(update={"resume_every_s": None})
+    _write_params(settings.model_copy(update={"train": train}), ws.step_params(batch))
 
 
 def commit(ws: Workspace, message: str) -> str:

@@ -439,7 +439,8 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
         else:
             state["bad_epochs"] += 1
         last = epoch + 1 == cfg.epochs or stopped == "time_budget" or state["bad_epochs"] >= cfg.patience
-        if primary and (last or clock() - resume_saved_at >= cfg.resume_every_s):  # a finished run: its last epoch
+        due = cfg.resume_every_s is not None and (last or clock() - resume_saved_at >= cfg.resume_every_s)
+        if primary and due:  # a finished run: its last epoch
             resume = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
             ema_state = {"ema": ema.module.state_dict()} if ema is not None else {}
             save_checkpoint(job.out_dir / LAST, {**meta, **state, **resume, **ema_state})
