@@ -12,7 +12,8 @@ its gate, so a gate that passed on a lucky small test split shows up. At the end
 
 Per shifted batch (domain other than the first batch's): promoted or not, the first failed
 rule, target-domain gain and worst learnt-domain change (gate's held-out view), and for a
-promotion the worst change on the audit sets of the domains learnt before it. Training
+promotion the worst change on the audit sets of the domains learnt before it; a refused
+candidate is scored on them too (was the refusal the audit's verdict, or the small split's?). Training
 cost is counted as images processed (TrainResult.images_seen, replayed ones included).
 
     python benchmarks/loop_stream.py [--seeds 0 1 2] [--quick] [--stream DOMAIN:N,...] [--set key=value ...] [--resume]
@@ -148,14 +149,17 @@ def run_seed(
         tmp.rename(folder)
         t0 = time.monotonic()
         rec = loop.process_batch(ws, folder, settings)
-        before_audit = champion_audit
+        before_audit, candidate_audit = champion_audit, None
+        if rec.updated:
+            candidate_audit = audit_scores(ws.root / "models" / rec.batch / "best.pt", audit, settings)
         if rec.promoted:
-            champion_audit = audit_scores(ws.root / "models" / rec.batch / "best.pt", audit, settings)
+            champion_audit = candidate_audit
         steps.append(
             {
                 **rec.to_dict(),
                 "audit_before": before_audit,
                 "audit_after": champion_audit,
+                "audit_candidate": candidate_audit,
                 # learnt: trained on by a promoted champion, or covered untrained (LoopState.covered)
                 "learnt_after": loop.learnt_domains(loop.read_state(ws)) or [],
                 "covered_after": loop.read_state(ws).covered,
@@ -256,10 +260,17 @@ def seed_metrics(result: dict) -> dict:
         target = s["domain"]
         cand, before = s["candidate_miou"], s["miou_before"]
         learnt_old = [d for d in s["learnt"] if d != target]
-        audit_change = None
+        audit_change = refused = None
+        old = [d for d in steps[k - 1]["learnt_after"] if d != target] if k else []
         if s["promoted"] and s["audit_before"]:
-            old = [d for d in steps[k - 1]["learnt_after"] if d != target]
             audit_change = min((s["audit_after"][d] - s["audit_before"][d] for d in old), default=None)
+        elif s["updated"] and s.get("audit_candidate") and s["audit_before"]:
+            # the refused candidate on the audit sets: did it forget (or gain too little) there too?
+            a, b = s["audit_candidate"], s["audit_before"]
+            refused = {
+                "target_gain": round(a[target] - b[target], 4),
+                "worst_learnt_change": round(min((a[d] - b[d] for d in old), default=0.0), 4),
+            }
         shifted.append(
             {
                 "batch": s["batch"],
@@ -275,6 +286,7 @@ def seed_metrics(result: dict) -> dict:
                 if cand
                 else None,
                 "worst_audit_change_on_learnt": None if audit_change is None else round(audit_change, 4),
+                "refused_candidate_on_audit": refused,
                 "pooled": len(s["pooled"]),
             }
         )
@@ -512,7 +524,7 @@ def main() -> None:
                     else "refused: " + (x["first_failed"] or "")[:60]
                 )
                 + f" gain {x['target_gain']} worst learnt {x['worst_learnt_change']} audit "
-                f"{x['worst_audit_change_on_learnt']}"
+                f"{x['worst_audit_change_on_learnt'] or x['refused_candidate_on_audit']}"
                 for x in m["shifted"]
             )
         )
