@@ -524,7 +524,12 @@ def main() -> None:
                     else "refused: " + (x["first_failed"] or "")[:60]
                 )
                 + f" gain {x['target_gain']} worst learnt {x['worst_learnt_change']} audit "
-                f"{x['worst_audit_change_on_learnt'] or x['refused_candidate_on_audit']}"
+                f"{x['worst_audit_change_on_learnt']}"
+                + (
+                    f" (refused candidate: {x['refused_candidate_on_audit']})"
+                    if x["refused_candidate_on_audit"]
+                    else ""
+                )
                 for x in m["shifted"]
             )
         )
