@@ -220,7 +220,8 @@ def main() -> None:
             "tuned - defaults, pts (min..max)": f"{100 * np.mean(delta):+.1f} ({100 * min(delta):+.1f}.."
             f"{100 * max(delta):+.1f})",
         },
-        "goals": {"tuned beats defaults at the same budget": bool(np.mean(delta) > 0)},
+        # every seed, as loop_stream's goals: a mean over 3 seeds of +0.0 is a tie, not a win
+        "goals": {"tuned beats defaults at the same budget (every seed)": bool(min(delta) > 0)},
         "wall_s": round(time.monotonic() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -380,8 +380,8 @@ class DistillSettings(_Strict):
 class PruneSettings(_Strict):
     """`segloop prune`: structured L1-magnitude channel pruning, then a short fine-tune."""
 
-    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of channels removed in each prunable layer
-    epochs: int = Field(20, gt=0)  # fine-tune epochs from the pruned weights, within train.max_minutes
+    ratio: float = Field(0.3, gt=0.0, lt=1.0)  # share of channels removed in each prunable layer
+    epochs: int = Field(30, gt=0)  # fine-tune epochs from the pruned weights, within train.max_minutes
     lr: float = Field(2e-4, gt=0.0)
 
 
