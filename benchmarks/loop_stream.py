@@ -261,7 +261,7 @@ def seed_metrics(result: dict) -> dict:
         cand, before = s["candidate_miou"], s["miou_before"]
         learnt_old = [d for d in s["learnt"] if d != target]
         audit_change = refused = None
-        old = [d for d in steps[k - 1]["learnt_after"] if d != target] if k else []
+        old = [d for d in steps[k - 1]["learnt_after"] if d != target]  # k >= 1: the first batch is skipped
         if s["promoted"] and s["audit_before"]:
             audit_change = min((s["audit_after"][d] - s["audit_before"][d] for d in old), default=None)
         elif s["updated"] and s.get("audit_candidate") and s["audit_before"]:
