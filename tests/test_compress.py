@@ -131,6 +131,19 @@ def test_pruned_model_reloads_from_its_widths_with_the_same_outputs(tmp_path, ti
     assert reloaded.segmentation_head[0].out_channels == 4  # classes kept
 
 
+def test_pruning_rounds_each_layer_to_whole_blocks_of_channels():
+    """round_to 16: every pruned convolution keeps a multiple of 16 channels; narrower ones stay whole."""
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(encoder="resnet18", decoder_channels=[48, 24, 16, 8, 8]), 3, 4).eval()
+    before = {name: w[1] for name, w in layer_widths(model).items() if len(w) == 3}
+    prune_model(model, 0.3, 3, 64, round_to=16)
+    after = {name: w[1] for name, w in layer_widths(model).items() if len(w) == 3}
+    pruned = {name for name in after if after[name] < before[name]}
+    assert {"encoder.layer1.0.conv1", "decoder.blocks.0.conv1.0"} <= pruned  # 64 -> 32 (not 44), 48 -> 32
+    assert all(after[name] % 16 == 0 for name in pruned)
+    assert all(after[name] == before[name] for name in after if before[name] <= 16)
+
+
 def test_prune_finetunes_a_smaller_model_that_loads_without_torch_pruning(tmp_path, params, teacher, base_data, capsys):
     out = tmp_path / "pruned"
     args = [

@@ -14,6 +14,7 @@ from PIL import Image
 
 from segloop.checkpoint import load_model, save_checkpoint
 from segloop.cli import main
+from segloop.config import NormSettings
 from segloop.data.files import list_samples
 from segloop.evaluate import predict_folder
 from segloop.export import OnnxBackend, export_model, int8_path, parity_path
@@ -100,6 +101,25 @@ def test_int8_export_is_smaller_and_mostly_agrees(tmp_path, tiny_settings, base_
     assert abs(q["miou_diff"]) < 0.05 and report["fp32"]["miou_diff"] == pytest.approx(0, abs=1e-6)
     int8 = OnnxBackend(q["file"])
     assert int8.classes == list(tiny_settings.data.classes) and int8.metadata["segloop.precision"] == "int8"
+
+
+def test_int8_keeps_the_local_input_normalisation_in_float(tmp_path, tiny_settings, base_data):
+    """Quantized, `local`'s windowed mean and variance of x^2 ran slower than the whole fp32 model."""
+    local = NormSettings(kind="local", window=9)
+    settings = tiny_settings.model_copy(update={"model": tiny_settings.model.model_copy(update={"norm": local})})
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", settings, 3)
+    out = tmp_path / "m.onnx"
+    ev = settings.eval
+    report = export_model(ckpt, out, settings.export, ev, quantize="int8", calib=base_data, log=lambda _: None)
+    graph = onnx.load(report["int8"]["file"]).graph
+    made_by = {output: node.op_type for node in graph.node for output in node.output}
+    norm = [node for node in graph.node if node.name.startswith("/input_norm/")]
+    assert sum(node.op_type == "AveragePool" for node in norm) == 2
+    assert all(made_by.get(i) != "DequantizeLinear" for node in norm for i in node.input)  # float in, float out
+    kept = report["int8"]["quantization"]["float_nodes"]
+    assert "/input_norm/AveragePool" in kept and all(name.startswith("/input_norm/") for name in kept)
+    assert any(node.op_type == "QuantizeLinear" for node in graph.node)  # the rest is int8
+    assert report["int8"]["pixel_agreement"] > 0.9
 
 
 def test_predict_onnx_backend_writes_the_torch_masks(tmp_path, tiny_settings, tiny_params, base_data, cli_env):

@@ -85,10 +85,11 @@ def distill(
     )
 
 
-def prune_model(model: torch.nn.Module, ratio: float, channels: int, size: int) -> None:
+def prune_model(model: torch.nn.Module, ratio: float, channels: int, size: int, round_to: int | None = None) -> None:
     """Remove `ratio` of the channels of every prunable layer of `model`, in place, by group L1
     magnitude (Torch-Pruning's dependency graph keeps residual and skip connections consistent).
-    The input convolution keeps its input channels and the segmentation head its classes."""
+    The input convolution keeps its input channels and the segmentation head its classes.
+    `round_to`: each layer keeps a multiple of that many channels (rounded down; narrower layers stay)."""
     import torch_pruning as tp
 
     example = torch.rand(1, channels, size, size)
@@ -98,6 +99,7 @@ def prune_model(model: torch.nn.Module, ratio: float, channels: int, size: int) 
         importance=tp.importance.MagnitudeImportance(p=1),
         pruning_ratio=ratio,
         ignored_layers=[model.get_submodule("segmentation_head")],
+        round_to=round_to,
     )
     pruner.step()
 
@@ -124,10 +126,11 @@ def prune(
     _check_fits(ckpt, settings, f"--model {label or model_path}")
     model, source = model_from_checkpoint(ckpt, str(model_path))
     before = count_parameters(model)
-    prune_model(model, ratio, ckpt["channels"], source.data.crop_size or 64)
+    prune_model(model, ratio, ckpt["channels"], source.data.crop_size or 64, p.round_to)
     after = count_parameters(model)
     record = {
         "ratio": ratio,
+        "round_to": p.round_to,
         "importance": "group L1 magnitude",
         "parameters_before": before,
         "parameters_after": after,
