@@ -3,8 +3,9 @@
 Measures latency at batch 1 and throughput at batch 8 on 512x512 images, and the mIoU
 of each backend on a synthetic test set. All backends run in this one process with the
 same thread count, timed in interleaved rounds (each round times every backend once, in
-rotating order, right after one untimed call of the same backend: warm, as when serving); times are medians and every speed-up is the median of per-round
-ratios, so the figures hold on a shared, noisy machine. Eager runs under
+rotating order, right after one untimed call of the same backend: warm, as when serving);
+times are medians and every speed-up is the median of per-round ratios, so the figures hold
+on a shared, noisy machine. Eager runs under
 `torch.inference_mode`, both in NCHW and channels_last; the faster one is the baseline.
 
     python benchmarks/infer_speed.py [--model REF] [--threads N] [--rounds R] [--quick]

@@ -209,6 +209,29 @@ def test_ort_files_match_eager(tmp_path, params, teacher, base_data, capsys):
             assert np.abs(got - expected).max() < tolerance  # export.tolerance
 
 
+def test_pte_program_matches_eager_in_executorch(tmp_path, params, teacher, base_data, capsys):
+    out = tmp_path / "m.pte"
+    argv = ["export", "--params", str(params), "--model", str(teacher), "--format", "pte", "--out", str(out)]
+    assert main([*argv, "--parity-data", str(base_data)]) == 0
+    assert "parity vs eager PyTorch (ExecuTorch XNNPACK): 24 images" in capsys.readouterr().out
+    report = json.loads((tmp_path / "m.pte.parity.json").read_text())
+    assert report["format"] == "pte" and report["runtime"].startswith("executorch ")
+    assert report["fp32"]["within_tolerance"] and report["fp32"]["pixel_agreement"] > 0.999
+    # convolutions, norms and activations in XNNPACK; only the decoder's 5 upsamplings outside it
+    assert report["fp32"]["lowering"]["portable_ops"] == {"aten.upsample_nearest2d.vec": 5}
+    # ExecuTorch's own runtime on the file, independently of segloop's backend: every node delegated
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(str(out))
+    model, _ = load_model(teacher)
+    for shape in [(1, 3, 64, 96), (1, 3, 160, 32)]:  # sizes other than the export's example
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            expected = model(x)
+        got = program.load_method("forward").execute([x])[0]
+        assert got.shape == expected.shape and (got - expected).abs().max() < 1e-3  # export.tolerance
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -228,6 +251,15 @@ def test_ort_files_match_eager(tmp_path, params, teacher, base_data, capsys):
         (
             ["export", "--format", "ort", "--model", "{teacher}", "--out", "{tmp}/m.onnx"],
             "--out {tmp}/m.onnx: a --format ort file name must end in .ort",
+        ),
+        (
+            ["export", "--format", "pte", "--model", "{teacher}", "--out", "{tmp}/m.pte", "--quantize", "int8"],
+            "--quantize int8 is not offered for --format pte (not built): use --format onnx or ort",
+        ),
+        (
+            ["export", "--format", "pte", "--set", "eval.max_size=2048", "--model", "{teacher}"]
+            + ["--out", "{tmp}/m.pte"],
+            "export.pte_max_side 1024 < eval.max_size 2048",
         ),
     ],
 )

@@ -180,7 +180,7 @@ def test_bad_input_fails_with_clear_errors(tmp_path, tiny_settings, tiny_params,
     with pytest.raises(ValueError, match="--quantize int8 needs --calib"):
         export_model(ckpt, tmp_path / "m.onnx", cfg, ev, quantize="int8")
     assert main(args("--format", "tflite")) == 2
-    assert "--format 'tflite': unknown export format; valid: ['onnx', 'ort']" in capsys.readouterr().err
+    assert "--format 'tflite': unknown export format; valid: ['onnx', 'ort', 'pte']" in capsys.readouterr().err
     assert main(args("--quantize", "int4", "--calib", str(tmp_path))) == 2
     assert "--quantize 'int4': unknown quantization; valid: ['int8']" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()  # nothing written before the inputs were checked

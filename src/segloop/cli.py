@@ -511,15 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", parents=[common], help="ONNX export (+ static int8) with a parity check against eager")
+    p = sub.add_parser(
+        "export", parents=[common], help="ONNX / mobile export (+ static int8) with a parity check against eager"
+    )
     p.add_argument("--model", required=True, help="checkpoint path or models:/NAME@ALIAS|/VERSION")
     p.add_argument(
         "--format",
         default="onnx",
-        help="onnx (default) or ort: ONNX Runtime's mobile format, converted from the .onnx written beside it",
+        help="onnx (default); ort: ONNX Runtime's mobile format, converted from the .onnx written beside it; "
+        "pte: an ExecuTorch program (XNNPACK, batch 1)",
     )
     p.add_argument(
-        "--out", type=Path, required=True, help="the .onnx (or .ort) file; FILE.parity.json is written beside it"
+        "--out", type=Path, required=True, help="the .onnx (.ort, .pte) file; FILE.parity.json is written beside it"
     )
     p.add_argument("--quantize", help="int8: also write <stem>.int8.onnx (static QDQ quantization, needs --calib)")
     p.add_argument("--calib", type=Path, help="training images calibrating int8 (export.calib_images of them, seeded)")

@@ -354,7 +354,7 @@ class FlowSettings(_Strict):
 
 
 class ExportSettings(_Strict):
-    """`segloop export`: ONNX opset, parity tolerance, static int8 calibration."""
+    """`segloop export`: ONNX opset, parity tolerance, static int8 calibration, ExecuTorch's input bound."""
 
     opset: int = Field(17, ge=13, le=20)  # the TorchScript exporter writes opsets <= 20
     # `segloop export` fails (exit 1) when fp32 logits differ from eager by more than this anywhere.
@@ -363,6 +363,9 @@ class ExportSettings(_Strict):
     calib_seed: int = 0
     # Per-tensor weight scales run fastest on CPU; per-channel ones stay a bit closer to fp32.
     per_channel: bool = False
+    # --format pte: the largest height and width the ExecuTorch program takes (its memory is
+    # planned for that size); at least eval.max_size, the tile inference feeds it.
+    pte_max_side: int = Field(1024, ge=64, multiple_of=32)
 
 
 class DistillSettings(_Strict):
@@ -380,7 +383,7 @@ class DistillSettings(_Strict):
 class PruneSettings(_Strict):
     """`segloop prune`: structured L1-magnitude channel pruning, then a short fine-tune."""
 
-    ratio: float = Field(0.3, gt=0.0, lt=1.0)  # share of channels removed in each prunable layer
+    ratio: float = Field(0.4, gt=0.0, lt=1.0)  # share of channels removed in each prunable layer
     # kept channels rounded down to a multiple of this (a layer narrower than it stays whole): ONNX
     # Runtime's CPU convolutions work in blocks of 8-16 channels, so odd widths waste the cut (null: off)
     round_to: int | None = Field(16, gt=0)

@@ -11,15 +11,20 @@ and tiling; max |logit difference| and the mIoU of each, written beside the file
 
 Format `ort`: ONNX Runtime's mobile/edge format, converted from the ONNX export (which stays
 beside it); its parity is checked by loading the .ort file in ONNX Runtime itself.
+Format `pte`: an ExecuTorch program lowered to its XNNPACK delegate (batch 1, height and width
+any multiples of 32 up to `export.pte_max_side`), checked in ExecuTorch's own runtime.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import random
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +38,7 @@ from segloop.data.files import list_samples, read_image, read_mask
 from segloop.inference import INPUT, META, OUTPUT, Backend, OnnxBackend, pad_to_stride, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou
 
-FORMATS = ("onnx", "ort")
+FORMATS = ("onnx", "ort", "pte")
 QUANTIZATIONS = ("int8",)
 # Without --parity-data: seeded noise images at these (N, H, W), sides not multiples of 32.
 RANDOM_PARITY_SHAPES = ((1, 96, 128), (2, 72, 80))
@@ -100,6 +105,49 @@ def export_onnx(model: nn.Module, channels: int, path: Path, opset: int, metadat
     _set_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+
+
+def export_pte(model: nn.Module, channels: int, path: Path, max_side: int) -> dict:
+    """Write `model` (eval mode) as an ExecuTorch program lowered to the XNNPACK delegate; return
+    how many delegate calls it makes and which operators run outside them (ExecuTorch's portable
+    kernels: an SMP U-Net's dynamic-size upsamplings).
+
+    Batch 1 (an app segments one image at a time); height and width dynamic, multiples of 32 up
+    to `max_side`, for which ExecuTorch plans its memory ahead of time."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch.export import Dim
+
+    blocks = max_side // 32
+    h, w = Dim("height_blocks", min=1, max=blocks), Dim("width_blocks", min=1, max=blocks)
+    example = torch.rand(1, channels, 64, 96)  # non-square, so neither side is specialised
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # executorch 1.5's own importlib.resources calls
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({2: 32 * h, 3: 32 * w},))
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        ops = Counter(  # before to_executorch, which rewrites them into out-variants and allocations
+            getattr(n.target, "__name__", str(n.target))
+            for n in edge.exported_program().graph.nodes
+            if n.op == "call_function" and n.target is not operator.getitem
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(edge.to_executorch().buffer)
+    delegated = ops.pop("executorch_call_delegate", 0)
+    return {"xnnpack_calls": delegated, "portable_ops": {k: v for k, v in ops.items() if "sym_size" not in k}}
+
+
+class PteBackend:
+    """A `--format pte` file in ExecuTorch's runtime, callable like the eager model (one image per call)."""
+
+    provider = "ExecuTorch XNNPACK"
+
+    def __init__(self, path: Path):
+        from executorch.runtime import Runtime
+
+        self.method = Runtime.get().load_program(str(path)).load_method("forward")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.method.execute([x[i : i + 1].contiguous()])[0] for i in range(x.shape[0])])
 
 
 def _constant_upsample_scales(proto, channels: int) -> None:
@@ -340,6 +388,13 @@ def export_model(
         raise ValueError(f"--out {out}: a --format {fmt} file name must end in .{fmt}")
     if quantize is None and calib is not None:
         raise ValueError("--calib is only used with --quantize int8")
+    if fmt == "pte" and quantize:
+        raise ValueError("--quantize int8 is not offered for --format pte (not built): use --format onnx or ort")
+    if fmt == "pte" and eval_cfg.max_size > cfg.pte_max_side:
+        raise ValueError(
+            f"export.pte_max_side {cfg.pte_max_side} < eval.max_size {eval_cfg.max_size}: the program must take "
+            "the tiles inference feeds it"
+        )
     # Every input is checked before the (slow) export starts.
     ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt, str(checkpoint))
@@ -362,11 +417,20 @@ def export_model(
         f"{META}source": label or str(checkpoint),
         f"{META}input": "images (N, C, H, W) float32 in [0, 1], H and W multiples of 32",
     }
-    onnx_out = out.with_suffix(".onnx")  # format ort: converted from this file, kept beside it
-    export_onnx(model, channels, onnx_out, cfg.opset, {**metadata, f"{META}precision": "fp32"})
-    log(f"exported {onnx_out} (opset {cfg.opset}, dynamic batch/height/width)")
-    files = {"fp32": onnx_out}
-    quantization = None
+    files: dict[str, Path] = {}
+    quantization = lowering = None
+    if fmt == "pte":
+        lowering = export_pte(model, channels, out, cfg.pte_max_side)
+        log(
+            f"exported {out} (ExecuTorch: {lowering['xnnpack_calls']} XNNPACK calls, outside them "
+            f"{lowering['portable_ops'] or 'nothing'}; batch 1, height/width multiples of 32 <= {cfg.pte_max_side})"
+        )
+        files["fp32"] = out
+    else:
+        onnx_out = out.with_suffix(".onnx")  # format ort: converted from this file, kept beside it
+        export_onnx(model, channels, onnx_out, cfg.opset, {**metadata, f"{META}precision": "fp32"})
+        log(f"exported {onnx_out} (opset {cfg.opset}, dynamic batch/height/width)")
+        files["fp32"] = onnx_out
     if reader is not None:
         files["int8"] = int8_path(onnx_out)
         quantization = quantize_int8(onnx_out, files["int8"], reader, cfg.per_channel)
@@ -378,15 +442,15 @@ def export_model(
         files = {name: convert_to_ort(path) for name, path in files.items()}
         log(f"converted to ONNX Runtime's mobile format: {', '.join(str(p) for p in files.values())}")
 
-    backends = {name: OnnxBackend(path) for name, path in files.items()}
+    backends = {name: PteBackend(path) if fmt == "pte" else OnnxBackend(path) for name, path in files.items()}
     parity = check_parity(model, backends, parity_inputs(parity_data, channels), len(classes), eval_cfg)
     report = {
         "model": label or str(checkpoint),
         "checkpoint": str(checkpoint),
         "format": fmt,
-        "opset": cfg.opset,
+        "opset": None if fmt == "pte" else cfg.opset,
         "provider": backends["fp32"].provider,
-        "onnxruntime": ort.__version__,
+        "runtime": f"executorch {version('executorch')}" if fmt == "pte" else f"onnxruntime {ort.__version__}",
         "torch": torch.__version__,
         "classes": classes,
         "channels": channels,
@@ -398,6 +462,8 @@ def export_model(
         report[name] = {"file": str(path), "bytes": path.stat().st_size, **report[name]}
     report["fp32"]["within_tolerance"] = report["fp32"]["max_abs_logit_diff"] <= cfg.tolerance
     report["tolerance"] = cfg.tolerance
+    if lowering:
+        report["fp32"]["lowering"] = lowering
     if quantization:
         report["int8"]["quantization"] = {**quantization, "calib": str(calib), "calib_seed": cfg.calib_seed}
     parity_path(out).write_text(json.dumps(report, indent=1))
@@ -407,7 +473,9 @@ def export_model(
 def parity_lines(report: dict) -> list[str]:
     """Human summary of a parity report, one line per exported file."""
     lines = [
-        f"parity vs eager PyTorch ({report['provider']}, opset {report['opset']}): {report['n_images']} images "
+        f"parity vs eager PyTorch ({report['provider']}"
+        + (f", opset {report['opset']}" if report["opset"] else "")
+        + f"): {report['n_images']} images "
         f"of {report['data']}, sizes {' '.join(f'{h}x{w}' for h, w in report['input_sizes'][:6])}"
         + (" ..." if len(report["input_sizes"]) > 6 else "")
     ]
