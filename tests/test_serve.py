@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -308,6 +309,25 @@ def test_the_export_cache_keeps_only_the_most_recently_used_exports(env, tmp_pat
     assert second.is_file() and not first.exists()  # v1's export made way for v2's
     assert [f.name for f in (tmp_path / "cache").iterdir()] == [second.parent.name]
     assert onnx_export(paths["1"], settings, "v1") == first and first.is_file() and not second.exists()
+
+
+def test_an_export_made_under_other_export_settings_is_not_served_from_the_cache(env, tmp_path):
+    """Changing how the file is made (here int8's per-channel scales; likewise the export code's
+    recipe, export.EXPORT_RECIPE) makes a new export instead of serving the cached one."""
+    from segloop.serve import onnx_export
+
+    mv = env["client"].get_model_version(NAME, "1")
+    settings = settings_with(env, cache=str(tmp_path / "cache"), precision="int8", calib=str(env["data"]))
+    path = registry.download_checkpoint(env["client"], resolve_store(settings.tracking), mv)
+    first = onnx_export(path, settings, "v1")
+    assert onnx_export(path, settings, "v1") == first  # same settings: the cached file
+    raw = settings.model_dump(mode="json")
+    raw["export"]["per_channel"] = True
+    second = onnx_export(path, settings_from_dict(raw), "v1")
+    assert second != first and first.is_file() and second.is_file()
+    scales = [t for t in onnx.load(str(second)).graph.initializer if t.name.endswith("_scale") and sum(t.dims) > 1]
+    assert scales  # per-channel weight scales are vectors; the first export's are all scalars
+    assert not [t for t in onnx.load(str(first)).graph.initializer if t.name.endswith("_scale") and sum(t.dims) > 1]
 
 
 def test_promotion_and_rollback_are_followed_by_poll_during_a_request_stream(env):

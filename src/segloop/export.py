@@ -38,6 +38,9 @@ from segloop.data.files import list_samples, read_image, read_mask
 from segloop.inference import INPUT, META, OUTPUT, Backend, OnnxBackend, pad_to_stride, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou
 
+# Bumped whenever the same checkpoint and settings export to a different file (serve's export
+# cache keys on it): 2 = int8 keeps the input normalisation in float.
+EXPORT_RECIPE = 2
 FORMATS = ("onnx", "ort", "pte")
 QUANTIZATIONS = ("int8",)
 # Without --parity-data: seeded noise images at these (N, H, W), sides not multiples of 32.

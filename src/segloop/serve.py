@@ -21,7 +21,9 @@ Nothing here trains, decides promotions or moves aliases.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -114,11 +116,13 @@ def onnx_export(checkpoint: Path, settings: Settings, label: str) -> Path:
     no half export that a later load would trust. An export that does not match eager
     within export.tolerance is refused.
     """
-    from segloop.export import export_model, int8_path
+    from segloop.export import EXPORT_RECIPE, export_model, int8_path
     from segloop.registry import file_sha256
 
     cfg = settings.serve
-    key = f"{file_sha256(checkpoint)[:16]}-opset{settings.export.opset}-{cfg.precision}"
+    # What makes the file: the export code's recipe, every export setting and the calibration images.
+    how = json.dumps([EXPORT_RECIPE, settings.export.model_dump(mode="json"), str(cfg.calib)], sort_keys=True)
+    key = f"{file_sha256(checkpoint)[:16]}-{cfg.precision}-{hashlib.sha256(how.encode()).hexdigest()[:8]}"
     folder = cfg.cache / key
     fp32 = folder / "model.onnx"
     path = int8_path(fp32) if cfg.precision == "int8" else fp32
