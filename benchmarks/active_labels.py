@@ -12,6 +12,7 @@ images per domain, never picked, trained or validated on): target-domain gain an
 
     python benchmarks/active_labels.py --seeds 0 1 2                # the full run
     python benchmarks/active_labels.py --quick                      # a smoke run: tiny models, one seed
+    python benchmarks/active_labels.py --seeds 1 --budgets 0.25 --set continual.interpolate=false  # one cell, changed
 
 Writes reports/bench/active_labels[_quick].json (per seed, rule and budget) and prints a table.
 """
@@ -147,11 +148,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, seed 0, budgets 10%% and 25%%")
     p.add_argument("--out", type=Path, default=ROOT / "reports/bench", help="writes active_labels[_quick].json there")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
     args = p.parse_args()
     if args.pool < 200:
         p.error(f"--pool {args.pool}: the unlabelled batch needs at least 200 images")
     torch.set_num_threads(args.threads)
-    bench = [*QUICK, "train.iters_per_epoch=4"] if args.quick else BENCH
+    bench = [*([*QUICK, "train.iters_per_epoch=4"] if args.quick else BENCH), *args.set]
     seeds, budgets = ([0], [0.1, 0.25]) if args.quick else (args.seeds, args.budgets)
     name = "active_labels_quick" if args.quick else "active_labels"
     work = args.out / f"{name}_work"
