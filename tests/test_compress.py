@@ -219,7 +219,7 @@ def test_pte_program_matches_eager_in_executorch(tmp_path, params, teacher, base
     assert report["fp32"]["within_tolerance"] and report["fp32"]["pixel_agreement"] > 0.999
     # convolutions, norms and activations in XNNPACK; only the decoder's 5 upsamplings outside it
     assert report["fp32"]["lowering"]["portable_ops"] == {"aten.upsample_nearest2d.vec": 5}
-    # ExecuTorch's own runtime on the file, independently of segloop's backend: every node delegated
+    # ExecuTorch's own runtime on the file, independently of segloop's backend
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(str(out))
