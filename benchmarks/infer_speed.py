@@ -83,14 +83,12 @@ def pick_model(args, settings, data_root: Path, quick: bool) -> tuple[Path, str]
     return out / "best.pt", f"trained here: params.yaml model, {epochs} epochs (4 min cap) on {n} synthetic base images"
 
 
-def time_rounds(
-    backends: dict, x: torch.Tensor, rounds: int, warmup: int = 2, settle: int = 1
-) -> dict[str, list[float]]:
+def time_rounds(backends: dict, x: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
     """Seconds per call of every backend on `x`, interleaved: round r starts at backend r mod B.
 
-    `settle` untimed calls precede each timed one: a model serving a stream has its weights
-    and buffers in cache, while a call right after another model's measures the refill
-    (compress bench, 2026-12-04: a pruned int8 U-Net took 52.7 ms that way, 30.0 ms warm)."""
+    An untimed call precedes each timed one: a model serving a stream has its weights and
+    buffers in cache, while a call right after another model's measures the refill (2026-12-04,
+    a pruned int8 U-Net at 512x512 among three other models: 52.7 ms that way, 30.0 ms warm)."""
     names = list(backends)
     times = {name: [] for name in names}
     with torch.inference_mode():
@@ -99,8 +97,7 @@ def time_rounds(
                 backends[name](x)
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                for _ in range(settle):
-                    backends[name](x)
+                backends[name](x)
                 t0 = time.perf_counter()
                 backends[name](x)
                 times[name].append(time.perf_counter() - t0)

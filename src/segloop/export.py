@@ -434,16 +434,16 @@ def export_model(
         export_onnx(model, channels, onnx_out, cfg.opset, {**metadata, f"{META}precision": "fp32"})
         log(f"exported {onnx_out} (opset {cfg.opset}, dynamic batch/height/width)")
         files["fp32"] = onnx_out
-    if reader is not None:
-        files["int8"] = int8_path(onnx_out)
-        quantization = quantize_int8(onnx_out, files["int8"], reader, cfg.per_channel)
-        int8 = onnx.load(str(files["int8"]))
-        _set_metadata(int8, {**metadata, f"{META}precision": "int8"})
-        onnx.save(int8, str(files["int8"]))
-        log(f"quantized {files['int8']} (static int8 QDQ, {len(reader.samples)} calibration images from {calib})")
-    if fmt == "ort":
-        files = {name: convert_to_ort(path) for name, path in files.items()}
-        log(f"converted to ONNX Runtime's mobile format: {', '.join(str(p) for p in files.values())}")
+        if reader is not None:  # never with pte (refused above)
+            files["int8"] = int8_path(onnx_out)
+            quantization = quantize_int8(onnx_out, files["int8"], reader, cfg.per_channel)
+            int8 = onnx.load(str(files["int8"]))
+            _set_metadata(int8, {**metadata, f"{META}precision": "int8"})
+            onnx.save(int8, str(files["int8"]))
+            log(f"quantized {files['int8']} (static int8 QDQ, {len(reader.samples)} calibration images from {calib})")
+        if fmt == "ort":
+            files = {name: convert_to_ort(path) for name, path in files.items()}
+            log(f"converted to ONNX Runtime's mobile format: {', '.join(str(p) for p in files.values())}")
 
     backends = {name: PteBackend(path) if fmt == "pte" else OnnxBackend(path) for name, path in files.items()}
     parity = check_parity(model, backends, parity_inputs(parity_data, channels), len(classes), eval_cfg)
