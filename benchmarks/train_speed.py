@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -79,11 +80,15 @@ def _sync(device: torch.device) -> None:
 
 
 def bare_rate(settings: Settings, steps: int, warmup: int = 2) -> float:
-    """(a) img/s of forward + loss + backward + clip + AdamW step on one random in-memory batch."""
+    """(a) img/s of forward + loss + backward + clip + AdamW step on one random in-memory batch
+    (on CUDA with segloop's fused AdamW, bf16 autocast and torch.compile as settings ask)."""
     cfg, device = settings.train, pick_device()
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = build_model(settings.model, settings.data.channels, settings.num_classes).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if cuda else None
+    )
     loss_fn = SegLoss(cfg.dice_weight, cfg.ce_weight)
     crop = settings.data.crop_size
     images = torch.rand(cfg.batch_size, settings.data.channels, crop, crop, device=device)
@@ -91,11 +96,14 @@ def bare_rate(settings: Settings, steps: int, warmup: int = 2) -> float:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     masks = torch.randint(0, settings.num_classes, (cfg.batch_size, crop, crop), device=device)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.bf16 else nullcontext()
     for i in range(warmup + steps):
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        loss = loss_fn(model(images), masks)
+        with autocast:
+            loss = loss_fn(forward(images), masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
