@@ -383,7 +383,7 @@ class DistillSettings(_Strict):
 class PruneSettings(_Strict):
     """`segloop prune`: structured L1-magnitude channel pruning, then a short fine-tune."""
 
-    ratio: float = Field(0.4, gt=0.0, lt=1.0)  # share of channels removed in each prunable layer
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)  # share of channels removed in each prunable layer
     # kept channels rounded down to a multiple of this (a layer narrower than it stays whole): ONNX
     # Runtime's CPU convolutions work in blocks of 8-16 channels, so odd widths waste the cut (null: off)
     round_to: int | None = Field(16, gt=0)
