@@ -580,7 +580,9 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(
         sets[domain][split] = tmp_path / f"{domain}-{split}"
         generate(sets[domain][split], domain, n=n, seed=10 + i, size=(72, 80))
     tracked_raw["serve"] = {"cache": str(tmp_path / "serve-cache")}
-    tracked_raw["train"]["epochs"] = 24  # a champion that knows base well enough to have something to forget
+    # a champion that knows base well enough to have something to forget (24 epochs left it at
+    # 0.28 mIoU, background only, on a 2-core AMD EPYC; 48: 0.51 there)
+    tracked_raw["train"]["epochs"] = 48
     # Tiny models forget a couple of points here: a strict margin keeps the scenario a clear reject.
     tracked_raw["registry"] = {
         "model_name": NAME,
@@ -680,6 +682,7 @@ def test_gate_rejects_a_real_candidate_that_forgets_the_old_domain(
     base, low = d["metrics"]["base"], d["metrics"]["lowlight"]
     cfg = settings.registry.gate
     # The scenario, checked rather than assumed: better on the new domain, worse on the old one.
+    assert base["champion"] >= 0.35, f"the champion did not learn base, so it has nothing to forget: {base}"
     assert low["candidate"] >= low["champion"] + cfg.min_gain, f"fine-tuning did not improve lowlight: {low}"
     assert base["candidate"] < base["champion"] - cfg.max_forgetting, f"fine-tuning did not forget base: {base}"
 
