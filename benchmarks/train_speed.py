@@ -22,7 +22,7 @@ and are scored (mIoU, `segloop.evaluate.miou_on`, full images) on a held-out tes
 segloop's budget includes its per-epoch validation and checkpoints; the reference
 spends all of it training and keeps its last weights, segloop keeps its best.
 
-    python benchmarks/train_speed.py [--quick] [--rounds 3] [--budget-s 90] [--threads 1]
+    python benchmarks/train_speed.py [--quick] [--rounds 3] [--budget-s 90] [--threads 1] [--set KEY=VALUE]
 
 Writes reports/bench/train_speed.json and prints a table. Goal: (b)/(a) >= 0.90, judged on
 the median of the per-round ratios; the ratio of each loop's best round is reported beside it.
@@ -312,11 +312,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=90.0, help="same-budget comparison; 0 skips it")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the training process")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 round, tiny data, 10 s budget")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.n_train, args.size, args.budget_s = 1, 32, 96, 10.0
     torch.set_num_threads(args.threads)
-    settings = load_settings(args.params, ["tracking.enabled=false"])
+    settings = load_settings(args.params, ["tracking.enabled=false", *args.set])
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="segloop-bench-train-") as tmp:
@@ -336,6 +337,7 @@ def main(argv=None) -> int:
         "what": "images/s of (a) the bare train step, (b) segloop.train.train, (c) a plain MONAI BasicUNet loop; "
         "(b) and (c) over full epochs after the first, validation excluded",
         "model": settings.model.model_dump(mode="json"),
+        "overrides": args.set,
         "crop": settings.data.crop_size,
         "batch_size": settings.train.batch_size,
         "num_workers": settings.train.num_workers,
