@@ -19,6 +19,7 @@ from flows.monitor import monitor_flow
 from segloop import loop, registry
 from segloop.config import load_settings
 from segloop.data.synthetic import generate
+from segloop.registry import DECISION_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -269,6 +270,12 @@ def test_a_refused_batch_stays_in_its_domain_pool_and_the_next_update_trains_on_
     assert rec.trained_on == ["batches/02-fog/split/train", "batches/01-fog/split/train"]
     stage = yaml.safe_load((ws.root / "dvc.yaml").read_text())["stages"]["update-02-fog"]
     assert "--data batches/01-fog/split/train" in stage["cmd"] and "batches/01-fog/split/train" in stage["deps"]
+    # fog is validated and gated on the splits of both its batches, each pooled into one set
+    assert "--val batches/02-fog/split/val:batches/01-fog/split/val " in stage["cmd"]
+    tests = ["batches/01-fog/split/test", "batches/02-fog/split/test"]
+    gated = json.loads((ws.root / "steps" / "02-fog" / "gate" / DECISION_FILE).read_text())["data"]["fog"]
+    assert gated["path"] == [str(ws.root / t) for t in tests] and len(gated["md5"]) == 2
+    assert loop.read_state(ws).heldout["fog"] == tests
     assert set(load_checkpoint(ws.root / "models" / "02-fog" / "best.pt")["data_md5"]) == set(rec.trained_on)
     # no resume state in a stage's outputs (dvc repro reruns from scratch): not cached every step
     assert sorted((ws.root / "models").glob("*/last.pt")) == []

@@ -108,3 +108,25 @@ def test_a_drifted_batch_the_champion_covers_is_not_trained_on_but_pooled():
     # a weak learnt domain is still trained on when only its data drifted
     state = fold_step(state, WS, promoted("02-fog", "fog", {"base": 0.89, "fog": 0.55, "lowlight": 0.8}), "r", 0.8)
     assert update_reason(CHAMP, holds, state, "fog", covered_drop=0.02).startswith("domain fog weak")
+
+
+def test_every_batch_of_a_domain_adds_its_test_split_to_the_domain_s_held_out_set(tmp_path):
+    state = fold_step(LoopState(), WS, promoted("00-base", "base", {"base": 0.90}), "replay/00-base", 0.8)
+    state = fold_step(state, WS, promoted("01-fog", "fog", {"base": 0.89, "fog": 0.70}), "replay/01-fog", 0.8)
+    assert state.scores["4"] == {"base": 0.89, "fog": 0.70}
+    # a base batch without drift, not trained on: its test split joins base's set, the score on
+    # the smaller set is dropped and replaced by the step's own (scored on the pooled set)
+    rec = StepRecord("02-base", "base", "t", 10, 0, drift=NO_DRIFT, champion_version="4")
+    state.scores["3"] = {"base": 0.93}  # an earlier champion's, on the old set: stale too
+    rec.miou_after = {"base": 0.91, "fog": 0.70}
+    state = fold_step(state, WS, rec, None, 0.8)
+    assert state.heldout == {
+        "base": ["batches/00-base/split/test", "batches/02-base/split/test"],
+        "fog": ["batches/01-fog/split/test"],
+    }
+    assert state.scores == {"3": {}, "4": {"base": 0.91, "fog": 0.70}}
+    assert fold_step(state, WS, rec, None, 0.8).heldout["base"][1:] == ["batches/02-base/split/test"]  # once
+    # a state.json written before (schema 2: one split per domain) reads as a one-split set
+    old = tmp_path / "state.json"
+    old.write_text('{"schema": 2, "heldout": {"fog": "batches/01-fog/split/test"}}')
+    assert LoopState.read(old).heldout == {"fog": ["batches/01-fog/split/test"]}

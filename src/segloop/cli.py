@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -231,7 +232,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         args.parent,
         args.data,
         args.out,
-        args.val,
+        None if args.val is None else [_pooled(v) for v in args.val],
         args.seen,
         args.replay,
         args.domain,
@@ -240,6 +241,12 @@ def cmd_update(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"strategy": s.continual.strategy, **result.__dict__}, indent=1))
     return 0
+
+
+def _pooled(value: Path) -> Path | list[Path]:
+    """A --val of folders joined with os.pathsep (`a:b`, like PATH) is one set pooled from them."""
+    text = str(value)
+    return value if os.pathsep not in text or value.exists() else [Path(p) for p in text.split(os.pathsep)]
 
 
 def cmd_replay_update(args: argparse.Namespace) -> int:
@@ -582,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         help="validation folder, repeatable: the new domain's first, then learnt domains' "
-        "(continual.select picks the kept epoch on them; default: the new batch)",
+        "(continual.select picks the kept epoch on them; default: the new batch); folders joined "
+        f"with {os.pathsep!r} are scored as one set (a domain's splits of several batches)",
     )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replay", type=Path, help="replay buffer folder (replay strategies)")

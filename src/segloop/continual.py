@@ -24,7 +24,7 @@ from torch import nn
 from segloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from segloop.class_incremental import UnbiasedSegLoss, merge_new_into_background
 from segloop.config import GateSettings, Settings, Strategy
-from segloop.data.files import IGNORE_INDEX
+from segloop.data.files import IGNORE_INDEX, Folders
 from segloop.data.replay import group_of, read_manifest
 from segloop.inference import pick_device
 from segloop.tracking import dir_md5
@@ -169,7 +169,7 @@ def update(
     parent: Path,
     new: Path | Sequence[Path],
     out: Path,
-    val: Path | Sequence[Path] | None = None,
+    val: Path | Sequence[Folders] | None = None,
     seen: Sequence[Path] = (),
     replay: Path | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
@@ -178,11 +178,12 @@ def update(
     """Update `parent` with the batch `new` (one folder, or several: the batch and earlier
     refused batches of its domain) using `continual.strategy`.
 
-    `val`: validation folder(s). With `continual.select: mean` the checkpoint kept is the
-    best on their mean mIoU; with `gate` the first folder is the new domain's and the
-    others are learnt domains', and the kept epoch is the best that passes the gate's
-    rules against the parent on them (`gate_score`); `continual.interpolate` then moves
-    the kept weights towards the parent's as far as those rules need (`interpolate_with_parent`).
+    `val`: validation sets (each a folder, or a list of folders scored as one set). With
+    `continual.select: mean` the checkpoint kept is the best on their mean mIoU; with `gate`
+    the first set is the new domain's and the others are learnt domains', and the kept epoch
+    is the best that passes the gate's rules against the parent on them (`gate_score`);
+    `continual.interpolate` then moves the kept weights towards the parent's as far as those
+    rules need (`interpolate_with_parent`).
     `seen`: training folders of earlier batches (used by `joint` only);
     `replay`: the replay buffer folder (used by the replay strategies);
     `hooks`: passed to `train` (`on_epoch`, `init_label`).
@@ -191,7 +192,7 @@ def update(
     c = settings.continual
     if c.select == "mean":
         return _run(settings, parent, new, out, val, seen, replay, log, hooks, **STRATEGIES[c.strategy])
-    vals = [new[0]] if val is None else [Path(val)] if isinstance(val, (str, Path)) else [Path(v) for v in val]
+    vals = [new[0]] if val is None else [Path(val)] if isinstance(val, (str, Path)) else list(val)
     base = parent_scores(settings, parent, vals)
     log(f"parent val mIoU per folder: {' '.join(f'{m:.4f}' for m in base)} (gate-constrained selection)")
     rule = partial(gate_score, parent=base, gate=settings.registry.gate, margin=c.select_margin)
@@ -203,7 +204,7 @@ def update(
     return result
 
 
-def parent_scores(settings: Settings, parent: Path, vals: Sequence[Path]) -> list[float]:
+def parent_scores(settings: Settings, parent: Path, vals: Sequence[Folders]) -> list[float]:
     """The parent's mIoU on each validation folder: what the gate will compare against."""
     from segloop.evaluate import miou_on
 
@@ -237,7 +238,7 @@ def interpolate_with_parent(
     settings: Settings,
     parent: Path,
     best: Path,
-    vals: Sequence[Path],
+    vals: Sequence[Folders],
     rule: Callable[[list[float]], float],
     log: Callable[[str], None],
 ) -> float:

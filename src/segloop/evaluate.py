@@ -18,7 +18,7 @@ from tqdm import tqdm
 from segloop.checkpoint import load_checkpoint, model_from_checkpoint
 from segloop.config import EvalSettings, Settings, save_settings
 from segloop.data.dataset import to_tensor
-from segloop.data.files import Sample, list_samples, read_image, read_mask
+from segloop.data.files import Folders, Sample, folders, list_samples, read_image, read_mask, samples_of
 from segloop.inference import Backend, OnnxBackend, pick_device, predict_logits
 from segloop.metrics import confusion_matrix, nanmean, per_class_iou, summarize
 from segloop.plots import palette, save_confusion, save_overlay
@@ -57,17 +57,16 @@ def confusion_over(
     return cm
 
 
-def miou_on(model: Backend, data_dir: Path, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
-    """(mIoU, per-class IoU) of `model` on the labelled folder `data_dir`, with settings' classes and eval."""
-    cm = confusion_over(
-        model, list_samples(data_dir), settings.data.channels, settings.num_classes, settings.eval, device
-    )
+def miou_on(model: Backend, data: Folders, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
+    """(mIoU, per-class IoU) of `model` on the labelled folder(s) `data`, with settings' classes and eval."""
+    cm = confusion_over(model, samples_of(data), settings.data.channels, settings.num_classes, settings.eval, device)
     iou = per_class_iou(cm)
     return nanmean(iou), iou.tolist()
 
 
-def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings, label: str | None = None) -> dict:
-    """Write metrics.json, confusion.png and overlays for `model_path` on `data_dir`.
+def evaluate(model_path: Path, data: Folders, out_dir: Path, cfg: EvalSettings, label: str | None = None) -> dict:
+    """Write metrics.json, confusion.png and overlays for `model_path` on `data` (a folder, or
+    several scored as one set).
 
     `label` names the model in metrics.json (e.g. the `models:/` ref it was resolved from).
     """
@@ -82,11 +81,12 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, cfg: EvalSettings,
         if i < cfg.n_overlays:
             save_overlay(out_dir / f"overlay_{i:02d}.png", image, truth, pred, len(classes), classes)
 
-    samples = list_samples(data_dir)
+    samples = samples_of(data)
     cm = confusion_over(model, samples, ckpt["channels"], len(classes), cfg, device, progress=True, on_image=overlay)
     metrics = summarize(cm, classes, len(samples))
     metrics["model"] = label or str(model_path)
-    metrics["data"] = str(data_dir)
+    paths = [str(f) for f in folders(data)]
+    metrics["data"] = paths[0] if len(paths) == 1 else paths
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     np.savetxt(out_dir / "confusion.csv", cm.numpy(), fmt="%d", delimiter=",", header=",".join(classes))
     save_confusion(out_dir / "confusion.png", cm.numpy(), classes)

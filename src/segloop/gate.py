@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from segloop.config import GateSettings, Settings
+from segloop.data.files import Folders, folders
 from segloop.registry import (
     CHAMPION,
     DECISION_FILE,
@@ -182,6 +183,14 @@ def refuse_unservable(
     }
 
 
+def _described(data: Folders) -> dict:
+    """A held-out set in the decision: its folder(s) and their DVC md5(s)."""
+    paths = folders(data)
+    if len(paths) == 1:
+        return {"path": str(paths[0]), "md5": dir_md5(paths[0])}
+    return {"path": [str(p) for p in paths], "md5": [dir_md5(p) for p in paths]}
+
+
 class AlreadyChampion(ValueError):
     """The candidate holds the champion alias already (e.g. a re-run with nothing new)."""
 
@@ -211,7 +220,7 @@ def _promoted_by_gate(client, store: Store, candidate) -> dict | None:
 def gate(
     settings: Settings,
     candidate_version: str,
-    data: Mapping[str, Path],
+    data: Mapping[str, Folders],
     target: str,
     out_dir: Path,
     log: Callable[[str], None] = print,
@@ -224,12 +233,13 @@ def gate(
     set): a candidate that cannot be loaded on serve.backend or answer is refused without
     being evaluated; its latency there is held to registry.gate.max_latency_ratio x the champion's.
     `learnt`: the domains the champion has learnt, the only ones protected from forgetting
-    (None: all of them; see `decide`).
+    (None: all of them; see `decide`). `data`: each domain's held-out set, one folder or
+    several scored as one set.
 
     Writes `out_dir/promotion_decision.json` and per-model, per-domain reports; logs them
     to the candidate's run; moves `champion` only after all of that is logged.
     """
-    from segloop.data.files import list_samples
+    from segloop.data.files import samples_of
     from segloop.evaluate import evaluate
     from segloop.serve import servability
 
@@ -254,7 +264,7 @@ def gate(
         models["champion"] = client.get_model_version(name, champion_version)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {role: download_checkpoint(client, store, mv) for role, mv in models.items()}
-    sample = list_samples(Path(data[target]), require_masks=False)[0].image
+    sample = samples_of(data[target], require_masks=False)[0].image
     served = servability(
         settings,
         (paths["candidate"], candidate),
@@ -270,7 +280,7 @@ def gate(
         scores[role] = {}
         for domain, folder in data.items():
             m = evaluate(
-                paths[role], Path(folder), out_dir / role / domain, settings.eval, label=f"models:/{name}/{mv.version}"
+                paths[role], folder, out_dir / role / domain, settings.eval, label=f"models:/{name}/{mv.version}"
             )
             scores[role][domain] = m["miou"]
             log(f"{role} v{mv.version} {domain}: mIoU {m['miou']:.4f}")
@@ -287,7 +297,7 @@ def gate(
         "champion_version": champion_version,
         "target": target,
         "time": _now(),
-        "data": {d: {"path": str(p), "md5": dir_md5(Path(p))} for d, p in data.items()},
+        "data": {d: _described(f) for d, f in data.items()},
         **{k: v for k, v in decision.items() if k not in ("promoted", "reasons", "metrics")},
     }
     decision_path = out_dir / DECISION_FILE

@@ -794,13 +794,15 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
     train, val, out = ws.split(b, "train"), ws.split(b, "val"), ws.root / "models" / b
     shared = settings.flows.dvc_remote is not None  # a run another host pushed is pulled, not redone
     pooled = [ws.root / p for p in state.pool.get(domain, [])] if champ is not None else []
+    # An update validates the new domain on this batch's split and its earlier batches' (one set).
+    extra = [v for v in validation_set(ws, state, domain) if v != val] if champ is not None else []
     # The loop's stages are the ones that register into the loop's model (ad-hoc runs register nowhere).
     q = shlex.quote  # a stage's command runs through a shell: every path and name quoted
     params = ws.step_params(b)
     data = (
         "".join(f"--data {q(ws.rel(x))} " for x in [train, *pooled])
-        + f"--val {q(ws.rel(val))} --out {q(ws.rel(out))} --domain {q(domain)} --register "
-        f"{q(settings.registry.model_name)}"
+        + f"--val {q(os.pathsep.join(ws.rel(v) for v in [val, *extra]))} --out {q(ws.rel(out))} "
+        f"--domain {q(domain)} --register {q(settings.registry.model_name)}"
     )
     if champ is None:
         run_stage(
@@ -821,17 +823,27 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
     replay = ws.root / state.replay if state.replay else None
     joint = settings.continual.strategy == "joint"  # the only strategy that retrains on earlier batches
     seen = [ws.root / p for p in state.trained_domains.values()] if joint else []
-    # The new batch's validation split first, then every learnt domain's: the update keeps
-    # the epoch that passes the gate's rules on them (continual.select), not one that
-    # forgot the old domains for the new one.
-    old_vals = [ws.root / Path(p).parent / "val" for d, p in state.trained_domains.items() if d != domain]
+    # The new domain's validation set first, then every domain the gate protects (each pooled
+    # over its batches): the update keeps the epoch that passes the gate's rules on them
+    # (continual.select), not one that forgot the old domains for the new one.
+    protected = learnt_domains(state) or state.heldout
+    old_vals = [v for d in protected if d != domain and (v := validation_set(ws, state, d))]
     cmd = (
         f"segloop update --params {q(ws.rel(params))} --parent {q(ws.rel(parent))} {data}"
-        + "".join(f" --val {q(ws.rel(v))}" for v in old_vals)
+        + "".join(f" --val {q(os.pathsep.join(ws.rel(f) for f in v))}" for v in old_vals)
         + (f" --replay {q(ws.rel(replay))}" if replay else "")
         + "".join(f" --seen {q(ws.rel(x))}" for x in seen)
     )
-    deps = [parent, train, *pooled, val, *old_vals, *([replay] if replay else []), *seen]
+    deps = [
+        parent,
+        train,
+        *pooled,
+        val,
+        *extra,
+        *(f for v in old_vals for f in v),
+        *([replay] if replay else []),
+        *seen,
+    ]
     run_stage(ws, f"update-{b}", cmd, deps, [out], STAGE_PARAMS, params, pull=shared)
     push_run_cache(ws, settings)
     version = registered_version(ws, settings, out, {"segloop.batch": b, "segloop.parent_version": champ[0]})
@@ -871,12 +883,23 @@ def _parent_checkpoint(ws: Workspace, state: LoopState, champ: tuple[str, Path])
     return out
 
 
-def held_out_sets(ws: Workspace, batch: BatchInfo) -> dict[str, Path]:
-    """Every domain's held-out set so far, plus this batch's test split for a new domain."""
-    state = read_state(ws)
-    sets = {d: ws.root / p for d, p in state.heldout.items()}
-    sets.setdefault(batch.domain, ws.split(batch.batch, "test"))
+def held_out_sets(ws: Workspace, batch: BatchInfo) -> dict[str, list[Path]]:
+    """Every domain's held-out set so far (LoopState.heldout), this batch's test split
+    pooled into its domain's."""
+    sets = {d: [ws.root / p for p in tests] for d, tests in read_state(ws).heldout.items()}
+    mine = sets.setdefault(batch.domain, [])
+    if ws.split(batch.batch, "test") not in mine:
+        mine.append(ws.split(batch.batch, "test"))
     return sets
+
+
+def validation_set(ws: Workspace, state: LoopState, domain: str) -> list[Path]:
+    """A domain's validation set: the validation splits of the batches of its held-out set
+    (empty ones, from batches too small to give one, left out)."""
+    from segloop.data.files import IMAGES
+
+    vals = [ws.root / Path(p).parent / "val" for p in state.heldout.get(domain, [])]
+    return [v for v in vals if any((v / IMAGES).iterdir())]
 
 
 def learnt_domains(state: LoopState) -> list[str] | None:
@@ -903,13 +926,16 @@ def gate_candidate(ws: Workspace, batch: BatchInfo, version: str, settings: Sett
 
 
 def champion_scores(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settings: Settings) -> dict[str, float]:
-    """The champion's mIoU on every held-out set (cached in state.json per version)."""
+    """The champion's mIoU on every held-out set (cached in state.json per version; not for
+    the batch's domain when its split joins that domain's set now)."""
     from segloop.evaluate import evaluate
 
-    cached = read_state(ws).scores.get(champ[0], {})
+    state = read_state(ws)
+    cached = state.scores.get(champ[0], {})
+    grown = ws.rel(ws.split(batch.batch, "test")) not in state.heldout.get(batch.domain, [])
     out = {}
     for domain, folder in held_out_sets(ws, batch).items():
-        if domain not in cached:
+        if domain not in cached or (grown and domain == batch.domain):
             cached[domain] = evaluate(
                 champ[1], folder, ws.root / "steps" / batch.batch / "eval" / domain, settings.eval
             )["miou"]
@@ -951,9 +977,14 @@ def fold_step(
     learnt (its pool is now in the champion) and marks weak every learnt domain under
     `learnt_ratio` of the best one's held-out mIoU; a refusal (or a covered batch, not trained
     on) keeps the batch's training split in its domain's pool for the next update of that
-    domain. Every step re-marks covered the untrained domains the champion reaches that bar on."""
+    domain. Every step re-marks covered the untrained domains the champion reaches that bar on.
+    The batch's test split joins its domain's held-out set (scores on the smaller set dropped)."""
     b, domain, train = record.batch, record.domain, ws.rel(ws.split(record.batch, "train"))
-    state.heldout.setdefault(domain, ws.rel(ws.split(b, "test")))
+    tests = state.heldout.setdefault(domain, [])
+    if ws.rel(ws.split(b, "test")) not in tests:
+        for scores_of_version in state.scores.values():
+            scores_of_version.pop(domain, None)
+        tests.append(ws.rel(ws.split(b, "test")))
     if record.promoted:
         state.trained_domains.setdefault(domain, train)
         state.champion_batch, state.replay = b, replay

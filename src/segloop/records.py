@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# 3: state.heldout lists every test split of a domain (2 and earlier: the first one's path).
 # 2: step records of unlabelled batches (status, labelled, label_request, labels); 1 and 0
 # (written before records were typed) have the same keys, fewer of them.
-SCHEMA = 2
+SCHEMA = 3
 STATUSES = ("done", "awaiting-labels", "labelled")  # StepRecord.status
 
 
@@ -61,7 +62,10 @@ class LoopState:
     `covered`: domains never trained on where the champion's held-out mIoU already reaches
     that bar (it generalises there): protected by the gate like learnt ones, and not
     trained on without drift.
-    `heldout`: every domain's held-out set, learnt or not.
+    `heldout`: every domain's held-out set, learnt or not: the test splits of each of its
+    labelled batches so far, scored as one set (their validation splits are the domain's
+    validation set). One batch's 19 test images decide a 2-point rule with about a point
+    of noise (docs/loop_stream.md); every batch of the domain adds its split.
     `pool`: labelled training splits of batches whose update was refused (or that drifted
     but were not trained on, the champion keeping its quality on them), per domain;
     the next update on that domain trains on them too, so no labelled data is wasted.
@@ -73,10 +77,13 @@ class LoopState:
     trained_domains: dict[str, str] = field(default_factory=dict)
     weak: list[str] = field(default_factory=list)
     covered: list[str] = field(default_factory=list)
-    heldout: dict[str, str] = field(default_factory=dict)
+    heldout: dict[str, list[str]] = field(default_factory=dict)
     replay: str | None = None
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     pool: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # schema <= 2 kept one test split per domain
+        self.heldout = {d: [p] if isinstance(p, str) else list(p) for d, p in self.heldout.items()}
 
     @classmethod
     def read(cls, path: Path) -> LoopState:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from segloop.config import Settings
+from segloop.data.files import Folders, folders
 from segloop.train import TrainResult
 
 REGISTERED = "registered.json"  # beside the checkpoint: which registered version it became
@@ -97,7 +98,7 @@ def update_step(
     parent: str,
     data: Path | Sequence[Path],
     out: Path,
-    val: Path | Sequence[Path] | None = None,
+    val: Path | Sequence[Folders] | None = None,
     seen: Sequence[Path] = (),
     replay: Path | None = None,
     domain: str | None = None,
@@ -119,7 +120,9 @@ def update_step(
     datas = [data] if isinstance(data, (str, Path)) else list(data)
     inputs = {
         **{f"train{i}" if i else "train": d for i, d in enumerate(datas)},
-        **{f"val{i}" if i else "val": v for i, v in enumerate(vals)},
+        **{  # a pooled set's folders: val<i>.<j>
+            f"val{i or ''}" + (f".{j}" if j else ""): f for i, v in enumerate(vals) for j, f in enumerate(folders(v))
+        },
         **({"replay": replay} if replay else {}),
     }
     with tracked_run(settings, "update", inputs, run_tags, run_name=f"update:{out.name}") as run:

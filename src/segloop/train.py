@@ -40,7 +40,7 @@ from segloop.checkpoint import load_checkpoint, save_checkpoint
 from segloop.class_incremental import grow_head
 from segloop.config import Settings, TrainSettings, save_settings
 from segloop.data.dataset import SegmentationDataset, train_transform
-from segloop.data.files import IGNORE_INDEX
+from segloop.data.files import IGNORE_INDEX, Folders
 from segloop.data.loader import SEED_STRIDE, EpochBatches, sized, training_loader
 from segloop.data.replay import MixedBatchSampler
 from segloop.distributed import any_rank, device_for, from_primary, mean_over_ranks, process_group, world_from_env
@@ -130,7 +130,7 @@ class TrainJob:
 
     data_dirs: list[Path]
     out_dir: Path
-    val_dirs: list[Path]
+    val_dirs: list[Folders]  # validation sets: a folder, or several pooled into one set
     init: Path | None = None
     resume: bool = False
     log: Callable[[str], None] = print
@@ -153,15 +153,15 @@ def train(
     settings: Settings,
     data_dir: Path | Sequence[Path],
     out_dir: Path,
-    val_dir: Path | Sequence[Path] | None = None,
+    val_dir: Path | Sequence[Folders] | None = None,
     init: Path | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     **options,
 ) -> TrainResult:
     """Train on `data_dir` (several folders are concatenated), validate on `val_dir`
-    (the first training folder when None; several folders: the mean of their mIoUs,
-    e.g. every domain seen so far), write `out_dir`.
+    (the first training folder when None; several sets: the mean of their mIoUs, e.g. every
+    domain seen so far; a set given as a list of folders is scored as one), write `out_dir`.
 
     Settings left null (crop, batch, epoch length, normalisation, augmentation) come from the
     recipe of the first training folder (segloop.plan; an epoch is one pass over all of
@@ -183,7 +183,7 @@ def train(
     """
     data_dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
     val = data_dirs[0] if val_dir is None else val_dir
-    val_dirs = [Path(val)] if isinstance(val, (str, Path)) else [Path(d) for d in val]
+    val_dirs: list[Folders] = [Path(val)] if isinstance(val, (str, Path)) else list(val)
     world = world_from_env()
     job = TrainJob(data_dirs, out_dir, val_dirs, init, resume, log if world.primary else _silent, **options)
     if not world.primary:
@@ -474,9 +474,9 @@ def _train(settings: Settings, job: TrainJob, rank: int, world: int, device: tor
 
 
 def _validate(
-    model: nn.Module, val_dirs: list[Path], settings: Settings, device: torch.device
+    model: nn.Module, val_dirs: list[Folders], settings: Settings, device: torch.device
 ) -> tuple[list[float], list[float]]:
-    """(mIoU of each folder, per-class IoU averaged over the folders, each folder weighing the same)."""
+    """(mIoU of each set, per-class IoU averaged over the sets, each set weighing the same)."""
     scores = [miou_on(model, d, settings, device) for d in val_dirs]
     per_class = torch.tensor([iou for _, iou in scores], dtype=torch.float64).nanmean(0)
     return [m for m, _ in scores], per_class.tolist()

@@ -7,6 +7,7 @@ that only handle files (generate, validate, split) start without importing torch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,9 @@ IMAGES, MASKS = "images", "masks"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MASK_SUFFIXES = {".png"}
 IGNORE_INDEX = 255
+# A labelled set: one folder, or several pooled into one (the loop's held-out set of a
+# domain: the test splits of every batch of it so far).
+Folders = Path | Sequence[Path]
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,16 @@ class Sample:
         if self.mask is None:
             raise FileNotFoundError(f"{self.image}: no mask")
         return self.mask
+
+
+def folders(data: Folders) -> list[Path]:
+    """A set's folders, as a list."""
+    return [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]
+
+
+def samples_of(data: Folders, require_masks: bool = True) -> list[Sample]:
+    """`list_samples` of every folder of a set, in order (a pooled set is their union)."""
+    return [s for root in folders(data) for s in list_samples(root, require_masks)]
 
 
 def list_samples(root: Path, require_masks: bool = True) -> list[Sample]:
