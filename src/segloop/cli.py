@@ -261,15 +261,15 @@ def cmd_replay_update(args: argparse.Namespace) -> int:
     return 0
 
 
-def _domain_dirs(pairs: list[str]) -> dict[str, Path]:
-    out = {}
+def _domain_dirs(pairs: list[str]) -> dict[str, Path | list[Path]]:
+    out: dict[str, Path | list[Path]] = {}
     for pair in pairs:
         domain, sep, folder = pair.partition("=")
         if not sep or not domain or not folder:
             raise ValueError(f"--data {pair!r}: expected DOMAIN=FOLDER")
         if domain in out:
             raise ValueError(f"--data: domain {domain!r} given twice")
-        out[domain] = Path(folder)
+        out[domain] = _pooled(Path(folder))
     return out
 
 
@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="DOMAIN=FOLDER",
-        help="held-out set of one domain (repeat for every domain seen so far)",
+        help="held-out set of one domain (repeat for every domain seen so far); folders joined with "
+        f"{os.pathsep!r} are scored as one set",
     )
     p.add_argument("--target", required=True, metavar="DOMAIN", help="the new domain the candidate must improve")
     p.add_argument("--out", type=Path, required=True, help="folder for reports and promotion_decision.json")
