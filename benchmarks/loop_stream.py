@@ -21,6 +21,7 @@ cost is counted as images processed (TrainResult.images_seen, replayed ones incl
 Seeds run one after another; with --resume a seed whose result.json exists under --work
 (same settings and stream) is reused, so seeds can run in separate processes and a last
 call with all of them writes the report: reports/bench/loop_stream.json and loop_stream.png.
+--resume without --no-joint on a seed run with --no-joint adds joint to that seed's loop.
 """
 
 from __future__ import annotations
@@ -168,36 +169,38 @@ def run_seed(
             }
         )
         log(f"seed {seed} {rec.batch}: {rec.summary}  [{time.monotonic() - t0:.0f}s]")
-    loop_s = time.monotonic() - started
-    if not joint:  # a lever comparison: the loop's own figures only
-        return {
-            "seed": seed,
-            "steps": steps,
-            "final_audit": champion_audit,
-            "joint_audit": None,
-            "joint_images": None,
-            "loop_images": sum(s["images_seen"] or 0 for s in steps),
-            "loop_s": round(loop_s, 1),
-            "joint_s": None,
-            "audit_dirs": {d: str(p) for d, p in audit.items()},
-        }
-    # Joint: from scratch on every training split the loop saw, validated on all their val splits.
-    trains = [ws.split(s["batch"], "train") for s in steps]
-    vals = [ws.split(s["batch"], "val") for s in steps]
-    t0 = time.monotonic()
-    joint = train(settings, trains, root / "joint", vals, log=lambda _: None)
-    joint_audit = audit_scores(root / "joint" / "best.pt", audit, settings)
-    log(f"seed {seed} joint: {joint.images_seen} images, audit {joint_audit}  [{time.monotonic() - t0:.0f}s]")
-    return {
+    result = {
         "seed": seed,
         "steps": steps,
         "final_audit": champion_audit,
+        "joint_audit": None,
+        "joint_images": None,
+        "loop_images": sum(s["images_seen"] or 0 for s in steps),
+        "loop_s": round(time.monotonic() - started, 1),
+        "joint_s": None,
+        "audit_dirs": {d: str(p) for d, p in audit.items()},
+    }
+    return add_joint(result, root, overrides, log) if joint else result  # no joint: a lever comparison
+
+
+def add_joint(result: dict, root: Path, overrides: list[str], log=print) -> dict:
+    """`result` (a seed's finished loop under `root`) with joint's figures: a model from scratch
+    on every training split the loop saw, validated on all their val splits."""
+    settings = seed_settings(root, result["seed"], overrides)
+    ws = loop.Workspace.of(settings)
+    trains = [ws.split(s["batch"], "train") for s in result["steps"]]
+    vals = [ws.split(s["batch"], "val") for s in result["steps"]]
+    audit = {d: Path(p) for d, p in result["audit_dirs"].items()}
+    shutil.rmtree(root / "joint", ignore_errors=True)
+    t0 = time.monotonic()
+    joint = train(settings, trains, root / "joint", vals, log=lambda _: None)
+    joint_audit = audit_scores(root / "joint" / "best.pt", audit, settings)
+    log(f"seed {result['seed']} joint: {joint.images_seen} images, audit {joint_audit}  [{time.monotonic() - t0:.0f}s]")
+    return {
+        **result,
         "joint_audit": joint_audit,
         "joint_images": joint.images_seen,
-        "loop_images": sum(s["images_seen"] or 0 for s in steps),
-        "loop_s": round(loop_s, 1),
         "joint_s": round(time.monotonic() - t0, 1),
-        "audit_dirs": {d: str(p) for d, p in audit.items()},
     }
 
 
@@ -443,7 +446,15 @@ def main() -> None:
     results = []
     for seed in seeds:
         cache = args.work / f"seed-{seed}.json"
-        finished = cache.is_file() and json.loads(cache.read_text())["key"] == json.loads(json.dumps(key))
+        cached_key = json.loads(cache.read_text())["key"] if cache.is_file() else None
+        finished = cached_key == json.loads(json.dumps(key))
+        if args.resume and not args.no_joint and cached_key == json.loads(json.dumps({**key, "joint": False})):
+            # a --no-joint run of the same stream and settings: its loop stands, joint is added
+            loop_only = json.loads(cache.read_text())["result"]
+            result = add_joint(loop_only, args.work / f"seed-{seed}", overrides, lambda line: print(line, flush=True))
+            cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
+            results.append(result)
+            continue
         if args.partial and not finished:
             result = partial_seed(args.work / f"seed-{seed}", seed, overrides, n_audit)
             if result is not None:
