@@ -33,7 +33,9 @@ from segloop.loop import BATCH_INFO, READY, Workspace
 
 # Lowlight and fog are shifts a champion trained as `make demo` trains it already half-knows
 # (small updates); noise is one it does not (docs/loop_stream.md: 0.5-0.6 mIoU before its update).
-STREAM = "base:240,base:96,lowlight:120,fog:120,noise:120,base:96"
+# A second noise batch: a refused first one (its update trades fog for noise) is retried with
+# both batches' data (its pool) and both batches' held-out splits.
+STREAM = "base:240,base:96,lowlight:120,fog:120,noise:120,base:96,noise:120"
 # Arrives after the stream, without masks: a domain the stream never showed.
 UNLABELLED = "colorshift:160"
 DEPLOYMENT = "segloop-demo"  # --pool: the demo's own deployment, next to the scheduled one
