@@ -30,6 +30,7 @@ import argparse
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -446,12 +447,12 @@ def main() -> None:
     results = []
     for seed in seeds:
         cache = args.work / f"seed-{seed}.json"
-        cached_key = json.loads(cache.read_text())["key"] if cache.is_file() else None
-        finished = cached_key == json.loads(json.dumps(key))
-        if args.resume and not args.no_joint and cached_key == json.loads(json.dumps({**key, "joint": False})):
+        cached = json.loads(cache.read_text()) if cache.is_file() else {"key": None}
+        finished = cached["key"] == json.loads(json.dumps(key))
+        if args.resume and not args.no_joint and cached["key"] == json.loads(json.dumps({**key, "joint": False})):
             # a --no-joint run of the same stream and settings: its loop stands, joint is added
-            loop_only = json.loads(cache.read_text())["result"]
-            result = add_joint(loop_only, args.work / f"seed-{seed}", overrides, lambda line: print(line, flush=True))
+            say = partial(print, flush=True)
+            result = add_joint(cached["result"], args.work / f"seed-{seed}", overrides, say)
             cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
             results.append(result)
             continue
@@ -460,12 +461,8 @@ def main() -> None:
             if result is not None:
                 results.append(result)
             continue
-        if (
-            (args.resume or args.partial)
-            and cache.is_file()
-            and json.loads(cache.read_text())["key"] == json.loads(json.dumps(key))
-        ):
-            results.append(json.loads(cache.read_text())["result"])
+        if (args.resume or args.partial) and finished:
+            results.append(cached["result"])
             print(f"seed {seed}: reused {cache}", flush=True)
             continue
         result = run_seed(

@@ -794,8 +794,9 @@ def train_model(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path] | None,
     train, val, out = ws.split(b, "train"), ws.split(b, "val"), ws.root / "models" / b
     shared = settings.flows.dvc_remote is not None  # a run another host pushed is pulled, not redone
     pooled = [ws.root / p for p in state.pool.get(domain, [])] if champ is not None else []
-    # An update validates the new domain on this batch's split and its earlier batches' (one set).
-    extra = [v for v in validation_set(ws, state, domain) if v != val] if champ is not None else []
+    # An update validates the new domain on this batch's split and its earlier batches' (one set;
+    # state.heldout holds this batch only from its fold on). `segloop train` takes one folder.
+    extra = validation_set(ws, state, domain) if champ is not None else []
     # The loop's stages are the ones that register into the loop's model (ad-hoc runs register nowhere).
     q = shlex.quote  # a stage's command runs through a shell: every path and name quoted
     params = ws.step_params(b)
@@ -883,14 +884,17 @@ def _parent_checkpoint(ws: Workspace, state: LoopState, champ: tuple[str, Path])
     return out
 
 
-def held_out_sets(ws: Workspace, batch: BatchInfo) -> dict[str, list[Path]]:
-    """Every domain's held-out set so far (LoopState.heldout), this batch's test split
-    pooled into its domain's."""
-    sets = {d: [ws.root / p for p in tests] for d, tests in read_state(ws).heldout.items()}
-    mine = sets.setdefault(batch.domain, [])
-    if ws.split(batch.batch, "test") not in mine:
-        mine.append(ws.split(batch.batch, "test"))
-    return sets
+def state_with_batch(ws: Workspace, batch: BatchInfo) -> LoopState:
+    """state.json as the step sees it before its fold: the batch's test split already in its
+    domain's held-out set (LoopState.add_heldout; `fold_step` writes it)."""
+    state = read_state(ws)
+    state.add_heldout(batch.domain, ws.rel(ws.split(batch.batch, "test")))
+    return state
+
+
+def held_out_sets(ws: Workspace, state: LoopState) -> dict[str, list[Path]]:
+    """Every domain's held-out set (LoopState.heldout), as folders."""
+    return {d: [ws.root / p for p in tests] for d, tests in state.heldout.items()}
 
 
 def validation_set(ws: Workspace, state: LoopState, domain: str) -> list[Path]:
@@ -913,8 +917,8 @@ def gate_candidate(ws: Workspace, batch: BatchInfo, version: str, settings: Sett
     from segloop.gate import gate
 
     out = ws.root / "steps" / batch.batch / "gate"
-    learnt = learnt_domains(read_state(ws))
-    d = gate(settings, version, held_out_sets(ws, batch), batch.domain, out, learnt=learnt)
+    state = state_with_batch(ws, batch)
+    d = gate(settings, version, held_out_sets(ws, state), batch.domain, out, learnt=learnt_domains(state))
     return {
         "promoted": d["promoted"],
         "reasons": d["reasons"],
@@ -926,16 +930,15 @@ def gate_candidate(ws: Workspace, batch: BatchInfo, version: str, settings: Sett
 
 
 def champion_scores(ws: Workspace, batch: BatchInfo, champ: tuple[str, Path], settings: Settings) -> dict[str, float]:
-    """The champion's mIoU on every held-out set (cached in state.json per version; not for
-    the batch's domain when its split joins that domain's set now)."""
+    """The champion's mIoU on every held-out set (cached in state.json per version, for the
+    sets as they were: a set this batch grows is scored again)."""
     from segloop.evaluate import evaluate
 
-    state = read_state(ws)
+    state = state_with_batch(ws, batch)
     cached = state.scores.get(champ[0], {})
-    grown = ws.rel(ws.split(batch.batch, "test")) not in state.heldout.get(batch.domain, [])
     out = {}
-    for domain, folder in held_out_sets(ws, batch).items():
-        if domain not in cached or (grown and domain == batch.domain):
+    for domain, folder in held_out_sets(ws, state).items():
+        if domain not in cached:
             cached[domain] = evaluate(
                 champ[1], folder, ws.root / "steps" / batch.batch / "eval" / domain, settings.eval
             )["miou"]
@@ -978,13 +981,9 @@ def fold_step(
     `learnt_ratio` of the best one's held-out mIoU; a refusal (or a covered batch, not trained
     on) keeps the batch's training split in its domain's pool for the next update of that
     domain. Every step re-marks covered the untrained domains the champion reaches that bar on.
-    The batch's test split joins its domain's held-out set (scores on the smaller set dropped)."""
+    The batch's test split joins its domain's held-out set (LoopState.add_heldout)."""
     b, domain, train = record.batch, record.domain, ws.rel(ws.split(record.batch, "train"))
-    tests = state.heldout.setdefault(domain, [])
-    if ws.rel(ws.split(b, "test")) not in tests:
-        for scores_of_version in state.scores.values():
-            scores_of_version.pop(domain, None)
-        tests.append(ws.rel(ws.split(b, "test")))
+    state.add_heldout(domain, ws.rel(ws.split(b, "test")))
     if record.promoted:
         state.trained_domains.setdefault(domain, train)
         state.champion_batch, state.replay = b, replay

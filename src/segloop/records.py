@@ -85,6 +85,15 @@ class LoopState:
     def __post_init__(self) -> None:  # schema <= 2 kept one test split per domain
         self.heldout = {d: [p] if isinstance(p, str) else list(p) for d, p in self.heldout.items()}
 
+    def add_heldout(self, domain: str, test: str) -> None:
+        """A batch's test split joins its domain's held-out set; the domain's cached scores,
+        made on the smaller set, are dropped (a repeated call changes nothing)."""
+        tests = self.heldout.setdefault(domain, [])
+        if test not in tests:
+            tests.append(test)
+            for scores in self.scores.values():
+                scores.pop(domain, None)
+
     @classmethod
     def read(cls, path: Path) -> LoopState:
         return _load(cls, path, json.loads(path.read_text()))
