@@ -445,13 +445,14 @@ def main() -> None:
     n_audit = 16 if args.quick else args.audit_images
     key = {"overrides": overrides, "stream": stream, "audit_images": n_audit, "joint": not args.no_joint}
     results = []
+    say = partial(print, flush=True)
+    want = json.loads(json.dumps(key))  # as a cache file holds it (tuples become lists)
     for seed in seeds:
         cache = args.work / f"seed-{seed}.json"
         cached = json.loads(cache.read_text()) if cache.is_file() else {"key": None}
-        finished = cached["key"] == json.loads(json.dumps(key))
-        if args.resume and not args.no_joint and cached["key"] == json.loads(json.dumps({**key, "joint": False})):
+        finished = cached["key"] == want
+        if args.resume and not args.no_joint and cached["key"] == {**want, "joint": False}:
             # a --no-joint run of the same stream and settings: its loop stands, joint is added
-            say = partial(print, flush=True)
             result = add_joint(cached["result"], args.work / f"seed-{seed}", overrides, say)
             cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
             results.append(result)
@@ -463,7 +464,7 @@ def main() -> None:
             continue
         if (args.resume or args.partial) and finished:
             results.append(cached["result"])
-            print(f"seed {seed}: reused {cache}", flush=True)
+            say(f"seed {seed}: reused {cache}")
             continue
         result = run_seed(
             seed,
@@ -471,7 +472,7 @@ def main() -> None:
             args.work / f"seed-{seed}",
             overrides,
             n_audit,
-            lambda line: print(line, flush=True),
+            say,
             joint=not args.no_joint,
         )
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -49,3 +49,11 @@ def test_the_audit_sets_never_reach_the_gate(tmp_path):
     assert result["final_audit"] is not None and set(result["final_audit"]) == {"base", "fog"}
     metrics = bench.seed_metrics(result)
     assert [x["domain"] for x in metrics["shifted"]] == ["fog"] and metrics["loop_images"] > 0
+    # joint added afterwards (--resume without --no-joint): the loop's figures stand, joint is
+    # trained from scratch on the loop's workspace and scored on the same audit sets
+    joined = bench.add_joint(result, tmp_path / "seed", overrides, log=lambda _: None)
+    assert {k: joined[k] for k in result if not k.startswith("joint")} == {
+        k: v for k, v in result.items() if not k.startswith("joint")
+    }
+    assert set(joined["joint_audit"]) == {"base", "fog"} and joined["joint_images"] > 0
+    assert (tmp_path / "seed" / "joint" / "best.pt").is_file()
