@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from functools import partial
@@ -43,6 +44,7 @@ from segloop.config import apply_override, settings_from_dict
 from segloop.data.synthetic import generate, parse_stream
 from segloop.evaluate import miou_on
 from segloop.inference import pick_device
+from segloop.plan import MIN_ITERS, count_images
 from segloop.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +129,14 @@ def audit_scores(checkpoint: Path, audit: dict[str, Path], settings) -> dict[str
     return {d: round(miou_on(model, folder, settings, device)[0], 4) for d, folder in audit.items()}
 
 
+def from_scratch_images(n_train: int, settings) -> int:
+    """Training images a model trained from scratch on `n_train` images processes: train.epochs
+    epochs of one pass over them, at least the plan's MIN_ITERS steps (segloop.plan), of
+    train.batch_size (what joint's `images_seen` counts)."""
+    bs = settings.train.batch_size
+    return settings.train.epochs * max(MIN_ITERS, math.ceil(n_train / bs)) * bs
+
+
 def run_seed(
     seed: int,
     stream: list[tuple[str, int]],
@@ -143,6 +153,9 @@ def run_seed(
     domains = list(dict.fromkeys(d for d, _ in stream))
     audit = make_audit(root / "audit", domains, n_audit, seed, size)
     steps, champion_audit, started = [], None, time.monotonic()
+    # The loop's alternative without continual learning: joint from scratch on every training
+    # split so far, each time the loop trains (bootstrap included).
+    n_train = retrain_images = 0
     for i, (domain, n) in enumerate(stream):
         folder = ws.incoming / f"{i:02d}-{domain}"
         tmp = folder.with_name(f".{folder.name}.tmp")
@@ -151,6 +164,10 @@ def run_seed(
         tmp.rename(folder)
         t0 = time.monotonic()
         rec = loop.process_batch(ws, folder, settings)
+        if ws.split(rec.batch, "train").is_dir():
+            n_train += count_images(ws.split(rec.batch, "train"))
+        if rec.images_seen:
+            retrain_images += from_scratch_images(n_train, settings)
         before_audit, candidate_audit = champion_audit, None
         if rec.updated:
             candidate_audit = audit_scores(ws.root / "models" / rec.batch / "best.pt", audit, settings)
@@ -175,7 +192,9 @@ def run_seed(
         "steps": steps,
         "final_audit": champion_audit,
         "joint_audit": None,
-        "joint_images": None,
+        "joint_images": from_scratch_images(n_train, settings),  # computed; add_joint puts joint's own
+        "joint_images_computed": True,
+        "retrain_images": retrain_images,
         "loop_images": sum(s["images_seen"] or 0 for s in steps),
         "loop_s": round(time.monotonic() - started, 1),
         "joint_s": None,
@@ -201,6 +220,7 @@ def add_joint(result: dict, root: Path, overrides: list[str], log=print) -> dict
         **result,
         "joint_audit": joint_audit,
         "joint_images": joint.images_seen,
+        "joint_images_computed": False,
         "joint_s": round(time.monotonic() - t0, 1),
     }
 
@@ -232,16 +252,14 @@ def partial_seed(root: Path, seed: int, overrides: list[str], n_audit: int) -> d
                 "seconds": None,
             }
         )
-    # What joint would process on these batches (train.epochs passes over whole batches of their
-    # training splits: the loader drops the last partial batch); computed, not trained.
-    n_train = sum(len(list((ws.split(s["batch"], "train") / "images").iterdir())) for s in steps)
-    bs = settings.train.batch_size
+    # What joint would process on these batches; computed, not trained.
+    n_train = sum(count_images(ws.split(s["batch"], "train")) for s in steps)
     return {
         "seed": seed,
         "steps": steps,
         "final_audit": champion_audit,
         "joint_audit": None,
-        "joint_images": settings.train.epochs * (n_train // bs) * bs,
+        "joint_images": from_scratch_images(n_train, settings),
         "joint_images_computed": True,
         "loop_images": sum(s["images_seen"] or 0 for s in steps),
         "loop_s": None,
@@ -322,6 +340,10 @@ def seed_metrics(result: dict) -> dict:
         "joint_audit_mean": None if result["joint_audit"] is None else round(joint_mean, 4),
         "mean_vs_joint": None if result["joint_audit"] is None else round(mean / joint_mean, 4),
         "images_vs_joint": round(result["loop_images"] / result["joint_images"], 4) if result["joint_images"] else None,
+        # against retraining joint from scratch at every update instead (the loop without continual learning)
+        "images_vs_retrain": round(result["loop_images"] / result["retrain_images"], 4)
+        if result.get("retrain_images")
+        else None,
         "loop_images": result["loop_images"],
         "gate_minus_audit_at_promotions": [round(g, 4) for g in gaps],
         "trained_shifted_batches": sum(x["updated"] for x in shifted),
@@ -337,6 +359,7 @@ def summarise(metrics: list[dict]) -> dict:
         "worst_audit_change_on_learnt",
         "mean_vs_joint",
         "images_vs_joint",
+        "images_vs_retrain",
         "final_audit_mean",
         "joint_audit_mean",
     ]
@@ -510,6 +533,7 @@ def main() -> None:
                 "joint_audit": r["joint_audit"],
                 "loop_images": r["loop_images"],
                 "joint_images": r["joint_images"],
+                "retrain_images": r.get("retrain_images"),
                 "loop_s": r["loop_s"],
                 "joint_s": r["joint_s"],
             }

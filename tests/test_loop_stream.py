@@ -56,4 +56,8 @@ def test_the_audit_sets_never_reach_the_gate(tmp_path):
         k: v for k, v in result.items() if not k.startswith("joint")
     }
     assert set(joined["joint_audit"]) == {"base", "fog"} and joined["joint_images"] > 0
+    # the images counted without training joint are what training counts: joint's, the bootstrap's
+    # (a model from scratch on the first batch), and their sum, retraining at each of the two updates
+    assert result["joint_images"] == joined["joint_images"]
+    assert result["retrain_images"] == result["steps"][0]["images_seen"] + joined["joint_images"]
     assert (tmp_path / "seed" / "joint" / "best.pt").is_file()
