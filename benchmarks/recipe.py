@@ -96,7 +96,7 @@ def plain_loop(
 
 
 def score(model, test_dir: Path, channels: int, classes: int) -> dict:
-    cm = confusion_over(model, list_samples(test_dir), channels, classes, EvalSettings(), torch.device("cpu")).sum(0)
+    cm = confusion_over(model, list_samples(test_dir), channels, classes, EvalSettings(), torch.device("cpu"))
     iou = per_class_iou(cm)
     return {"miou": round(nanmean(iou), 4), "per_class_iou": [round(float(v), 4) for v in iou]}
 

@@ -7,7 +7,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,7 +17,6 @@ from segloop.cli import main
 from segloop.config import GateSettings, settings_from_dict
 from segloop.data.synthetic import generate
 from segloop.evaluate import predict_folder
-from segloop.metrics import nanmean, per_class_iou
 from segloop.tracking import dir_md5, open_store, resolve_store
 
 NAME = "tiny"
@@ -271,21 +269,11 @@ def test_gate_history_manual_promotion_and_rollback(store, tmp_path, capsys):
     assert d["promoted"] is True and _champion(store) == "2"
 
     # 2. a candidate that is better on the target domain, forgetting nothing, is promoted
-    d = _gate(store, "1", tmp_path / "g2", "registry.gate.gain_confidence=0.95", data=("base",))
+    d = _gate(store, "1", tmp_path / "g2", data=("base",))
     base = d["metrics"]["base"]
     assert base["candidate"] >= base["champion"] + GateSettings().min_gain, "v1 (trained) should beat v2 (untrained)"
     assert d["promoted"] is True and _champion(store) == "1"
     assert any("base mIoU" in r and "registry.gate.min_gain" in r for r in d["reasons"])
-    # the paired bootstrap read both models' per-image counts on the same held-out images
-    counts = [
-        np.load(tmp_path / "g2" / role / "base" / "confusion_per_image.npy") for role in ("candidate", "champion")
-    ]
-    n = len(list((store["held_out"]["base"] / "images").iterdir()))
-    k = store["settings"].num_classes
-    assert counts[0].shape == counts[1].shape == (n, k, k) and counts[0].sum() == counts[1].sum()
-    check = d["checks"][0]
-    assert check["images"] == n and 0 < check["bound"] < base["candidate"] - base["champion"]
-    assert f"paired bootstrap over {n} images: gain >= {check['bound']:+.4f}" in d["reasons"][0]
     s = d["servability"]  # v1 vs champion v2: same architecture, same backend, so a ratio near 1
     assert d["reasons"][-1] == (
         f"PASS servability: loaded on onnx-fp32, answered in {s['candidate_ms']:.2f} ms vs champion "
@@ -415,39 +403,6 @@ def test_decide_applies_min_gain_and_max_forgetting(cand, champ, promoted, faili
         else "new/miou" in d["mlflow_validation"] or "old/miou" in d["mlflow_validation"]
     )
     assert d["metrics"]["new"]["delta"] == pytest.approx(cand["new"] - champ["new"])
-
-
-def _counts(errors) -> torch.Tensor:
-    """Per-image (N, 2, 2) counts: 50 pixels per class, `errors[i]` of class 1 called 0."""
-    return torch.stack([torch.tensor([[50, 0], [int(e), 50 - int(e)]]) for e in errors])
-
-
-def test_decide_passes_a_small_gain_only_when_the_images_agree_on_it():
-    """gain_confidence: under min_gain, a gain every image shows passes; the same size of gain
-    from images that disagree (as many worse as better) is noise and is refused."""
-    errors = torch.arange(30) % 11 + 5  # the images' difficulty, shared by both models
-    champion = _counts(errors)
-    consistent = _counts(errors - (torch.arange(30) % 3 == 0).long())  # one pixel better on every third image
-    noisy = _counts(errors + torch.where(torch.arange(30) % 2 == 0, -4, 4) - (torch.arange(30) % 3 == 0).long())
-    score = {name: nanmean(per_class_iou(c.sum(0))) for name, c in [("champ", champion), ("ok", consistent)]}
-    score["noisy"] = nanmean(per_class_iou(noisy.sum(0)))
-    assert 0 < score["ok"] - score["champ"] < 0.01 and 0 < score["noisy"] - score["champ"] < 0.01
-    cfg = GateSettings(min_gain=0.01, gain_confidence=0.95)
-
-    def decide(name, counts, confident=cfg):
-        return gate.decide({"new": score[name]}, {"new": score["champ"]}, "new", confident, target_counts=counts)
-
-    d = decide("ok", (consistent, champion))
-    assert d["promoted"] is True and d["mlflow_validation"] == "passed"
-    assert 0 < d["checks"][0]["bound"] < score["ok"] - score["champ"] and d["checks"][0]["images"] == 30
-    assert d["reasons"][0].startswith("PASS new") and "registry.gate.gain_confidence" in d["reasons"][0]
-    d = decide("noisy", (noisy, champion))
-    assert d["promoted"] is False and d["checks"][0]["bound"] < 0 and "new/miou" in d["mlflow_validation"]
-    # without the setting (or without the counts) the same consistent gain is under min_gain
-    assert decide("ok", (consistent, champion), GateSettings(min_gain=0.01))["promoted"] is False
-    assert decide("ok", None)["promoted"] is False
-    with pytest.raises(ValueError, match="must match"):
-        decide("ok", (consistent[:29], champion))
 
 
 def test_decide_protects_only_learnt_domains():

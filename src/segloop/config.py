@@ -254,10 +254,6 @@ class GateSettings(_Strict):
     # mIoU the target domain must gain over the champion; negative: the loss it may take
     # (-1: any candidate that keeps the old domains, e.g. to test the loop's plumbing)
     min_gain: float = Field(0.01, ge=-1.0, le=1.0)
-    # A smaller target gain still passes when the candidate beats the champion at this
-    # confidence on the target's held-out images (paired bootstrap over them:
-    # segloop.metrics.paired_gain_bound); null: min_gain alone.
-    gain_confidence: float | None = Field(None, ge=0.5, lt=1.0)
     max_forgetting: float = Field(0.02, ge=0.0, le=1.0)  # mIoU any old domain may lose
     floor_miou: float = Field(0.3, ge=0.0, le=1.0)  # every domain, when there is no champion yet
     # Servability (segloop.serve.servability): the candidate must load on serve.backend and answer

@@ -24,7 +24,6 @@ from segloop.metrics import confusion_matrix, nanmean, per_class_iou, summarize
 from segloop.plots import palette, save_confusion, save_overlay
 
 BACKENDS = ("torch", "onnx")
-PER_IMAGE = "confusion_per_image.npy"
 
 
 def _predict(
@@ -47,29 +46,27 @@ def confusion_over(
     progress: bool = False,
     on_image=None,
 ) -> torch.Tensor:
-    """Per-image (N, K, K) confusion of `model` on labelled `samples` (sum over 0: the set's);
-    `on_image(i, image, truth, pred)` sees each."""
-    cms = torch.zeros(len(samples), num_classes, num_classes, dtype=torch.int64)
+    """Summed (K, K) confusion of `model` over labelled `samples`; `on_image(i, image, truth, pred)` sees each."""
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for i, sample in enumerate(tqdm(samples, desc="evaluate", disable=not progress, leave=False)):
         image, pred = _predict(model, sample, channels, cfg, device)
         truth = torch.from_numpy(read_mask(sample.mask).astype(np.int64))
-        cms[i] = confusion_matrix(pred, truth, num_classes)
+        cm += confusion_matrix(pred, truth, num_classes)
         if on_image is not None:
             on_image(i, image, truth.numpy(), pred.numpy())
-    return cms
+    return cm
 
 
 def miou_on(model: Backend, data: Folders, settings: Settings, device: torch.device) -> tuple[float, list[float]]:
     """(mIoU, per-class IoU) of `model` on the labelled folder(s) `data`, with settings' classes and eval."""
-    cms = confusion_over(model, samples_of(data), settings.data.channels, settings.num_classes, settings.eval, device)
-    iou = per_class_iou(cms.sum(0))
+    cm = confusion_over(model, samples_of(data), settings.data.channels, settings.num_classes, settings.eval, device)
+    iou = per_class_iou(cm)
     return nanmean(iou), iou.tolist()
 
 
 def evaluate(model_path: Path, data: Folders, out_dir: Path, cfg: EvalSettings, label: str | None = None) -> dict:
-    """Write metrics.json, confusion.png, the per-image counts (PER_IMAGE, in the order of
-    `samples_of(data)`; what the gate's paired bootstrap reads) and overlays for `model_path`
-    on `data` (a folder, or several scored as one set).
+    """Write metrics.json, confusion.png and overlays for `model_path` on `data` (a folder, or
+    several scored as one set).
 
     `label` names the model in metrics.json (e.g. the `models:/` ref it was resolved from).
     """
@@ -85,9 +82,7 @@ def evaluate(model_path: Path, data: Folders, out_dir: Path, cfg: EvalSettings, 
             save_overlay(out_dir / f"overlay_{i:02d}.png", image, truth, pred, len(classes), classes)
 
     samples = samples_of(data)
-    cms = confusion_over(model, samples, ckpt["channels"], len(classes), cfg, device, progress=True, on_image=overlay)
-    np.save(out_dir / PER_IMAGE, cms.numpy())
-    cm = cms.sum(0)
+    cm = confusion_over(model, samples, ckpt["channels"], len(classes), cfg, device, progress=True, on_image=overlay)
     metrics = summarize(cm, classes, len(samples))
     metrics["model"] = label or str(model_path)
     paths = [str(f) for f in folders(data)]

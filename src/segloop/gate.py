@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from segloop.config import GateSettings, Settings
 from segloop.data.files import Folders, folders
@@ -35,9 +35,6 @@ from segloop.registry import (
 )
 from segloop.tracking import Store, TrackedRun, dir_md5
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
 
 @dataclass
 class Check:
@@ -50,9 +47,6 @@ class Check:
     threshold: float  # the candidate's mIoU must be >= this
     setting: float
     passed: bool
-    # min_gain with registry.gate.gain_confidence: the paired bootstrap's lower bound of the gain
-    bound: float | None = None
-    images: int | None = None
 
     def reason(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
@@ -70,37 +64,11 @@ class Check:
                 "not learnt by the champion (no promoted model trained on it): reported, not protected"
             )
         what = "target domain must gain" if self.rule == "min_gain" else "old domain may lose at most"
-        confident = (
-            ""
-            if self.bound is None
-            else f", or beat the champion at registry.gate.gain_confidence (paired bootstrap over "
-            f"{self.images} images: gain >= {self.bound:+.4f})"
-        )
         return (
             f"{verdict} {self.domain} mIoU {self.candidate:.4f} vs champion {self.champion:.4f} "
-            f"({delta:+.4f}); {what} {self.setting:.4f} (registry.gate.{self.rule}){confident}: "
+            f"({delta:+.4f}); {what} {self.setting:.4f} (registry.gate.{self.rule}): "
             f"needs >= {self.threshold:.4f}"
         )
-
-
-def target_check(
-    domain: str, candidate: float, champion: float, cfg: GateSettings, counts: tuple[Tensor, Tensor] | None
-) -> Check:
-    """The target's min_gain rule. With gain_confidence and the per-image counts of both models
-    on the target's held-out set (candidate, champion), a gain under min_gain passes when the
-    bootstrap's lower bound is above 0: the threshold drops to champion + gain - bound."""
-    threshold = champion + cfg.min_gain
-    bound = None
-    if cfg.gain_confidence is not None and counts is not None:
-        from segloop.metrics import paired_gain_bound
-
-        bound = paired_gain_bound(counts[0], counts[1], cfg.gain_confidence)
-        if bound > 0:
-            threshold = min(threshold, candidate - bound)
-    images = None if counts is None or bound is None else len(counts[0])
-    return Check(
-        domain, "min_gain", candidate, champion, threshold, cfg.min_gain, candidate >= threshold, bound, images
-    )
 
 
 def decide(
@@ -110,13 +78,10 @@ def decide(
     cfg: GateSettings,
     learnt: Collection[str] | None = None,
     servability: Mapping[str, Any] | None = None,
-    target_counts: tuple[Tensor, Tensor] | None = None,
 ) -> dict:
     """Promote or not, from per-domain mIoU of candidate and champion (None: no champion yet).
 
-    With a champion: target mIoU >= champion + min_gain (or, with gain_confidence and
-    `target_counts`, the per-image confusion counts of candidate and champion on the target's
-    set, a gain shown above 0 by their paired bootstrap: `target_check`), and every other domain the
+    With a champion: target mIoU >= champion + min_gain, and every other domain the
     champion has *learnt* >= champion - max_forgetting. `learnt`: the domains a promoted
     champion was trained on (None: every domain counts as learnt). Forgetting is losing
     what was learnt: on a domain the champion never learnt its score is what an untrained
@@ -143,15 +108,13 @@ def decide(
             )
             continue
         if domain == target:
-            checks.append(target_check(domain, value, champion[domain], cfg, target_counts))
-            continue
-        if learnt is not None and domain not in learnt:
+            rule, setting, threshold = "min_gain", cfg.min_gain, champion[domain] + cfg.min_gain
+        elif learnt is not None and domain not in learnt:
             checks.append(Check(domain, "not_learnt", value, champion[domain], 0.0, 0.0, True))  # no bar
             continue
-        threshold = champion[domain] - cfg.max_forgetting
-        checks.append(
-            Check(domain, "max_forgetting", value, champion[domain], threshold, cfg.max_forgetting, value >= threshold)
-        )
+        else:
+            rule, setting, threshold = "max_forgetting", cfg.max_forgetting, champion[domain] - cfg.max_forgetting
+        checks.append(Check(domain, rule, value, champion[domain], threshold, setting, value >= threshold))
     thresholds = {
         f"{c.domain}/miou": MetricThreshold(threshold=float(c.threshold), greater_is_better=True)
         for c in checks
@@ -276,11 +239,8 @@ def gate(
     Writes `out_dir/promotion_decision.json` and per-model, per-domain reports; logs them
     to the candidate's run; moves `champion` only after all of that is logged.
     """
-    import numpy as np
-    import torch
-
     from segloop.data.files import samples_of
-    from segloop.evaluate import PER_IMAGE, evaluate
+    from segloop.evaluate import evaluate
     from segloop.serve import servability
 
     client, store = registry_client(settings)
@@ -325,14 +285,7 @@ def gate(
             scores[role][domain] = m["miou"]
             log(f"{role} v{mv.version} {domain}: mIoU {m['miou']:.4f}")
     if servable:
-
-        def per_image(role: str) -> torch.Tensor:  # evaluate's counts on the target's set
-            return torch.from_numpy(np.load(out_dir / role / target / PER_IMAGE))
-
-        counts = (per_image("candidate"), per_image("champion")) if "champion" in scores else None
-        decision = decide(
-            scores["candidate"], scores.get("champion"), target, settings.registry.gate, learnt, served, counts
-        )
+        decision = decide(scores["candidate"], scores.get("champion"), target, settings.registry.gate, learnt, served)
     else:
         decision = refuse_unservable(scores.get("champion"), settings.registry.gate, learnt, served)
     decision = {
