@@ -403,37 +403,6 @@ def test_update_keeps_the_epoch_the_gate_rules_rank_first(stream, base_data):
     assert load_checkpoint(out / "best.pt")["epoch"] == 1 + int(np.argmax(scores))
 
 
-@pytest.mark.slow
-def test_update_trains_on_only_when_no_epoch_passes_the_rules(stream, base_data):
-    """continual.extend_epochs: an update none of whose epochs passes the gate's rules on
-    validation trains that many more from the kept one; the kept epoch is the best-ranked of
-    both rounds and the images count both. One that passes is not extended."""
-    from segloop.continual import gate_score, parent_scores
-
-    raw, root = stream
-    raw = json.loads(json.dumps(raw))
-    raw["continual"] |= {"strategy": "replay", "epochs": 1, "select": "gate", "extend_epochs": 2}
-    vals, t = [root / "fog", base_data], raw["train"]
-    for min_gain, epochs in [(0.9, 3), (-1.0, 1)]:  # a gain no epoch reaches; any gain
-        raw["registry"] = {**raw.get("registry", {}), "gate": {"min_gain": min_gain, "max_forgetting": 1.0}}
-        settings = settings_from_dict(raw)
-        out = root / f"update_extend_{epochs}"
-        result = update(
-            settings, root / "parent" / "best.pt", root / "fog", out, vals, replay=root / "buffer", log=lambda _: None
-        )
-        history = json.loads((out / "history.json").read_text())
-        assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
-        assert [h.get("round") for h in history] == [None] + ["extend"] * (epochs - 1)
-        assert result.epochs == epochs and result.images_seen == epochs * t["iters_per_epoch"] * t["batch_size"]
-        assert json.loads((out / "train_metrics.json").read_text())["images_seen"] == result.images_seen
-        parent = parent_scores(settings, root / "parent" / "best.pt", vals)
-        scores = [gate_score(h["val_per_folder"], parent, settings.registry.gate, 0.0) for h in history]
-        kept = load_checkpoint(out / "best.pt")
-        assert kept["epoch"] == 1 + int(np.argmax(scores)) and result.best_miou == pytest.approx(max(scores), abs=1e-4)
-        assert kept["parent"] == str(root / "parent" / "best.pt") and not list(out.glob("extend/*.pt"))
-        assert (out / "extend").is_dir() == (epochs > 1)
-
-
 def test_mix_weights_moves_floats_from_parent_to_child_and_keeps_counters():
     from segloop.continual import mix_weights
 

@@ -230,9 +230,6 @@ class ContinualSettings(_Strict):
     # passes the promotion gate's rules on validation against the parent; segloop.continual.gate_score).
     select: Literal["mean", "gate"] = "mean"
     select_margin: float = Field(0.0, ge=0.0, le=1.0)  # stricter than the gate by this on validation
-    # With select gate: when no epoch passes those rules, train this many more from the kept one
-    # (segloop.continual._extend; 0: never).
-    extend_epochs: int = Field(0, ge=0)
     # With select gate: move the kept weights towards the parent's (WiSE-FT) as far as the rules need.
     interpolate: bool = False
     # A trained domain whose held-out mIoU is under this share of the champion's best domain is

@@ -11,9 +11,7 @@ but `joint`: the head grows, and with `continual.unbiased` the losses follow MiB
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import get_args
@@ -105,7 +103,6 @@ def _run(
     log,
     hooks: dict,
     *,
-    init: Path | None = None,
     use_replay=False,
     distill=False,
     freeze=False,
@@ -140,7 +137,7 @@ def _run(
         data,
         out,
         val,
-        init=None if joint else init or parent,
+        init=None if joint else parent,
         log=log,
         replay_dir=replay_dir,
         replay_ratio=ratio,
@@ -202,68 +199,8 @@ def update(
     result = _run(
         settings, parent, new, out, vals, seen, replay, log, {**hooks, "select": rule}, **STRATEGIES[c.strategy]
     )
-    if c.extend_epochs and result.best_miou < 1.0 and c.strategy != "joint":
-        result = _extend(settings, parent, new, out, vals, replay, log, {**hooks, "select": rule}, result)
     if c.interpolate:
         interpolate_with_parent(settings, parent, out / "best.pt", vals, rule, log)
-    return result
-
-
-def _extend(
-    settings: Settings,
-    parent: Path,
-    new: Sequence[Path],
-    out: Path,
-    vals: Sequence[Folders],
-    replay: Path | None,
-    log,
-    hooks: dict,
-    first: TrainResult,
-) -> TrainResult:
-    """No epoch passed the gate's rules on validation: train `continual.extend_epochs` more from
-    the kept weights (same data, rules against the same parent, which stays the distillation
-    teacher) in out/extend; its best epoch replaces best.pt if it ranks higher. The result
-    (train_metrics.json, history.json) counts both rounds' epochs and images."""
-    c = settings.continual
-    log(f"no epoch passed the gate's rules on validation: {c.extend_epochs} more epochs from the kept one")
-    more_settings = settings.model_copy(update={"continual": c.model_copy(update={"epochs": c.extend_epochs})})
-    on_epoch = hooks.get("on_epoch")
-    if on_epoch is not None:  # MLflow steps continue after the first round's
-        hooks = {**hooks, "on_epoch": lambda r: on_epoch({**r, "epoch": first.epochs + r["epoch"]})}
-    hooks = {**hooks, "init_label": hooks.get("init_label") or str(parent)}  # the lineage is the parent's
-    more = _run(
-        more_settings,
-        parent,
-        new,
-        out / "extend",
-        vals,
-        (),
-        replay,
-        log,
-        hooks,
-        init=out / "best.pt",
-        **STRATEGIES[c.strategy],
-    )
-    better = more.best_miou > first.best_miou
-    if better:
-        kept = load_checkpoint(out / "extend" / "best.pt")
-        save_checkpoint(out / "best.pt", {**kept, "epoch": first.epochs + kept["epoch"]})
-    for path in (out / "extend").glob("*.pt"):  # one model leaves the update: best.pt
-        path.unlink()
-    log(f"extension {'kept' if better else 'not kept'}: rule score {more.best_miou:.4f} vs {first.best_miou:.4f}")
-    result = replace(
-        more if better else first,
-        epochs=first.epochs + more.epochs,
-        images_seen=first.images_seen + more.images_seen,
-        seconds=round(first.seconds + more.seconds, 1),
-        checkpoint=str(out / "best.pt"),
-    )
-    history = json.loads((out / "history.json").read_text()) + [
-        {**r, "epoch": first.epochs + r["epoch"], "round": "extend"}
-        for r in json.loads((out / "extend" / "history.json").read_text())
-    ]
-    (out / "history.json").write_text(json.dumps(history, indent=1))
-    (out / "train_metrics.json").write_text(json.dumps(asdict(result), indent=1))
     return result
 
 
