@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from functools import partial
@@ -44,7 +43,7 @@ from segloop.config import apply_override, settings_from_dict
 from segloop.data.synthetic import generate, parse_stream
 from segloop.evaluate import miou_on
 from segloop.inference import pick_device
-from segloop.plan import MIN_ITERS, count_images
+from segloop.plan import count_images, iters_per_epoch
 from segloop.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,11 +129,28 @@ def audit_scores(checkpoint: Path, audit: dict[str, Path], settings) -> dict[str
 
 
 def from_scratch_images(n_train: int, settings) -> int:
-    """Training images a model trained from scratch on `n_train` images processes: train.epochs
-    epochs of one pass over them, at least the plan's MIN_ITERS steps (segloop.plan), of
-    train.batch_size (what joint's `images_seen` counts)."""
+    """Training images a model trained from scratch on `n_train` images processes (what joint's
+    `images_seen` counts): train.epochs epochs of train.iters_per_epoch steps (null: the plan's)
+    of train.batch_size."""
     bs = settings.train.batch_size
-    return settings.train.epochs * max(MIN_ITERS, math.ceil(n_train / bs)) * bs
+    return settings.train.epochs * (settings.train.iters_per_epoch or iters_per_epoch(n_train, bs)) * bs
+
+
+def from_scratch_costs(ws, steps: list[dict], settings) -> dict:
+    """What training from scratch would process on the loop's batches, computed, not trained:
+    joint once on every training split, and joint retrained on every split so far each time
+    the loop trained (bootstrap included): the loop's alternative without continual learning."""
+    n_train = retrain = 0
+    for s in steps:
+        if (split := ws.split(s["batch"], "train")).is_dir():
+            n_train += count_images(split)
+        if s["images_seen"]:
+            retrain += from_scratch_images(n_train, settings)
+    return {
+        "joint_images": from_scratch_images(n_train, settings),
+        "joint_images_computed": True,
+        "retrain_images": retrain,
+    }
 
 
 def run_seed(
@@ -153,9 +169,6 @@ def run_seed(
     domains = list(dict.fromkeys(d for d, _ in stream))
     audit = make_audit(root / "audit", domains, n_audit, seed, size)
     steps, champion_audit, started = [], None, time.monotonic()
-    # The loop's alternative without continual learning: joint from scratch on every training
-    # split so far, each time the loop trains (bootstrap included).
-    n_train = retrain_images = 0
     for i, (domain, n) in enumerate(stream):
         folder = ws.incoming / f"{i:02d}-{domain}"
         tmp = folder.with_name(f".{folder.name}.tmp")
@@ -164,10 +177,6 @@ def run_seed(
         tmp.rename(folder)
         t0 = time.monotonic()
         rec = loop.process_batch(ws, folder, settings)
-        if ws.split(rec.batch, "train").is_dir():
-            n_train += count_images(ws.split(rec.batch, "train"))
-        if rec.images_seen:
-            retrain_images += from_scratch_images(n_train, settings)
         before_audit, candidate_audit = champion_audit, None
         if rec.updated:
             candidate_audit = audit_scores(ws.root / "models" / rec.batch / "best.pt", audit, settings)
@@ -192,9 +201,7 @@ def run_seed(
         "steps": steps,
         "final_audit": champion_audit,
         "joint_audit": None,
-        "joint_images": from_scratch_images(n_train, settings),  # computed; add_joint puts joint's own
-        "joint_images_computed": True,
-        "retrain_images": retrain_images,
+        **from_scratch_costs(ws, steps, settings),  # add_joint puts joint's own images
         "loop_images": sum(s["images_seen"] or 0 for s in steps),
         "loop_s": round(time.monotonic() - started, 1),
         "joint_s": None,
@@ -252,15 +259,12 @@ def partial_seed(root: Path, seed: int, overrides: list[str], n_audit: int) -> d
                 "seconds": None,
             }
         )
-    # What joint would process on these batches; computed, not trained.
-    n_train = sum(count_images(ws.split(s["batch"], "train")) for s in steps)
     return {
         "seed": seed,
         "steps": steps,
         "final_audit": champion_audit,
         "joint_audit": None,
-        "joint_images": from_scratch_images(n_train, settings),
-        "joint_images_computed": True,
+        **from_scratch_costs(ws, steps, settings),
         "loop_images": sum(s["images_seen"] or 0 for s in steps),
         "loop_s": None,
         "joint_s": None,

@@ -60,6 +60,11 @@ class Fingerprint:
     vertical_layout: float  # max over classes of |share of the top third - share of the bottom third|, all images
 
 
+def iters_per_epoch(images: int, batch_size: int) -> int:
+    """The planned epoch: one pass over `images`, at least MIN_ITERS optimiser steps."""
+    return max(MIN_ITERS, math.ceil(images / batch_size))
+
+
 def count_images(folder: Path) -> int:
     return len(_dataset_files(folder))
 
@@ -205,7 +210,7 @@ def recipe(
     )
     r.set(
         "train.iters_per_epoch",
-        max(MIN_ITERS, math.ceil(fp.images / (batch_size or batch))),
+        iters_per_epoch(fp.images, batch_size or batch),
         f"one pass over {fp.images} images, at least {MIN_ITERS} steps",
     )
     if channels == 1:
